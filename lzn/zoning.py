@@ -1,0 +1,434 @@
+"""The latent-zoning math: the closed-form flow between anchors and N(0, I).
+
+Time convention: tau = 0 at the anchors, tau = 1 at the Gaussian, and
+x_tau = (1 - tau) a + tau e. For anchors a_j (N, q) with weights w_j, a point x (q,)
+at time tau has the posterior and velocity
+
+    logit_j(x, tau) = log w_j - ||x - (1 - tau) a_j||^2 / (2 tau^2)
+    P(j | x, tau)   = softmax_j logit_j
+    v(x, tau)       = (x - sum_j P(j | x, tau) a_j) / tau              # dx/dtau
+
+Expanding the square, logit_j = s x.a_j - s (1 - tau) ||a_j||^2 / 2 + log w_j + const(x)
+with s = (1 - tau) / tau^2: one step is attention with queries x and keys/values a,
+two GEMMs. `posterior_mean` below is that attention as a fused, chunked autograd
+function: it never builds the (B, N, q) difference tensor, keeps at most (B, chunk)
+posteriors alive, and recomputes them in the backward pass instead of storing the
+(B, N) posteriors of every solver step.
+
+Public functions:
+- `zone_posterior`: log P(j | x, tau), (B, N).
+- `zone_velocity`: v(x, tau), (B, q).
+- `compute_latents`: flow local anchors (+ eps * alpha * noise) from tau = eps to 1.
+- `alignment_loss`: flow latents back through another flow, reward the target zone.
+- `assign_zones`: index of the anchor each latent flows back to.
+
+Every function takes an injected `gather` (identity by default) that turns this
+process's anchors into the anchors of the global batch; `lzn.distributed` provides the
+autograd-aware all-gather. Solvers ("euler", "dpm++2m", "dpm++3m", alias "dpm++") are in
+`lzn.solvers`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lzn.solvers import SOLVERS, FlowGrid, solver_coefficients
+
+Gather = Callable[[Tensor], Tensor]
+
+DEFAULT_EPS = 1e-3
+# Elements of one (B, chunk) block of posteriors: 2^22 floats = 16 MiB in float32.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+# --------------------------------------------------------------------------- validation
+def _check_matrix(name: str, t: Tensor, q: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, q), got shape {tuple(t.shape)}")
+    if q is not None and t.shape[1] != q:
+        raise ValueError(
+            f"{name} has latent dimension {t.shape[1]} but the anchors have {q}: "
+            f"expected shape (*, {q}), got {tuple(t.shape)}"
+        )
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def _check_tau(tau: float) -> float:
+    tau = float(tau)
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must lie in (0, 1], got {tau}")
+    return tau
+
+
+def _check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def _check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie in (0, 1), got {eps}")
+    return eps
+
+
+def _check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
+    return solver
+
+
+def weights_to_log(weights: Tensor | None, n: int) -> Tensor | None:
+    """Normalised log-weights (N,) from non-negative weights (N,), or None for uniform.
+
+    Zero weights are allowed (that anchor's zone is empty); the sum must be positive.
+    """
+    if weights is None:
+        return None
+    if not isinstance(weights, Tensor) or weights.dim() != 1 or weights.shape[0] != n:
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"weights must have shape ({n},), one per anchor; got {shape}")
+    weights = weights.detach()  # mixture weights are data (class frequencies), not parameters
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("weights must be finite and non-negative")
+    total = weights.sum()
+    if not total > 0:
+        raise ValueError(f"weights must sum to a positive number, got sum {float(total)}")
+    return torch.log(weights) - torch.log(total)
+
+
+def _check_log_weights(log_weights: Tensor | None, n: int) -> None:
+    if log_weights is None:
+        return
+    if log_weights.dim() != 1 or log_weights.shape[0] != n:
+        raise ValueError(
+            f"log_weights must have shape ({n},), one per anchor; got {tuple(log_weights.shape)}"
+        )
+    if torch.isnan(log_weights).any() or (log_weights == math.inf).any():
+        raise ValueError("log_weights must not contain NaN or +inf")
+    if (log_weights == -math.inf).all():
+        raise ValueError("log_weights are all -inf: the weights must sum to a positive number")
+
+
+# ------------------------------------------------------------------- fused posterior mean
+def _chunk_size(batch: int, n: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return min(chunk_size, n)
+    return max(1, min(n, _BLOCK_ELEMENTS // max(batch, 1)))
+
+
+class _PosteriorMean(torch.autograd.Function):
+    """m = softmax(scale * x a^T + bias) a and its log-normaliser, chunked over anchors.
+
+    x: (B, q), anchors: (N, q), bias: (N,). Returns m (B, q) and lse (B,). Forward keeps
+    an online softmax over anchor chunks; backward recomputes each chunk's posteriors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchors, bias, scale, chunk):
+        b, n = x.shape[0], anchors.shape[0]
+        run_max = x.new_full((b,), -math.inf)
+        run_sum = x.new_zeros(b)
+        acc = x.new_zeros(x.shape)
+        for lo in range(0, n, chunk):
+            a = anchors[lo : lo + chunk]
+            logits = torch.addmm(bias[lo : lo + chunk].unsqueeze(0), x, a.t(), alpha=scale)
+            new_max = torch.maximum(run_max, logits.max(dim=1).values)
+            # Rows whose logits are all -inf so far keep a zero correction, not NaN.
+            safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            correction = torch.exp(run_max - safe_max)
+            p = torch.exp(logits - safe_max.unsqueeze(1))
+            run_sum = run_sum * correction + p.sum(dim=1)
+            acc = torch.addmm(acc * correction.unsqueeze(1), p, a)
+            run_max = new_max
+        m = acc / run_sum.unsqueeze(1)
+        lse = run_max + torch.log(run_sum)
+        ctx.save_for_backward(x, anchors, bias, m, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        return m, lse
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_lse):
+        x, anchors, bias, m, lse = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        n = anchors.shape[0]
+        if grad_m is None:
+            grad_m = torch.zeros_like(m)
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        # d logits = P * (grad_m . a_j - grad_m . m + grad_lse)  (FlashAttention's D trick).
+        row = (grad_lse - (grad_m * m).sum(dim=1)).unsqueeze(1)
+        grad_x = torch.zeros_like(x)
+        grad_a = torch.empty_like(anchors)
+        grad_bias = torch.empty_like(bias)
+        for lo in range(0, n, chunk):
+            a = anchors[lo : lo + chunk]
+            logits = torch.addmm(bias[lo : lo + chunk].unsqueeze(0), x, a.t(), alpha=scale)
+            p = torch.exp(logits - lse.unsqueeze(1))
+            g = p * torch.addmm(row, grad_m, a.t())
+            grad_bias[lo : lo + chunk] = g.sum(dim=0)
+            grad_x.addmm_(g, a, alpha=scale)
+            # dL/da_j = P^T grad_m (values) + scale * g^T x (keys).
+            grad_a[lo : lo + chunk] = torch.addmm(p.t() @ grad_m, g.t(), x, alpha=scale)
+        return grad_x, grad_a, grad_bias, None, None
+
+
+def _logit_terms(
+    anchors: Tensor, sq_norms: Tensor, log_weights: Tensor | None, tau: float
+) -> tuple[float, Tensor]:
+    """Scale s and per-anchor bias (N,) so that logit_j = s x.a_j + bias_j + const(x)."""
+    scale = (1.0 - tau) / (tau * tau)
+    bias = sq_norms * (-0.5 * scale * (1.0 - tau))
+    if log_weights is not None:
+        bias = bias + log_weights
+    return scale, bias
+
+
+def _posterior_mean(
+    x: Tensor,
+    anchors: Tensor,
+    sq_norms: Tensor,
+    log_weights: Tensor | None,
+    tau: float,
+    chunk: int,
+) -> tuple[Tensor, Tensor, float, Tensor]:
+    """E[a | x, tau] (B, q) and log-normaliser (B,), plus the scale and bias used."""
+    scale, bias = _logit_terms(anchors, sq_norms, log_weights, tau)
+    m, lse = _PosteriorMean.apply(x, anchors, bias, scale, chunk)
+    return m, lse, scale, bias
+
+
+# ------------------------------------------------------------------------ public: fields
+def zone_posterior(
+    x: Tensor, anchors: Tensor, tau: float, log_weights: Tensor | None = None
+) -> Tensor:
+    """log P(j | x, tau): (B, N) for points x (B, q) and anchors (N, q).
+
+    `log_weights` (N,) are log mixture weights (normalised or not: softmax ignores a
+    shared constant). Materialises the (B, N) result by design; the solvers never do.
+    """
+    _check_matrix("anchors", anchors)
+    _check_matrix("x", x, anchors.shape[1])
+    _check_log_weights(log_weights, anchors.shape[0])
+    tau = _check_tau(tau)
+    # Shifting anchors by c and x by (1 - tau) c leaves the logits unchanged and keeps
+    # the expanded form accurate when anchors share a large offset.
+    c = anchors.detach().mean(dim=0)
+    a = anchors - c
+    scale, bias = _logit_terms(a, (a * a).sum(dim=1), log_weights, tau)
+    logits = torch.addmm(bias.unsqueeze(0), x - (1.0 - tau) * c, a.t(), alpha=scale)
+    return torch.log_softmax(logits, dim=1)
+
+
+def zone_velocity(
+    x: Tensor,
+    anchors: Tensor,
+    tau: float,
+    log_weights: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """dx/dtau = (x - sum_j P(j | x, tau) a_j) / tau: (B, q) for x (B, q), anchors (N, q)."""
+    _check_matrix("anchors", anchors)
+    _check_matrix("x", x, anchors.shape[1])
+    _check_log_weights(log_weights, anchors.shape[0])
+    tau = _check_tau(tau)
+    c = anchors.detach().mean(dim=0)
+    a = anchors - c
+    chunk = _chunk_size(x.shape[0], a.shape[0], chunk_size)
+    m, _, _, _ = _posterior_mean(x - (1.0 - tau) * c, a, (a * a).sum(dim=1), log_weights, tau, chunk)
+    return (x - c - m) / tau
+
+
+# ------------------------------------------------------------------------ the flow itself
+class _Flow:
+    """The flow of one anchor set, in coordinates centred on the anchors' mean.
+
+    With y = x - (1 - tau) c, y follows the flow of the anchors a - c towards the same
+    Gaussian, so the solver runs on centred anchors; y = x at tau = 1.
+    """
+
+    def __init__(self, anchors: Tensor, log_weights: Tensor | None, batch: int, chunk_size):
+        self.centre = anchors.detach().mean(dim=0)
+        self.anchors = anchors - self.centre
+        self.sq_norms = (self.anchors * self.anchors).sum(dim=1)
+        self.log_weights = log_weights
+        self.chunk = _chunk_size(batch, anchors.shape[0], chunk_size)
+
+    def mean(self, y: Tensor, tau: float) -> tuple[Tensor, Tensor, float, Tensor]:
+        return _posterior_mean(y, self.anchors, self.sq_norms, self.log_weights, tau, self.chunk)
+
+    @torch.no_grad()
+    def nearest(self, y: Tensor, tau: float) -> Tensor:
+        """argmax_j P(j | y, tau): (B,) long, chunked over anchors."""
+        scale, bias = _logit_terms(self.anchors, self.sq_norms, self.log_weights, tau)
+        best_logit = y.new_full((y.shape[0],), -math.inf)
+        best = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+        for lo in range(0, self.anchors.shape[0], self.chunk):
+            a = self.anchors[lo : lo + self.chunk]
+            logits = torch.addmm(bias[lo : lo + self.chunk].unsqueeze(0), y, a.t(), alpha=scale)
+            value, index = logits.max(dim=1)
+            better = value > best_logit
+            best = torch.where(better, index + lo, best)
+            best_logit = torch.where(better, value, best_logit)
+        return best
+
+    def integrate(self, y: Tensor, grid: FlowGrid, on_point=None) -> Tensor:
+        """Run the multistep solver over `grid`; `on_point(k, y_k)` sees every point after the first."""
+        history: list[Tensor] = []
+        for k, step in enumerate(grid.steps):
+            m, *_ = self.mean(y, step.tau)
+            history.insert(0, m)
+            del history[len(step.weights) :]
+            y = step.x_coeff * y + sum(w * mk for w, mk in zip(step.weights, history))
+            if on_point is not None:
+                on_point(k + 1, y)
+        return y
+
+
+def compute_latents(
+    anchors: Tensor,
+    noise: Tensor,
+    *,
+    steps: int,
+    solver: str = "euler",
+    alpha: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    gather: Gather | None = None,
+    weights: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Latents (B, q) of this process's anchors (B, q) in the flow of all anchors.
+
+    Starts at tau = eps from x = (1 - eps) a_i + eps * alpha * noise_i and integrates to
+    tau = 1 through the flow of `gather(anchors)` (N, q), weighted by `gather(weights)`
+    (uniform when None). alpha = 0 gives each zone's centre. Differentiable w.r.t. anchors.
+    """
+    _check_matrix("anchors", anchors)
+    _check_matrix("noise", noise, anchors.shape[1])
+    if noise.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"noise must have one row per anchor: anchors {tuple(anchors.shape)}, noise {tuple(noise.shape)}"
+        )
+    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    gather = gather or _identity
+    everyone = gather(anchors)
+    _check_matrix("gather(anchors)", everyone, anchors.shape[1])
+    log_w = weights_to_log(gather(weights) if weights is not None else None, everyone.shape[0])
+    flow = _Flow(everyone, log_w, anchors.shape[0], chunk_size)
+    # Start in centred coordinates: y = (1 - eps)(a - c) + eps * alpha * e.
+    y0 = (1.0 - eps) * (anchors - flow.centre) + (eps * alpha) * noise
+    return flow.integrate(y0, solver_coefficients(solver, steps, eps, forward=True))
+
+
+def alignment_loss(
+    latents: Tensor,
+    anchors: Tensor,
+    targets: Tensor,
+    *,
+    steps: int,
+    cutoff: float = 0.2,
+    log: bool = True,
+    weights: Tensor | None = None,
+    gather: Gather | None = None,
+    solver: str = "euler",
+    eps: float = DEFAULT_EPS,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Latent alignment: -mean_b max_k [log] P(target_b | x_k, tau_k), and accuracy.
+
+    latents: (B, q) are run from tau = 1 back to tau = eps through the flow of
+    `gather(anchors)` (N, q); targets: (B,) indices into those N anchors. The posterior of
+    the target is recorded at each of the `steps` points reached; the first
+    floor(cutoff * steps) are dropped (near tau = 1 every zone looks alike), the max is
+    taken over the rest. Returns (loss, accuracy), accuracy being the share of latents
+    whose final-step posterior argmax is their target (a detached scalar).
+    """
+    _check_matrix("anchors", anchors)
+    _check_matrix("latents", latents, anchors.shape[1])
+    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
+    if not 0.0 <= cutoff < 1.0:
+        raise ValueError(f"cutoff must lie in [0, 1), got {cutoff}")
+    gather = gather or _identity
+    everyone = gather(anchors)
+    _check_matrix("gather(anchors)", everyone, anchors.shape[1])
+    n = everyone.shape[0]
+    if targets.shape != (latents.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"targets must be an integer tensor of shape ({latents.shape[0]},), "
+            f"got {targets.dtype} {tuple(targets.shape)}"
+        )
+    if len(targets) and (targets.min() < 0 or targets.max() >= n):
+        raise ValueError(f"targets must index the {n} anchors, got values in "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+    log_w = weights_to_log(gather(weights) if weights is not None else None, n)
+    flow = _Flow(everyone, log_w, latents.shape[0], chunk_size)
+    grid = solver_coefficients(solver, steps, eps, forward=False)
+    targets = targets.long()
+    target_anchor = flow.anchors[targets]
+    target_sq = flow.sq_norms[targets]
+    first_kept = int(math.floor(cutoff * steps)) + 1
+    best: Tensor | None = None
+    final_hit: Tensor | None = None
+
+    def record(k: int, y: Tensor) -> None:
+        nonlocal best, final_hit
+        if k < first_kept:
+            return
+        tau = grid.taus[k]
+        _, lse, scale, _ = flow.mean(y, tau)
+        # logit of the target, same expansion as inside the fused kernel.
+        t_logit = scale * (y * target_anchor).sum(dim=1) - 0.5 * scale * (1.0 - tau) * target_sq
+        if log_w is not None:
+            t_logit = t_logit + log_w[targets]
+        log_p = t_logit - lse
+        value = log_p if log else log_p.exp()
+        best = value if best is None else torch.maximum(best, value)
+        if k == steps:
+            final_hit = (flow.nearest(y.detach(), tau) == targets).float().mean()
+
+    flow.integrate(latents, grid, on_point=record)
+    assert best is not None and final_hit is not None
+    return -best.mean(), final_hit
+
+
+@torch.no_grad()
+def assign_zones(
+    latents: Tensor,
+    anchors: Tensor,
+    *,
+    steps: int,
+    solver: str = "euler",
+    eps: float = DEFAULT_EPS,
+    weights: Tensor | None = None,
+    gather: Gather | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Index (B,) of the anchor each latent (B, q) flows back to through `gather(anchors)`."""
+    _check_matrix("anchors", anchors)
+    _check_matrix("latents", latents, anchors.shape[1])
+    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
+    everyone = (gather or _identity)(anchors)
+    _check_matrix("gather(anchors)", everyone, anchors.shape[1])
+    n = everyone.shape[0]
+    log_w = weights_to_log((gather or _identity)(weights) if weights is not None else None, n)
+    flow = _Flow(everyone, log_w, latents.shape[0], chunk_size)
+    y = flow.integrate(latents, solver_coefficients(solver, steps, eps, forward=False))
+    return flow.nearest(y, eps)

@@ -1,0 +1,79 @@
+"""Latent parallelism: two gloo processes, each with half the batch, reproduce one process
+with the whole batch (latents, alignment loss and anchor gradients)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lzn.distributed import all_gather_with_grad, global_indices, make_gather
+from lzn.zoning import alignment_loss, compute_latents
+
+B, Q, STEPS = 16, 5, 10
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    view1 = torch.randn(B, Q, generator=g, dtype=torch.float64)
+    view2 = view1 + 0.3 * torch.randn(B, Q, generator=g, dtype=torch.float64)
+    noise = torch.randn(B, Q, generator=g, dtype=torch.float64)
+    return view1, view2, noise
+
+
+def _objective(a1, a2, noise, gather, targets):
+    z = compute_latents(a1, noise, steps=STEPS, solver="dpm++", alpha=0.45, gather=gather)
+    loss, acc = alignment_loss(z, a2, targets, steps=STEPS, cutoff=0.2, gather=gather)
+    return z, loss
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        view1, view2, noise = _data()
+        part = slice(rank * B // world, (rank + 1) * B // world)
+        a1 = view1[part].clone().requires_grad_()
+        a2 = view2[part].clone().requires_grad_()
+        z, loss = _objective(a1, a2, noise[part], make_gather(), global_indices(B // world))
+        loss.backward()
+        torch.save({"z": z.detach(), "loss": loss.detach(), "g1": a1.grad, "g2": a2.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_two_gloo_processes_match_one_process(tmp_path):
+    world = 2
+    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+                       join=True, start_method="spawn")
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    view1, view2, noise = _data()
+    a1, a2 = view1.clone().requires_grad_(), view2.clone().requires_grad_()
+    z, loss = _objective(a1, a2, noise, None, torch.arange(B))
+    loss.backward()
+
+    torch.testing.assert_close(torch.cat([p["z"] for p in parts]), z.detach(), atol=1e-10, rtol=0)
+    # Each rank's loss is the mean over its half; the global loss is their mean.
+    torch.testing.assert_close(torch.stack([p["loss"] for p in parts]).mean(), loss.detach(),
+                               atol=1e-10, rtol=0)
+    # Gradients reaching each owner sum over ranks; DDP's averaging divides by the world.
+    for key, full in (("g1", a1.grad), ("g2", a2.grad)):
+        torch.testing.assert_close(torch.cat([p[key] for p in parts]) / world, full,
+                                   atol=1e-10, rtol=0)
+    assert a1.grad.abs().sum() > 0 and a2.grad.abs().sum() > 0
+
+
+def test_gather_is_identity_without_a_process_group():
+    t = torch.randn(3, 2)
+    assert all_gather_with_grad(t) is t
+    assert torch.equal(global_indices(4), torch.arange(4))
