@@ -147,19 +147,20 @@ class _PosteriorMean(torch.autograd.Function):
         acc = x.new_zeros(x.shape)
         for lo in range(0, n, chunk):
             a = anchors[lo : lo + chunk]
-            logits = torch.addmm(bias[lo : lo + chunk].unsqueeze(0), x, a.t(), alpha=scale)
-            new_max = torch.maximum(run_max, logits.max(dim=1).values)
+            p = torch.addmm(bias[lo : lo + chunk].unsqueeze(0), x, a.t(), alpha=scale)
+            new_max = torch.maximum(run_max, p.amax(dim=1))
             # Rows whose logits are all -inf so far keep a zero correction, not NaN.
             safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
             correction = torch.exp(run_max - safe_max)
-            p = torch.exp(logits - safe_max.unsqueeze(1))
-            run_sum = run_sum * correction + p.sum(dim=1)
-            acc = torch.addmm(acc * correction.unsqueeze(1), p, a)
+            p.sub_(safe_max.unsqueeze(1)).exp_()  # the (B, chunk) block is reused in place
+            run_sum.mul_(correction).add_(p.sum(dim=1))
+            acc.mul_(correction.unsqueeze(1)).addmm_(p, a)
             run_max = new_max
-        m = acc / run_sum.unsqueeze(1)
-        lse = run_max + torch.log(run_sum)
+        m = acc.div_(run_sum.unsqueeze(1))
+        lse = run_max.add_(torch.log(run_sum))
         ctx.save_for_backward(x, anchors, bias, m, lse)
         ctx.scale, ctx.chunk = scale, chunk
+        ctx.set_materialize_grads(False)  # unused outputs pass None: skip their GEMMs
         return m, lse
 
     @staticmethod
@@ -167,24 +168,30 @@ class _PosteriorMean(torch.autograd.Function):
         x, anchors, bias, m, lse = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         n = anchors.shape[0]
-        if grad_m is None:
-            grad_m = torch.zeros_like(m)
+        if grad_m is None and grad_lse is None:
+            return None, None, None, None, None
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
         # d logits = P * (grad_m . a_j - grad_m . m + grad_lse)  (FlashAttention's D trick).
-        row = (grad_lse - (grad_m * m).sum(dim=1)).unsqueeze(1)
+        row = grad_lse if grad_m is None else grad_lse - (grad_m * m).sum(dim=1)
+        row = row.unsqueeze(1)
+        neg_lse = (-lse).unsqueeze(1)
         grad_x = torch.zeros_like(x)
         grad_a = torch.empty_like(anchors)
         grad_bias = torch.empty_like(bias)
         for lo in range(0, n, chunk):
-            a = anchors[lo : lo + chunk]
-            logits = torch.addmm(bias[lo : lo + chunk].unsqueeze(0), x, a.t(), alpha=scale)
-            p = torch.exp(logits - lse.unsqueeze(1))
-            g = p * torch.addmm(row, grad_m, a.t())
-            grad_bias[lo : lo + chunk] = g.sum(dim=0)
+            hi = min(lo + chunk, n)
+            a = anchors[lo:hi]
+            p = torch.addmm(bias[lo:hi].unsqueeze(0), x, a.t(), alpha=scale).add_(neg_lse).exp_()
+            if grad_m is None:
+                g = p.mul_(row)
+                grad_a[lo:hi] = torch.mm(g.t(), x).mul_(scale)
+            else:
+                g = p * torch.addmm(row, grad_m, a.t())
+                # dL/da_j = P^T grad_m (values) + scale * g^T x (keys).
+                grad_a[lo:hi] = torch.addmm(p.t() @ grad_m, g.t(), x, alpha=scale)
+            grad_bias[lo:hi] = g.sum(dim=0)
             grad_x.addmm_(g, a, alpha=scale)
-            # dL/da_j = P^T grad_m (values) + scale * g^T x (keys).
-            grad_a[lo : lo + chunk] = torch.addmm(p.t() @ grad_m, g.t(), x, alpha=scale)
         return grad_x, grad_a, grad_bias, None, None
 
 
@@ -288,16 +295,23 @@ class _Flow:
             best_logit = torch.where(better, value, best_logit)
         return best
 
-    def integrate(self, y: Tensor, grid: FlowGrid, on_point=None) -> Tensor:
-        """Run the multistep solver over `grid`; `on_point(k, y_k)` sees every point after the first."""
+    def integrate(self, y: Tensor, grid: FlowGrid, observe=None) -> Tensor:
+        """Run the multistep solver over `grid` from y (B, q).
+
+        `observe(k, y_k, lse_k, scale_k)` sees every point the solver visits, the last
+        one included, reusing the posterior evaluation that the step needs anyway.
+        """
         history: list[Tensor] = []
         for k, step in enumerate(grid.steps):
-            m, *_ = self.mean(y, step.tau)
+            m, lse, scale, _ = self.mean(y, step.tau)
+            if observe is not None:
+                observe(k, y, lse, scale)
             history.insert(0, m)
             del history[len(step.weights) :]
             y = step.x_coeff * y + sum(w * mk for w, mk in zip(step.weights, history))
-            if on_point is not None:
-                on_point(k + 1, y)
+        if observe is not None:
+            _, lse, scale, _ = self.mean(y, grid.taus[-1])
+            observe(len(grid.steps), y, lse, scale)
         return y
 
 
@@ -388,12 +402,11 @@ def alignment_loss(
     best: Tensor | None = None
     final_hit: Tensor | None = None
 
-    def record(k: int, y: Tensor) -> None:
+    def record(k: int, y: Tensor, lse: Tensor, scale: float) -> None:
         nonlocal best, final_hit
         if k < first_kept:
             return
         tau = grid.taus[k]
-        _, lse, scale, _ = flow.mean(y, tau)
         # logit of the target, same expansion as inside the fused kernel.
         t_logit = scale * (y * target_anchor).sum(dim=1) - 0.5 * scale * (1.0 - tau) * target_sq
         if log_w is not None:
@@ -404,7 +417,7 @@ def alignment_loss(
         if k == steps:
             final_hit = (flow.nearest(y.detach(), tau) == targets).float().mean()
 
-    flow.integrate(latents, grid, on_point=record)
+    flow.integrate(latents, grid, observe=record)
     assert best is not None and final_hit is not None
     return -best.mean(), final_hit
 
