@@ -221,6 +221,17 @@ def _posterior_mean(
 
 
 # ------------------------------------------------------------------------ public: fields
+def _field_at(x: Tensor, anchors: Tensor, log_weights: Tensor | None, tau: float, chunk_size):
+    """Validated inputs of the instantaneous field: the anchors' flow, x in its centred
+    coordinates (B, q), and tau."""
+    _check_matrix("anchors", anchors)
+    _check_matrix("x", x, anchors.shape[1])
+    _check_log_weights(log_weights, anchors.shape[0])
+    tau = _check_tau(tau)
+    flow = _Flow(anchors, log_weights, x.shape[0], chunk_size)
+    return flow, x - (1.0 - tau) * flow.centre, tau
+
+
 def zone_posterior(
     x: Tensor, anchors: Tensor, tau: float, log_weights: Tensor | None = None
 ) -> Tensor:
@@ -229,17 +240,9 @@ def zone_posterior(
     `log_weights` (N,) are log mixture weights (normalised or not: softmax ignores a
     shared constant). Materialises the (B, N) result by design; the solvers never do.
     """
-    _check_matrix("anchors", anchors)
-    _check_matrix("x", x, anchors.shape[1])
-    _check_log_weights(log_weights, anchors.shape[0])
-    tau = _check_tau(tau)
-    # Shifting anchors by c and x by (1 - tau) c leaves the logits unchanged and keeps
-    # the expanded form accurate when anchors share a large offset.
-    c = anchors.detach().mean(dim=0)
-    a = anchors - c
-    scale, bias = _logit_terms(a, (a * a).sum(dim=1), log_weights, tau)
-    logits = torch.addmm(bias.unsqueeze(0), x - (1.0 - tau) * c, a.t(), alpha=scale)
-    return torch.log_softmax(logits, dim=1)
+    flow, y, tau = _field_at(x, anchors, log_weights, tau, None)
+    scale, bias = _logit_terms(flow.anchors, flow.sq_norms, log_weights, tau)
+    return torch.log_softmax(torch.addmm(bias.unsqueeze(0), y, flow.anchors.t(), alpha=scale), dim=1)
 
 
 def zone_velocity(
@@ -251,15 +254,9 @@ def zone_velocity(
     chunk_size: int | None = None,
 ) -> Tensor:
     """dx/dtau = (x - sum_j P(j | x, tau) a_j) / tau: (B, q) for x (B, q), anchors (N, q)."""
-    _check_matrix("anchors", anchors)
-    _check_matrix("x", x, anchors.shape[1])
-    _check_log_weights(log_weights, anchors.shape[0])
-    tau = _check_tau(tau)
-    c = anchors.detach().mean(dim=0)
-    a = anchors - c
-    chunk = _chunk_size(x.shape[0], a.shape[0], chunk_size)
-    m, _, _, _ = _posterior_mean(x - (1.0 - tau) * c, a, (a * a).sum(dim=1), log_weights, tau, chunk)
-    return (x - c - m) / tau
+    flow, y, tau = _field_at(x, anchors, log_weights, tau, chunk_size)
+    m, _, _, _ = flow.mean(y, tau)
+    return (x - flow.centre - m) / tau
 
 
 # ------------------------------------------------------------------------ the flow itself
