@@ -323,12 +323,15 @@ def compute_latents(
     gather: Gather | None = None,
     weights: Tensor | None = None,
     chunk_size: int | None = None,
+    flow_anchors: Tensor | None = None,
 ) -> Tensor:
     """Latents (B, q) of this process's anchors (B, q) in the flow of all anchors.
 
     Starts at tau = eps from x = (1 - eps) a_i + eps * alpha * noise_i and integrates to
     tau = 1 through the flow of `gather(anchors)` (N, q), weighted by `gather(weights)`
     (uniform when None). alpha = 0 gives each zone's centre. Differentiable w.r.t. anchors.
+    `flow_anchors` (N, q), with `weights` (N,), names the flow explicitly instead (e.g. a
+    latent inside a label's zone: anchors = label_anchors[labels], flow_anchors = all labels).
     """
     _check_matrix("anchors", anchors)
     _check_matrix("noise", noise, anchors.shape[1])
@@ -339,10 +342,17 @@ def compute_latents(
     steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    gather = gather or _identity
-    everyone = gather(anchors)
-    _check_matrix("gather(anchors)", everyone, anchors.shape[1])
-    log_w = weights_to_log(gather(weights) if weights is not None else None, everyone.shape[0])
+    if flow_anchors is not None:
+        if gather is not None:
+            raise ValueError("pass either gather or flow_anchors, not both")
+        _check_matrix("flow_anchors", flow_anchors, anchors.shape[1])
+        everyone, all_weights = flow_anchors, weights
+    else:
+        gather = gather or _identity
+        everyone = gather(anchors)
+        _check_matrix("gather(anchors)", everyone, anchors.shape[1])
+        all_weights = gather(weights) if weights is not None else None
+    log_w = weights_to_log(all_weights, everyone.shape[0])
     flow = _Flow(everyone, log_w, anchors.shape[0], chunk_size)
     # Start in centred coordinates: y = (1 - eps)(a - c) + eps * alpha * e.
     y0 = (1.0 - eps) * (anchors - flow.centre) + (eps * alpha) * noise

@@ -224,3 +224,15 @@ def test_bad_input_names_the_argument(call, match):
     a, e = _ok()
     with pytest.raises(ValueError, match=match):
         call(a, e)
+
+
+def test_flow_anchors_give_latents_inside_a_label_zone():
+    """Latents of label anchors picked per sample, in the flow of all labels, flow back to them."""
+    labels_anchors = torch.randn(10, 6, **F64) * 3
+    picks = torch.tensor([3, 3, 7, 0, 9, 3])
+    z = compute_latents(labels_anchors[picks], torch.randn(6, 6, **F64), steps=40, solver="dpm++",
+                        flow_anchors=labels_anchors)
+    assert torch.equal(assign_zones(z, labels_anchors, steps=40, solver="dpm++"), picks)
+    with pytest.raises(ValueError, match="flow_anchors"):
+        compute_latents(labels_anchors[picks], torch.randn(6, 6, **F64), steps=4,
+                        flow_anchors=labels_anchors, gather=lambda t: t)
