@@ -29,6 +29,7 @@ autograd-aware all-gather. Solvers ("euler", "dpm++2m", "dpm++3m", alias "dpm++"
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -46,6 +47,22 @@ _BLOCK_ELEMENTS = 1 << 22
 
 def _identity(t: Tensor) -> Tensor:
     return t
+
+
+def _full_precision(fn):
+    """Run the zoning math in float32 or better, also inside a bf16/fp16 autocast region:
+    the expanded logits and the solver's cancellations need float32's mantissa."""
+
+    def up(v):
+        return v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------- validation
@@ -232,6 +249,7 @@ def _field_at(x: Tensor, anchors: Tensor, log_weights: Tensor | None, tau: float
     return flow, x - (1.0 - tau) * flow.centre, tau
 
 
+@_full_precision
 def zone_posterior(
     x: Tensor, anchors: Tensor, tau: float, log_weights: Tensor | None = None
 ) -> Tensor:
@@ -245,6 +263,7 @@ def zone_posterior(
     return torch.log_softmax(torch.addmm(bias.unsqueeze(0), y, flow.anchors.t(), alpha=scale), dim=1)
 
 
+@_full_precision
 def zone_velocity(
     x: Tensor,
     anchors: Tensor,
@@ -312,6 +331,7 @@ class _Flow:
         return y
 
 
+@_full_precision
 def compute_latents(
     anchors: Tensor,
     noise: Tensor,
@@ -359,6 +379,7 @@ def compute_latents(
     return flow.integrate(y0, solver_coefficients(solver, steps, eps, forward=True))
 
 
+@_full_precision
 def alignment_loss(
     latents: Tensor,
     anchors: Tensor,
@@ -430,6 +451,7 @@ def alignment_loss(
 
 
 @torch.no_grad()
+@_full_precision
 def assign_zones(
     latents: Tensor,
     anchors: Tensor,

@@ -236,3 +236,17 @@ def test_flow_anchors_give_latents_inside_a_label_zone():
     with pytest.raises(ValueError, match="flow_anchors"):
         compute_latents(labels_anchors[picks], torch.randn(6, 6, **F64), steps=4,
                         flow_anchors=labels_anchors, gather=lambda t: t)
+
+
+def test_runs_in_float32_inside_bf16_autocast():
+    anchors = torch.randn(32, 8, requires_grad=True)
+    noise = torch.randn(32, 8)
+    want = compute_latents(anchors, noise, steps=10, solver="dpm++")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = compute_latents(anchors.bfloat16(), noise, steps=10, solver="dpm++")
+        loss, _ = alignment_loss(got, anchors, torch.arange(32), steps=10)
+    assert got.dtype == torch.float32 and loss.dtype == torch.float32
+    # Only the bf16 rounding of the anchors themselves remains.
+    assert (got - want).abs().max() < 0.1
+    loss.backward()
+    assert torch.isfinite(anchors.grad).all()
