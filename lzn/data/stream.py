@@ -1,0 +1,60 @@
+"""Which samples each rank trains on at each step: a pure function of (seed, step).
+
+The global batch of step k is a slice of a per-epoch permutation seeded by (seed, epoch);
+rank r takes the r-th contiguous part of it. Because nothing is stateful, a resumed run
+sees exactly the batches it would have seen, and W workers with global batch B see the
+same samples as one worker with batch B.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class BatchStream:
+    def __init__(self, num_samples: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1):
+        if global_batch < 1 or global_batch > num_samples:
+            raise ValueError(
+                f"global batch size must lie in [1, {num_samples}] (the dataset size), got {global_batch}"
+            )
+        if global_batch % world:
+            raise ValueError(f"global batch size {global_batch} is not divisible by {world} workers")
+        self.n, self.batch, self.seed = num_samples, global_batch, seed
+        self.rank, self.world = rank, world
+        self.steps_per_epoch = num_samples // global_batch  # the tail of each epoch is dropped
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        """Dataset indices (global_batch,) of step `step` (0-based)."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        return self._permutation(epoch)[pos * self.batch : (pos + 1) * self.batch]
+
+    def local_indices(self, step: int) -> torch.Tensor:
+        """This rank's part (global_batch / world,) of step `step`."""
+        part = self.batch // self.world
+        return self.global_indices(step)[self.rank * part : (self.rank + 1) * part]
+
+
+class StepRandom:
+    """Randomness of one training step, drawn for the global batch and sliced per rank.
+
+    Latent noise, RF times and RF noise come from here rather than the global RNG, so a
+    sample gets the same noise whether 1 or W workers train, and a resumed run draws
+    exactly what it would have drawn.
+    """
+
+    def __init__(self, seed: int, step: int, *, rank: int = 0, world: int = 1, device=None):
+        self.generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 1)
+        self.rank, self.world, self.device = rank, world, device
+
+    def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:
+        return full[self.rank * local : (self.rank + 1) * local].to(self.device)
+
+    def normal(self, local: int, *shape: int) -> torch.Tensor:
+        """(local, *shape) standard normal: this rank's rows of a (world * local, *shape) draw."""
+        return self._slice(torch.randn(self.world * local, *shape, generator=self.generator), local)
+
+    def uniform(self, local: int, *shape: int) -> torch.Tensor:
+        return self._slice(torch.rand(self.world * local, *shape, generator=self.generator), local)

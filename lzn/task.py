@@ -1,0 +1,145 @@
+"""A task: the typed schema of one training run, and the registry that builds its objective.
+
+The dataclasses are the schema that `pipelines` registers with Hydra; YAML files only fill
+values, so an unknown key or a wrong type fails when the config loads. Objectives are
+built from an explicit registry (a human name -> a builder), checked at load time too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from lzn.models import build_decoder, build_encoder
+from lzn.models.anchors import LabelAnchors
+from lzn.objectives import (
+    AlignConfig,
+    GenerationObjective,
+    JointObjective,
+    LatentConfig,
+    RepresentationObjective,
+    SimCLRObjective,
+)
+from lzn.trainer import OptimConfig, TrainConfig
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # dataset: digits, cifar10, imagenet, afhq_cat, celebahq, lsun_bedroom
+    root: Optional[str] = None  # where its prepared shards live (None: the default data dir)
+    image_size: int = 8
+    channels: int = 1
+    num_classes: int = 10
+    augment: str = "none"  # lzn.data.augment.PIPELINES
+
+
+@dataclass
+class ModelConfig:
+    encoder: Optional[str] = None  # lzn.models.ENCODERS
+    decoder: Optional[str] = None  # lzn.models.DECODERS
+    encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    decoder_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256  # the inference batch: LZN latents depend on it
+    alpha: Optional[float] = None  # latent noise scale at inference (None: the training value)
+    sampler: str = "euler"  # image ODE: euler or rk45
+    sampler_steps: int = 10
+    fid_samples: int = 0  # 0: as many as the reference (training) set
+    fid_features: str = "digits_cnn"  # digits_cnn or inception
+    inception_weights: Optional[str] = None
+    probe_epochs: int = 300
+    per_class: int = 100  # conditional generation: samples per class
+    seed: int = 0
+
+
+@dataclass
+class TaskConfig:
+    name: str = "gen_digits"
+    objective: str = "generation"  # OBJECTIVES
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    symmetric: bool = False  # representation: align both directions
+    simclr_temperature: float = 0.5
+
+
+def _encoder(cfg: TaskConfig) -> nn.Module:
+    if not cfg.model.encoder:
+        raise ValueError(f"objective {cfg.objective!r} needs model.encoder")
+    return build_encoder(cfg.model.encoder, latent_dim=cfg.latent.dim, image_size=cfg.data.image_size,
+                         channels=cfg.data.channels, **cfg.model.encoder_overrides)
+
+
+def _decoder(cfg: TaskConfig, cond_dim: int) -> nn.Module:
+    if not cfg.model.decoder:
+        raise ValueError(f"objective {cfg.objective!r} needs model.decoder")
+    return build_decoder(cfg.model.decoder, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                         cond_dim=cond_dim, **cfg.model.decoder_overrides)
+
+
+OBJECTIVES: dict[str, Callable[[TaskConfig, Any], nn.Module]] = {
+    # Case study 1: RF + LZN, and the plain RF baseline at the same budget.
+    "generation": lambda c, g: GenerationObjective(_encoder(c), _decoder(c, c.latent.dim), c.latent, g),
+    "rf": lambda c, g: GenerationObjective(None, _decoder(c, 0), c.latent, g),
+    # Case study 2 and its SimCLR baseline.
+    "representation": lambda c, g: RepresentationObjective(_encoder(c), c.latent, c.align, c.symmetric, g),
+    "simclr": lambda c, g: SimCLRObjective(_encoder(c), c.simclr_temperature, g),
+    # Case study 3.
+    "joint": lambda c, g: JointObjective(
+        _encoder(c), _decoder(c, c.latent.dim + c.data.num_classes),
+        LabelAnchors(c.data.num_classes, c.latent.dim), c.latent, c.align, g),
+}
+
+TWO_VIEW_OBJECTIVES = {"representation", "simclr"}
+
+
+def build_objective(cfg: TaskConfig, gather=None) -> nn.Module:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}; expected one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[cfg.objective](cfg, gather)
+
+
+def validate_task(cfg: TaskConfig) -> None:
+    """Check every name against its registry and every range, before anything trains."""
+    from lzn.data.augment import PIPELINES
+    from lzn.models import DECODERS, ENCODERS
+    from lzn.sampling import METHODS
+    from lzn.solvers import SOLVERS
+
+    def one_of(what: str, value, known) -> None:
+        if value not in known:
+            raise ValueError(f"{what}={value!r} is not known; expected one of {sorted(known)}")
+
+    def positive(what: str, value) -> None:
+        if not value > 0:
+            raise ValueError(f"{what} must be > 0, got {value}")
+
+    one_of("objective", cfg.objective, OBJECTIVES)
+    if cfg.model.encoder is not None:
+        one_of("model.encoder", cfg.model.encoder, ENCODERS)
+    if cfg.model.decoder is not None:
+        one_of("model.decoder", cfg.model.decoder, DECODERS)
+    one_of("data.augment", cfg.data.augment, PIPELINES)
+    one_of("latent.solver", cfg.latent.solver, SOLVERS)
+    one_of("align.solver", cfg.align.solver, SOLVERS)
+    one_of("eval.sampler", cfg.eval.sampler, METHODS)
+    one_of("eval.fid_features", cfg.eval.fid_features, ("digits_cnn", "inception"))
+    for what in ("latent.dim", "latent.steps", "align.steps", "train.iterations", "train.batch_size",
+                 "train.checkpoint_every", "train.log_every", "eval.batch_size", "data.image_size",
+                 "data.channels", "data.num_classes"):
+        section, key = what.split(".")
+        positive(what, getattr(getattr(cfg, section), key))
+    if not 0 < cfg.latent.eps < 1 or not 0 < cfg.align.eps < 1:
+        raise ValueError(f"latent.eps and align.eps must lie in (0, 1), got {cfg.latent.eps}, {cfg.align.eps}")
+    if not 0 <= cfg.align.cutoff < 1:
+        raise ValueError(f"align.cutoff must lie in [0, 1), got {cfg.align.cutoff}")
+    for name, lr in cfg.optim.lr.items():
+        positive(f"optim.lr.{name}", lr)

@@ -1,0 +1,285 @@
+"""The one training loop for every LZN case study.
+
+The loop owns stepping, per-module learning rates with linear warm-up, gradient clipping,
+EMA, non-finite-loss skipping, checkpoints and resume, and reporting. An objective
+supplies `loss(batch) -> (loss, metrics)`; the loop knows nothing of which case study it
+runs, nor of MLflow or Ray: it reports to callbacks. Rank and world size come from the
+torch.distributed process group that torchrun, Ray Train or submitit set up; gradients
+are averaged across ranks after backward (the anchors' all-gather already summed the
+cross-rank terms onto their owners).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lzn import distributed as lzn_dist
+from lzn.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+@dataclass
+class OptimConfig:
+    lr: dict[str, float] = field(default_factory=dict)  # learning rate per module group
+    warmup: int = 5000  # linear warm-up iterations, then constant
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1000
+    batch_size: int = 256  # global batch, split evenly over the workers
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    bf16: bool = False
+    deterministic: bool = False
+    # Module group -> iteration from which it is frozen (joint case study: the decoder).
+    freeze_after: dict[str, int] = field(default_factory=dict)
+    progress: bool = True
+
+
+class Objective(Protocol):
+    """An nn.Module whose direct children are the parameter groups (encoder, decoder, ...)."""
+
+    def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor | float]]: ...
+
+
+class Callback(Protocol):
+    def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The paper's EMA warm-up: min(decay, (1 + k) / (10 + k)) after k updates."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+class Trainer:
+    def __init__(
+        self,
+        objective: nn.Module,
+        optim: OptimConfig,
+        train: TrainConfig,
+        batches: Callable[[int], dict],
+        *,
+        run_dir: str | Path,
+        callbacks: list[Callback] | tuple = (),
+        device: torch.device | str = "cpu",
+    ):
+        self.objective, self.optim_cfg, self.cfg = objective, optim, train
+        self.batches = batches
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.callbacks = list(callbacks)
+        self.device = torch.device(device)
+        self.rank, self.world = lzn_dist.rank(), lzn_dist.world_size()
+        groups = dict(objective.named_children())
+        unknown = sorted(set(optim.lr) - set(groups))
+        missing = sorted(n for n, m in groups.items() if n not in optim.lr and any(True for _ in m.parameters()))
+        if unknown or missing:
+            raise ValueError(
+                f"optim.lr must give one learning rate per module group {sorted(groups)}: "
+                f"unknown {unknown}, missing {missing}"
+            )
+        bad_freeze = sorted(set(train.freeze_after) - set(groups))
+        if bad_freeze:
+            raise ValueError(f"train.freeze_after names unknown module groups {bad_freeze}; known: {sorted(groups)}")
+        self.groups = groups
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(m.parameters()), "lr": optim.lr[n], "name": n}
+             for n, m in groups.items() if n in optim.lr]
+        )
+        warmup = max(1, optim.warmup)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: min(1.0, (k + 1) / warmup)
+        )
+        self.ema = copy.deepcopy(objective).requires_grad_(False)
+        self.step = 0
+        self.ema_updates = 0
+        self.skipped = 0
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "objective": self.objective.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema_updates": self.ema_updates,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "rng": self._gather_rng(),
+            "world": self.world,
+        }
+
+    def _gather_rng(self) -> list[dict]:
+        state = rng_state()
+        if self.world == 1:
+            return [state]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, state)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.objective.load_state_dict(state["objective"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.ema_updates = state["step"], state["ema_updates"]
+        self.skipped, self.seconds = state["skipped"], state["seconds"]
+        rngs = state["rng"]
+        # A run resumed on a different number of workers keeps the data order (it is a
+        # function of the step) but re-seeds the per-rank RNGs it cannot map.
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
+        else:
+            torch.manual_seed(self.cfg.seed * 7919 + self.step * 31 + self.rank)
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of this run, if any. Raises CheckpointError if corrupt."""
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        return True
+
+    def save(self) -> Path | None:
+        state = self.state_dict()  # every rank joins the RNG gather
+        if self.rank != 0:
+            return None
+        path = save_checkpoint(state, self.ckpt_dir, self.step, keep=self.cfg.keep_checkpoints)
+        for cb in self.callbacks:
+            if hasattr(cb, "on_checkpoint"):
+                cb.on_checkpoint(self.step, path)
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _apply_freezing(self) -> None:
+        for name, at in self.cfg.freeze_after.items():
+            frozen = self.step >= at
+            for p in self.groups[name].parameters():
+                p.requires_grad_(not frozen)
+
+    def _average_gradients(self) -> None:
+        if self.world == 1:
+            return
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = ema_decay(self.optim_cfg.ema_decay, self.ema_updates)
+        for e, p in zip(self.ema.parameters(), self.objective.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.ema.buffers(), self.objective.buffers()):
+            e.copy_(b)
+        self.ema_updates += 1
+
+    def train_step(self) -> dict[str, Tensor | float]:
+        self._apply_freezing()
+        batch = self.batches(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            loss, metrics = self.objective.loss(batch)
+        skip = self._any_rank(not bool(torch.isfinite(loss.detach())))
+        if skip:
+            self.skipped += 1
+        else:
+            loss.backward()
+            self._average_gradients()
+            params = [p for p in self.objective.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
+            metrics = {**metrics, "train/grad_norm": grad_norm}
+            self.optimizer.step()
+            self._update_ema()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss.detach(), **metrics, "train/skipped": float(skip)}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, float]:
+        """Train to `iterations`, resuming from the latest checkpoint; returns a summary."""
+        cfg = self.cfg
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if not self.resume():
+            torch.manual_seed(cfg.seed * 7919 + self.rank)
+        bar = None
+        if cfg.progress and self.rank == 0 and self.step < cfg.iterations:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        count = 0
+        start = time.perf_counter()
+        while self.step < cfg.iterations:
+            metrics = self.train_step()
+            for k, v in metrics.items():
+                value = float(v.detach()) if isinstance(v, Tensor) else float(v)
+                if math.isfinite(value):
+                    sums[k] = sums.get(k, 0.0) + value
+            count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                self._report(sums, count, start)
+                sums, count = {}, 0
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                self.seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save()
+        self.seconds += time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        return {"train/steps": float(self.step), "train/skipped_steps": float(self.skipped),
+                "train/seconds": self.seconds}
+
+    def _report(self, sums: dict[str, float], count: int, start: float) -> None:
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] / max(count, 1) for k in keys], dtype=torch.float64)
+        if self.world > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values)
+            values = values.cpu() / self.world
+        if self.rank != 0:
+            return
+        metrics = dict(zip(keys, values.tolist()))
+        metrics["train/skipped_steps"] = float(self.skipped)
+        metrics["train/lr_scale"] = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["initial_lr"]
+        for cb in self.callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(self.step, metrics)

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+
+from lzn.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from lzn.data.batches import make_batches
+from lzn.objectives import GenerationObjective, LatentConfig
+from lzn.trainer import OptimConfig, Trainer, TrainConfig, ema_decay
+from tests.lzn.toy import ToyDecoder, ToyEncoder, toy_images
+
+
+def _trainer(run_dir, iterations=6, objective=None, **train_kw):
+    torch.manual_seed(0)
+    images, labels = toy_images()
+    objective = objective or GenerationObjective(ToyEncoder(), ToyDecoder(), LatentConfig(dim=3, steps=4))
+    train = TrainConfig(iterations=iterations, batch_size=16, checkpoint_every=2, log_every=1,
+                        deterministic=True, progress=False, **train_kw)
+    batches = make_batches(images, labels, global_batch=16, seed=0, augment="none", two_view=False)
+    optim = OptimConfig(lr={"encoder": 1e-2, "decoder": 1e-2}, warmup=3, ema_decay=0.99)
+
+    class Log:
+        def __init__(self):
+            self.rows = []
+
+        def on_log(self, step, metrics):
+            self.rows.append((step, metrics["loss"]))
+
+    log = Log()
+    return Trainer(objective, optim, train, batches, run_dir=run_dir, callbacks=[log]), log
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    straight, log_a = _trainer(tmp_path / "a", iterations=6)
+    straight.fit()
+    first, _ = _trainer(tmp_path / "b", iterations=4)
+    first.fit()  # "crash" after step 4: a new trainer resumes from the checkpoint
+    resumed, log_b = _trainer(tmp_path / "b", iterations=6)
+    summary = resumed.fit()
+    assert summary["train/steps"] == 6
+    assert [r for r in log_a.rows if r[0] > 4] == log_b.rows
+    for p, q in zip(_params(straight.objective), _params(resumed.objective)):
+        assert torch.equal(p, q)
+    for p, q in zip(_params(straight.ema), _params(resumed.ema)):
+        assert torch.equal(p, q)
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    t, _ = _trainer(tmp_path, iterations=8, keep_checkpoints=2)
+    t.fit()
+    steps = [s for s, _ in list_checkpoints(t.ckpt_dir)]
+    assert steps == [6, 8]
+    assert not list(t.ckpt_dir.glob(".tmp-*"))
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_restart(tmp_path):
+    t, _ = _trainer(tmp_path, iterations=2)
+    t.fit()
+    path = latest_checkpoint(t.ckpt_dir)
+    path.write_bytes(path.read_bytes()[:100])
+    again, _ = _trainer(tmp_path, iterations=4)
+    with pytest.raises(CheckpointError, match=path.name):
+        again.fit()
+
+
+class _NaNAt(GenerationObjective):
+    def loss(self, batch):
+        loss, m = super().loss(batch)
+        if int(batch["rng"].generator.initial_seed()) == self.bad_seed:
+            loss = loss * float("nan")
+        return loss, m
+
+
+def test_non_finite_loss_skips_the_step(tmp_path):
+    obj = _NaNAt(ToyEncoder(), ToyDecoder(), LatentConfig(dim=3, steps=4))
+    from lzn.data.stream import StepRandom
+
+    obj.bad_seed = StepRandom(0, 2).generator.initial_seed()  # the batch of step 2
+    t, log = _trainer(tmp_path, iterations=4, objective=obj)
+    before = {}
+    t.fit_until = None
+    for _ in range(2):
+        t.train_step()
+    before = _params(t.objective)
+    metrics = t.train_step()
+    assert metrics["train/skipped"] == 1.0 and t.skipped == 1
+    assert all(torch.equal(p, q) for p, q in zip(before, _params(t.objective)))
+    t.train_step()
+    assert not all(torch.equal(p, q) for p, q in zip(before, _params(t.objective)))
+
+
+def test_ema_warmup_formula_and_update(tmp_path):
+    assert ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay(0.999, 90) == pytest.approx(91 / 100)
+    assert ema_decay(0.999, 10**6) == 0.999
+    t, _ = _trainer(tmp_path, iterations=1)
+    t.train_step()
+    # After one update with decay 0.1: ema = 0.1 * init + 0.9 * param.
+    init = _trainer(tmp_path / "x", iterations=1)[0].objective
+    for e, p, p0 in zip(t.ema.parameters(), t.objective.parameters(), init.parameters()):
+        torch.testing.assert_close(e, 0.1 * p0 + 0.9 * p.detach())
+
+
+def test_linear_warmup_per_module_lr(tmp_path):
+    t, _ = _trainer(tmp_path, iterations=5)
+    lrs = []
+    for _ in range(4):
+        lrs.append({g["name"]: g["lr"] for g in t.optimizer.param_groups})
+        t.train_step()
+    assert [round(x["encoder"], 8) for x in lrs] == [round(1e-2 * k / 3, 8) for k in (1, 2, 3, 3)]
+
+
+def test_missing_or_unknown_learning_rate_is_rejected(tmp_path):
+    images, labels = toy_images()
+    obj = GenerationObjective(ToyEncoder(), ToyDecoder(), LatentConfig(dim=3, steps=4))
+    batches = make_batches(images, labels, global_batch=16, seed=0, augment="none", two_view=False)
+    with pytest.raises(ValueError, match="missing \\['decoder'\\]"):
+        Trainer(obj, OptimConfig(lr={"encoder": 1e-3}), TrainConfig(), batches, run_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown \\['decodr'\\]"):
+        Trainer(obj, OptimConfig(lr={"encoder": 1e-3, "decoder": 1, "decodr": 1}), TrainConfig(),
+                batches, run_dir=tmp_path)
+
+
+def test_freeze_after_stops_a_module(tmp_path):
+    t, _ = _trainer(tmp_path, iterations=6, freeze_after={"decoder": 3})
+    t.fit()
+    dec_at_3 = _trainer(tmp_path / "y", iterations=3)[0]
+    dec_at_3.fit()
+    for p, q in zip(t.objective.decoder.parameters(), dec_at_3.objective.decoder.parameters()):
+        assert torch.equal(p, q)
+    assert not all(torch.equal(p, q) for p, q in zip(t.objective.encoder.parameters(),
+                                                      dec_at_3.objective.encoder.parameters()))
