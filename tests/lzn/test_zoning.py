@@ -250,3 +250,23 @@ def test_runs_in_float32_inside_bf16_autocast():
     assert (got - want).abs().max() < 0.1
     loss.backward()
     assert torch.isfinite(anchors.grad).all()
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-4])
+def test_float32_gradients_match_float64(eps):
+    """Near the anchors the posterior is one-hot and the logit scale is ~1/eps^2: float32
+    rounding must not be amplified into the anchor gradients (latents and alignment)."""
+    g = torch.Generator().manual_seed(6)
+    anchors, other = torch.randn(32, 16, generator=g) * 2, torch.randn(32, 16, generator=g) * 2
+    noise, probe = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        a = anchors.to(dtype, copy=True).requires_grad_()
+        b = (a.detach() + 0.1 * other.to(dtype)).requires_grad_()
+        z = compute_latents(a, noise.to(dtype), steps=8, solver="dpm++", eps=eps)
+        loss, _ = alignment_loss(z, b, torch.arange(32), steps=8, eps=eps, cutoff=0.2)
+        (loss + (z * probe.to(dtype)).mean()).backward()
+        grads[dtype] = torch.cat([a.grad.flatten(), b.grad.flatten()]).double()
+    err = (grads[torch.float32] - grads[torch.float64]).norm() / grads[torch.float64].norm()
+    # The unfused kernel was off by a factor 1e3 (eps 1e-3) to 1e6 (eps 1e-4) here.
+    assert err < 1e-2, err
