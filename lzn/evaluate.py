@@ -32,7 +32,7 @@ def evaluate(cfg, model: LZNModel, split, *, cache_dir: Path) -> dict[str, float
     if cfg.objective in ("representation", "simclr"):
         probe = metrics.linear_probe_eval(
             lambda x: model.embed(x, batch_size=bs), split.train_images, split.train_labels,
-            split.test_images, split.test_labels, batch_size=bs, epochs=ev.probe_epochs, seed=ev.seed)
+            split.test_images, split.test_labels, batch_size=bs, epochs=ev.probe_epochs, lr=ev.probe_lr, seed=ev.seed)
         out["eval/linear_probe_top1"], out["eval/linear_probe_top5"] = probe["top1"], probe["top5"]
     if cfg.objective == "joint":
         out["eval/classification_accuracy"] = metrics.classification_accuracy(

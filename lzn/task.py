@@ -52,6 +52,7 @@ class EvalConfig:
     fid_features: str = "digits_cnn"  # digits_cnn or inception
     inception_weights: Optional[str] = None
     probe_epochs: int = 300
+    probe_lr: float = 3e-4  # the paper's; small datasets need more (digits: 3e-3)
     per_class: int = 100  # conditional generation: samples per class
     seed: int = 0
 

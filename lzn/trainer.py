@@ -109,6 +109,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warmup)
         )
+        if self.world > 1:
+            # Every rank starts from rank 0's weights, as DDP does at construction.
+            with torch.no_grad():
+                for t in [*objective.parameters(), *objective.buffers()]:
+                    dist.broadcast(t.data, src=0)
         self.ema = copy.deepcopy(objective).requires_grad_(False)
         self.step = 0
         self.ema_updates = 0

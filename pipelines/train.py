@@ -15,9 +15,9 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pipelines.config import RunConfig, register
+from pipelines.config import RunConfig, register, to_run_config
 
 register()
 
@@ -63,6 +63,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     split = load_training_data(cfg.data)
+    torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
     batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
                            seed=cfg.train.seed, augment=cfg.data.augment,
@@ -94,7 +95,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
 def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    cfg: RunConfig = OmegaConf.to_object(dcfg)
+    cfg = to_run_config(dcfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = run(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
