@@ -31,10 +31,12 @@ def make_batches(images: Tensor, labels: Tensor, *, global_batch: int, seed: int
         x = images[idx]
         out = {"labels": labels[idx].to(device), "rng": StepRandom(seed, step, rank=rank, world=world, device=device)}
         if two_view:
-            views = [augment_batch(transform, x, seed=seed, step=step, positions=positions, view=v) for v in (0, 1)]
+            views = [augment_batch(transform, x, seed=seed, step=step, positions=positions, total=global_batch,
+                                   view=v) for v in (0, 1)]
             out["views"] = torch.stack(views).to(device)
         else:
-            out["images"] = augment_batch(transform, x, seed=seed, step=step, positions=positions).to(device)
+            out["images"] = augment_batch(transform, x, seed=seed, step=step, positions=positions,
+                                          total=global_batch).to(device)
         return out
 
     return batch
