@@ -41,21 +41,27 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(state: dict, folder: Path, step: int, keep: int = 3) -> Path:
-    """Write `state` atomically as ckpt-<step>.pt and keep the `keep` newest checkpoints."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(folder, step)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+def save_atomically(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, rename: readers see the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(state: dict, folder: Path, step: int, keep: int = 3) -> Path:
+    """Write `state` atomically as ckpt-<step>.pt and keep the `keep` newest checkpoints."""
+    final = checkpoint_path(folder, step)
+    save_atomically(state, final)
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return final

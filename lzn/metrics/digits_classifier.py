@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lzn.checkpoint import save_atomically
 from lzn.data.digits import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split
 
 DIGITS_CNN_NAME = "digits_cnn"
@@ -184,20 +184,6 @@ def _fit(model: DigitsCNN, images: Tensor, labels: Tensor, config: DigitsClassif
             schedule.step()
 
 
-def _write_atomically(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(path: Path, key: str, config: DigitsClassifierConfig) -> DigitsCNN:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("key") != key:
@@ -229,7 +215,7 @@ def load_digits_classifier(
                 stacklevel=2,
             )
     model = train_digits_classifier(config)
-    _write_atomically({"key": key, "config": asdict(config), "state_dict": model.state_dict()}, path)
+    save_atomically({"key": key, "config": asdict(config), "state_dict": model.state_dict()}, path)
     return model
 
 
