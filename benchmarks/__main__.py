@@ -2,7 +2,7 @@
 import argparse
 import importlib
 
-BENCHMARKS = {"zoning": "benchmarks.zoning"}
+BENCHMARKS = {"zoning": "benchmarks.zoning", "data": "benchmarks.data"}
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from benchmarks.report import table
+
 STEPS, CUTOFF, EPS = 20, 0.2, 1e-3
 OUT = Path("bench-results")
 # The baseline's largest live tensors are a few (B, N, q) float32 blocks; above this it
@@ -138,15 +140,6 @@ def round_trip(n: int = 1024, q: int = 64) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    width = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = ["  ".join(c.rjust(width[c]) for c in cols)]
-    lines += ["  ".join(fmt(r.get(c, "")).rjust(width[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
-
-
 def main(quick: bool = False) -> None:
     sizes = [256] if quick else [256, 1024, 4096]
     rows = []
@@ -165,13 +158,13 @@ def main(quick: bool = False) -> None:
             mm = _matmul_gflops(n, q)
             row.update(gflops=ours_gflops, matmul_gflops=mm, pct_of_matmul=100 * ours_gflops / mm)
             rows.append(row)
-            print(_table([row]), flush=True)
+            print(table([row]), flush=True)
     trips = round_trip(256 if quick else 1024, 64)
     print(f"\nLatent computation + alignment, forward+backward, {STEPS} Euler steps, "
           f"{torch.get_num_threads()} threads:")
-    print(_table(rows))
+    print(table(rows))
     print(f"\nZone round trip (anchor -> latent -> anchor), B=N={256 if quick else 1024}, q=64, eps={EPS}:")
-    print(_table(trips))
+    print(table(trips))
     OUT.mkdir(exist_ok=True)
     path = OUT / "zoning.json"
     path.write_text(json.dumps({"timing": rows, "round_trip": trips}, indent=2))

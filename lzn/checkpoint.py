@@ -8,14 +8,14 @@ leaves a half-written file under a checkpoint name, and loaded with
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lzn.atomic import write_atomically
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
@@ -42,20 +42,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def save_atomically(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, rename: readers see the old
-    file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through `write_atomically`: never a half-written checkpoint."""
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def save_checkpoint(state: dict, folder: Path, step: int, keep: int = 3) -> Path:

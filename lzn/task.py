@@ -7,10 +7,12 @@ built from an explicit registry (a human name -> a builder), checked at load tim
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch import nn
 
+from lzn.data.prepare import EXECUTORS, PrepareConfig
 from lzn.models import build_decoder, build_encoder
 from lzn.models.anchors import LabelAnchors
 from lzn.objectives import (
@@ -26,12 +28,24 @@ from lzn.trainer import OptimConfig, TrainConfig
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # dataset: digits, cifar10, imagenet, afhq_cat, celebahq, lsun_bedroom
-    root: Optional[str] = None  # where its prepared shards live (None: the default data dir)
+    name: str = "digits"  # the dataset; its shards live in <shards_dir>/<name>/
+    source: Optional[str] = None  # how to read the raw data (lzn.data.sources.SOURCES); None: same as name
+    root: Optional[str] = None  # the raw data: archives or an image tree (digits needs none)
+    splits: Optional[list[str]] = None  # imagefolder: the split folders to read (None: those found)
+    shards_dir: str = "data"  # where prepared datasets live
     image_size: int = 8
     channels: int = 1
     num_classes: int = 10
     augment: str = "none"  # lzn.data.augment.PIPELINES
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    @property
+    def source_name(self) -> str:
+        return self.source or self.name
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.shards_dir) / self.name
 
 
 @dataclass
@@ -111,6 +125,7 @@ def build_objective(cfg: TaskConfig, gather=None) -> nn.Module:
 def validate_task(cfg: TaskConfig) -> None:
     """Check every name against its registry and every range, before anything trains."""
     from lzn.data.augment import PIPELINES
+    from lzn.data.sources import SOURCES
     from lzn.models import DECODERS, ENCODERS
     from lzn.sampling import METHODS
     from lzn.solvers import SOLVERS
@@ -129,6 +144,8 @@ def validate_task(cfg: TaskConfig) -> None:
     if cfg.model.decoder is not None:
         one_of("model.decoder", cfg.model.decoder, DECODERS)
     one_of("data.augment", cfg.data.augment, PIPELINES)
+    one_of("data.source", cfg.data.source_name, SOURCES)
+    one_of("data.prepare.executor", cfg.data.prepare.executor, EXECUTORS)
     one_of("latent.solver", cfg.latent.solver, SOLVERS)
     one_of("align.solver", cfg.align.solver, SOLVERS)
     one_of("eval.sampler", cfg.eval.sampler, METHODS)

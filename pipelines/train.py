@@ -50,7 +50,7 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
 
 def run(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
     from lzn.data.batches import make_batches
-    from lzn.data.sources import load_training_data
+    from lzn.data.reader import load_training_split
     from lzn.distributed import make_gather
     from lzn.evaluate import evaluate
     from lzn.inference import LZNModel
@@ -62,7 +62,13 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
     rank, world = _init_distributed(device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    split = load_training_data(cfg.data)
+    if rank == 0:
+        from pipelines.prepare import ensure_prepared
+
+        ensure_prepared(cfg.data)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks read the shards rank 0 prepared
+    split = load_training_split(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
     batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
@@ -95,9 +101,15 @@ def run(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
 def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from lzn.data.shards import ShardError
+    from lzn.data.sources import SourceError
+
     cfg = to_run_config(dcfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    metrics = run(cfg, run_dir)
+    try:
+        metrics = run(cfg, run_dir)
+    except (SourceError, ShardError) as e:  # the data is missing or unusable: say so, no traceback
+        raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         width = max(len(k) for k in metrics)
         for key in sorted(metrics):

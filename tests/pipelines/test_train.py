@@ -18,7 +18,8 @@ TRAIN_KEYS = {"train/steps", "train/skipped_steps", "train/seconds"}
 
 
 def train(*overrides, out: Path, launcher=(sys.executable, "-m"), check=True):
-    env = {**os.environ, "LZN_CACHE_DIR": str(out / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "LZN_CACHE_DIR": str(out / "cache"), "LZN_DATA_DIR": str(out / "data"),
+           "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launcher, "pipelines.train", f"output_dir={out}", *overrides], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=900)
     if check and done.returncode != 0:
@@ -36,6 +37,7 @@ def test_smoke_run_writes_metrics_and_names_its_folder(task, tmp_path):
     assert TRAIN_KEYS | DIGITS_KEYS[task] <= set(metrics)
     assert metrics["train/steps"] == 4 and metrics["train/skipped_steps"] == 0
     assert (run_dir / "checkpoints" / "ckpt-000000004.pt").exists()
+    assert (tmp_path / "data" / "digits" / "manifest.json").exists()  # prepared on the way, from the shards
     logged = [json.loads(line) for line in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [1, 2, 3, 4]
 

@@ -1,0 +1,227 @@
+"""Reading prepared shards: a torch Dataset with random access, a row-group-aware
+sampler, and whole splits in memory for the small datasets the digits tasks train on.
+
+Pixels come back as the library's images: (C, H, W) float32 in [-1, 1], scaled by the
+dataset's white value (`pixel_max` in the manifest: 255, or 16 for digits).
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from lzn.data.shards import ShardError, decode_image, read_manifest, split_files, verify_shards
+
+_COLUMNS = ["image", "encoding", "height", "width", "channels", "label"]
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """A train/test split held in memory."""
+    train_images: Tensor  # (n_train, C, H, W) float32 in [-1, 1]
+    train_labels: Tensor  # (n_train,) int64
+    test_images: Tensor  # (n_test, C, H, W)
+    test_labels: Tensor  # (n_test,)
+
+
+def decode_table(table: pa.Table) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+    """Pixels and labels of the rows of a shard table.
+
+    Returns (n, H, W, C) uint8 when every row has the same size (raw rows of one size are a
+    single reshape of the column's buffer, no per-row work), else a list of (H, W, C)."""
+    n = table.num_rows
+    labels = table.column("label").to_numpy().astype(np.int64)
+    enc, h, w, c = (table.column(k).to_pylist() for k in ("encoding", "height", "width", "channels"))
+    images = table.column("image").combine_chunks()
+    uniform = n > 0 and len(set(zip(h, w, c))) == 1
+    if uniform and set(enc) == {"raw"}:
+        offsets = np.frombuffer(images.buffers()[1], np.int32)[images.offset : images.offset + n + 1]
+        data = np.frombuffer(images.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        return data.reshape(n, h[0], w[0], c[0]).copy(), labels  # a writable copy, once per row group
+    pixels = [decode_image(images[i].as_py(), enc[i], h[i], w[i], c[i]) for i in range(n)]
+    return (np.stack(pixels) if uniform else pixels), labels
+
+
+def to_float(pixels: np.ndarray, pixel_max: int) -> Tensor:
+    """(..., H, W, C) uint8 -> (..., C, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).float()
+    return x / pixel_max * 2 - 1
+
+
+def verify_and_list(dataset_dir: str | Path, split: str, *, verify: bool = False) -> tuple[dict, list[Path]]:
+    """The manifest and the shard paths of `split`, after checking every shard's size (and
+    with `verify`, its SHA-256) against the manifest."""
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    files = split_files(dataset_dir, split, manifest)
+    problems = verify_shards(dataset_dir, checksums=verify, manifest=manifest)
+    if problems:
+        lines = "\n".join(f"  {p}: {why}" for p, why in problems[:10])
+        raise ShardError(f"the shards of {dataset_dir} do not match its manifest:\n{lines}\n"
+                         "re-run the prepare stage to repair them")
+    return manifest, files
+
+
+class ShardDataset(Dataset):
+    """Random access over one split: item i -> (image (C, H, W) float32 in [-1, 1], label).
+
+    A read decodes the row group that holds the item and keeps the most recent row groups
+    (up to `cache_mb` of pixels) per process, so sequential and row-group-local orders
+    (RowGroupSampler) decode each group once. Works with DistributedSampler and DataLoader
+    workers (each worker opens its own files). `verify` checks every shard's SHA-256 first;
+    sizes are always checked.
+    """
+
+    def __init__(self, dataset_dir: str | Path, split: str, *, transform: Optional[Callable] = None,
+                 verify: bool = False, cache_mb: float = 256):
+        self.dataset_dir = Path(dataset_dir)
+        self.manifest, self.files = verify_and_list(self.dataset_dir, split, verify=verify)
+        self.split, self.transform, self.pixel_max = split, transform, self.manifest["pixel_max"]
+        self.cache_bytes = int(cache_mb * 2**20)
+        self.groups, self.starts, start = [], [], 0  # (file, row group), first row of each
+        for f, path in enumerate(self.files):
+            meta = pq.ParquetFile(path).metadata
+            for g in range(meta.num_row_groups):
+                self.groups.append((f, g))
+                self.starts.append(start)
+                start += meta.row_group(g).num_rows
+        self.length = start
+        self._reset()
+
+    def _reset(self) -> None:
+        self._open: dict[int, pq.ParquetFile] = {}
+        self._cache: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self._cached = 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in ("_open", "_cache", "_cached"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def group_of(self, index: int) -> int:
+        return bisect.bisect_right(self.starts, index) - 1
+
+    def _group(self, g: int) -> tuple:
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        f, rg = self.groups[g]
+        if f not in self._open:
+            self._open[f] = pq.ParquetFile(self.files[f])
+        entry = decode_table(self._open[f].read_row_group(rg, columns=_COLUMNS))
+        size = sum(p.nbytes for p in entry[0]) if isinstance(entry[0], list) else entry[0].nbytes
+        self._cache[g] = entry
+        self._cached += size
+        while self._cached > self.cache_bytes and len(self._cache) > 1:
+            _, (old, _) = self._cache.popitem(last=False)
+            self._cached -= sum(p.nbytes for p in old) if isinstance(old, list) else old.nbytes
+        return entry
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} images in split {self.split!r}")
+        g = self.group_of(index)
+        pixels, labels = self._group(g)
+        row = index - self.starts[g]
+        x = to_float(pixels[row], self.pixel_max)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(labels[row])
+
+
+class RowGroupSampler(Sampler[int]):
+    """Shuffles row groups, then items within windows of `window` groups, and gives each of
+    `num_replicas` ranks a contiguous, equally long part (padded by repetition, like
+    DistributedSampler): each rank decodes each of its row groups about once per epoch."""
+
+    def __init__(self, dataset: ShardDataset, *, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0, window: int = 4):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
+        self.dataset, self.shuffle, self.seed, self.window = dataset, shuffle, seed, window
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.per_rank = -(-len(dataset) // num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        ds = self.dataset
+        bounds = [*ds.starts, len(ds)]
+        groups = np.arange(len(ds.groups))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle:
+            groups = rng.permutation(groups)
+        parts = []
+        for w in range(0, len(groups), self.window):
+            idx = np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in groups[w : w + self.window]])
+            parts.append(rng.permutation(idx) if self.shuffle else idx)
+        order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        pad = self.per_rank * self.num_replicas - len(order)
+        return np.concatenate([order, order[:pad]]) if pad else order
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self._order()[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        return iter(mine.tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def load_split(dataset_dir: str | Path, split: str, *, verify: bool = False) -> tuple[Tensor, Tensor]:
+    """A whole split in memory: images (N, C, H, W) float32 in [-1, 1] and labels (N,)."""
+    dataset_dir = Path(dataset_dir)
+    manifest, files = verify_and_list(dataset_dir, split, verify=verify)
+    sizes = manifest["splits"][split]["image_sizes"]
+    if len(sizes) != 1:
+        raise ShardError(f"split {split!r} of {dataset_dir} mixes image sizes {sorted(sizes)}: it cannot be held as "
+                         "one tensor; read it with ShardDataset and a resizing transform")
+    parts = [decode_table(pq.read_table(f, columns=_COLUMNS)) for f in files]
+    parts = [p for p in parts if len(p[1])] or [(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))]
+    pixels, labels = zip(*parts)
+    return to_float(np.concatenate(pixels), manifest["pixel_max"]), torch.from_numpy(np.concatenate(labels))
+
+
+IN_MEMORY_LIMIT_GB = 16.0
+
+
+def load_training_split(dataset_dir: str | Path, *, image_size: int, channels: int) -> ImageSplit:
+    """The train split and the held-out split (test, or val) in memory, checked against the
+    task's image size and channels."""
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    splits = manifest["splits"]
+    held_out = next((s for s in ("test", "val", "validation", "valid") if s in splits), None)
+    if "train" not in splits or held_out is None:
+        raise ShardError(f"{dataset_dir} has splits {sorted(splits)}; training needs 'train' and a held-out "
+                         "split ('test' or 'val')")
+    expected = f"{image_size}x{image_size}x{channels}"
+    for split in ("train", held_out):
+        sizes = splits[split]["image_sizes"]
+        if set(sizes) != {expected}:
+            raise ShardError(f"the task expects {expected} images (data.image_size, data.channels) but split "
+                             f"{split!r} of {dataset_dir} holds {sorted(sizes)}")
+    gb = sum(splits[s]["rows"] for s in ("train", held_out)) * image_size**2 * channels * 4 / 1e9
+    if gb > IN_MEMORY_LIMIT_GB:
+        raise ShardError(f"{dataset_dir} would take {gb:.0f} GB in memory as float32 (limit {IN_MEMORY_LIMIT_GB:.0f}):"
+                         " the in-memory trainer cannot hold it; stream it with ShardDataset or Ray Data "
+                         "(orchestration.data.read_shards)")
+    train, test = (load_split(dataset_dir, s) for s in ("train", held_out))
+    return ImageSplit(*train, *test)

@@ -1,0 +1,42 @@
+"""The data stage on a real local Ray: shards encoded by Ray tasks, read by Ray Data."""
+import json
+
+import numpy as np
+import pytest
+
+from lzn.data.prepare import PrepareConfig, prepare_dataset
+from lzn.data.reader import ShardDataset
+from lzn.data.shards import MANIFEST
+from tests.lzn.data import builders
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def test_ray_tasks_write_the_same_shards_and_ray_data_reads_them(local_ray, tmp_path):
+    from orchestration.data import ray_map, read_shards
+
+    good = builders.image_folder(tmp_path / "raw")
+    cfg = PrepareConfig(shard_rows=4)
+    prepare_dataset("imagefolder", str(tmp_path / "raw"), tmp_path / "serial", PrepareConfig(executor="serial", shard_rows=4))
+    report = prepare_dataset("imagefolder", str(tmp_path / "raw"), tmp_path / "ray", cfg, map_fn=ray_map())
+    assert report.written == 5 and report.rejected == 3
+    shards = lambda d: [(s["file"], s["sha256"]) for e in json.loads((d / MANIFEST).read_text())["splits"].values()
+                        for s in e["shards"]]
+    assert shards(tmp_path / "ray") == shards(tmp_path / "serial")
+
+    rows = sorted(read_shards(tmp_path / "ray", "train").take_all(), key=lambda r: r["source_index"])
+    ds = ShardDataset(tmp_path / "ray", "train")
+    assert len(rows) == len(ds) == 11
+    import pyarrow.parquet as pq
+
+    paths = [p for f in ds.files for p in pq.read_table(f, columns=["source_path"]).column(0).to_pylist()]
+    for i, row in enumerate(rows):
+        np.testing.assert_array_equal(np.asarray(row["image"]), good[paths[i]])
+        assert row["label"] == ds[i][1]
