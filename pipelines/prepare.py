@@ -10,7 +10,6 @@ command rewrites nothing; an interrupted run resumes.
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -33,15 +32,14 @@ ConfigStore.instance().store(name="prepare_schema", node=PrepareRun)
 
 
 def _map_fn(data: DataConfig):
+    """executor=auto|ray encode with Ray tasks (auto: not for tiny inputs); process and serial
+    stay in lzn (no Ray)."""
     executor = data.prepare.executor
-    if executor == "auto":
-        ray_running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-        executor = "ray" if os.environ.get("RAY_ADDRESS") or ray_running else "process"
-    if executor == "ray":
-        from orchestration.data import ray_map
+    if executor in ("auto", "ray"):
+        from orchestration.data import auto_map, ray_map
 
-        return ray_map(data.prepare.workers)
-    return None  # lzn's own: a process pool, or serial for one shard
+        return (auto_map if executor == "auto" else ray_map)(data.prepare.workers)
+    return None
 
 
 def prepare(data: DataConfig, progress: bool = True) -> PrepareReport:

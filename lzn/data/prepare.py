@@ -35,7 +35,7 @@ EXECUTORS = ("auto", "ray", "process", "serial")
 
 @dataclass
 class PrepareConfig:
-    executor: str = "auto"  # auto (Ray when a cluster is configured, else processes), ray, process, serial
+    executor: str = "auto"  # auto, ray (Ray tasks; auto: serial for tiny inputs), process (a local pool), serial
     workers: int = 0  # parallel encoders; 0: one per CPU
     shard_mb: float = 256.0  # a shard closes at this many MB of image bytes...
     shard_rows: int = 100_000  # ...or this many rows
