@@ -145,6 +145,22 @@ class ShardDataset(Dataset):
             x = self.transform(x)
         return x, int(labels[row])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, int]]:
+        """A DataLoader batch in one call: rows of one size are converted as one array."""
+        for i in indices:
+            if not 0 <= i < self.length:
+                raise IndexError(f"index {i} out of range for {self.length} images in split {self.split!r}")
+        rows = []
+        for i in indices:
+            g = self.group_of(i)
+            pixels, labels = self._group(g)
+            rows.append((pixels[i - self.starts[g]], int(labels[i - self.starts[g]])))
+        if rows and len({p.shape for p, _ in rows}) == 1:
+            images = to_float(np.stack([p for p, _ in rows]), self.pixel_max)
+        else:
+            images = [to_float(p, self.pixel_max) for p, _ in rows]
+        return [(x if self.transform is None else self.transform(x), y) for x, (_, y) in zip(images, rows)]
+
 
 class RowGroupSampler(Sampler[int]):
     """Shuffles row groups, then items within windows of `window` groups, and gives each of
