@@ -49,3 +49,19 @@ def test_missing_runs_are_trained_with_the_seed_and_run_name(tmp_path, monkeypat
         ["task=repr_digits", "train.seed=3", "run_name=simclr-seed3", f"output_dir={tmp_path}", "objective=simclr"],
         ["task=repr_digits", "train.seed=4", "run_name=simclr-seed4", f"output_dir={tmp_path}", "objective=simclr"],
     ]
+
+
+def test_every_experiment_command_trains(tmp_path):
+    """The report's commands as a user runs them, shrunk to a smoke run: a baseline whose
+    overrides do not compose (say, a learning rate for a module it lacks) fails here."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "LZN_CACHE_DIR": str(tmp_path / "cache"), "LZN_DATA_DIR": str(tmp_path / "data"),
+           "OMP_NUM_THREADS": "1"}
+    for exp in dr.EXPERIMENTS:
+        done = subprocess.run([*dr.command(exp, 0, str(tmp_path)), "scale=smoke"], capture_output=True, text=True,
+                              env=env, timeout=600, cwd=dr.Path(__file__).resolve().parents[2])
+        assert done.returncode == 0, f"{exp.label}: {done.stderr[-2000:]}"
+        metrics = json.loads((tmp_path / exp.task / f"{exp.prefix}-seed0" / "metrics.json").read_text())
+        assert set(exp.metrics) <= set(metrics), exp.label
