@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def run_one(exp: Experiment, seed: int, output_dir: str) -> dict:
     path = Path(output_dir) / exp.task / f"{exp.prefix}-seed{seed}" / "metrics.json"
     if not path.exists():
         cmd = command(exp, seed, output_dir)
-        print("$ python " + " ".join(cmd[1:]), flush=True)
+        print("$ python " + shlex.join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
     return json.loads(path.read_text())
 
@@ -74,7 +75,7 @@ def table(results: dict[Experiment, list[dict]], seeds: list[int]) -> str:
             digits = 2 if key == "eval/fid" else 4
             lines.append(f"| {exp.label} | {SHORT[key]} | {_cell([r[key] for r in runs], digits)} | {seconds} |")
     lines += ["", "Commands (each seed S):", ""]
-    lines += ["    python " + " ".join(command(e, "S", "outputs")[1:]) for e in results]
+    lines += ["    python " + shlex.join(command(e, "S", "outputs")[1:]) for e in results]
     return "\n".join(lines)
 
 

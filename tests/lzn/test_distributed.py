@@ -12,6 +12,11 @@ from lzn.distributed import all_gather_with_grad, global_indices, make_gather
 from lzn.zoning import alignment_loss, compute_latents
 
 B, Q, STEPS = 16, 5, 10
+# Near tau = eps the flow is stiff: float64 rounding in the anchor gradients grows like
+# 1/eps^2 (merely permuting a batch moves them by 2e-6 at eps = 1e-3, 2e-9 at 1e-2 and
+# 1e-12 at 0.1). A start at 0.1 lets the comparison below stay at 1e-10, tight enough to
+# catch any error in how the gathered anchors' gradients return to their owners.
+EPS = 0.1
 
 
 def _data():
@@ -23,8 +28,8 @@ def _data():
 
 
 def _objective(a1, a2, noise, gather, targets):
-    z = compute_latents(a1, noise, steps=STEPS, solver="dpm++", alpha=0.45, gather=gather)
-    loss, acc = alignment_loss(z, a2, targets, steps=STEPS, cutoff=0.2, gather=gather)
+    z = compute_latents(a1, noise, steps=STEPS, solver="dpm++", alpha=0.45, eps=EPS, gather=gather)
+    loss, acc = alignment_loss(z, a2, targets, steps=STEPS, cutoff=0.2, eps=EPS, gather=gather)
     return z, loss
 
 
