@@ -5,7 +5,9 @@ with shuffling, at 32x32 and 256x256.
 Both sides return the same tensors: (C, H, W) float32 in [-1, 1] with the label. Each
 epoch starts fresh DataLoader workers (no cache carried over); the best of the epochs is
 reported. Shards are read in the order RowGroupSampler gives (row groups shuffled, items
-shuffled within a window) and, as a worst case, in a fully random order.
+shuffled within a window) and in a fully random order; in the main process (raw rows
+convert a whole batch as one array, so worker processes add more IPC than they save) and
+with worker processes (what decoding PNG/JPEG rows needs).
 """
 from __future__ import annotations
 
@@ -71,7 +73,8 @@ def measure(size: int, n: int, *, workers: int = 2, batch: int = 128, epochs: in
         png_mb = sum(p.stat().st_size for p in (tmp / "png").rglob("*.png")) / 2**20
         folder = _folder_dataset(tmp / "png")
         baseline = _epoch_rate(folder, RandomSampler(folder), batch=batch, workers=workers, epochs=epochs)
-        rows.append({"size": f"{size}x{size}", "images": n, "reader": "PNG folder (PIL)", "stored": "png",
+        rows.append({"size": f"{size}x{size}", "images": n, "reader": "PNG folder (PIL)", "workers": workers,
+                     "stored": "png",
                      "MB": png_mb, "img/s": baseline, "speedup": 1.0})
         variants = [("as stored", PrepareConfig(executor="process"))]
         if size > PrepareConfig().raw_max_side:
@@ -82,10 +85,11 @@ def measure(size: int, n: int, *, workers: int = 2, batch: int = 128, epochs: in
             ds = ShardDataset(out, "train")
             mb = sum(f.stat().st_size for f in ds.files) / 2**20
             stored = next(iter(ds.manifest["splits"]["train"]["encodings"]))
-            for order, sampler in (("row groups", RowGroupSampler(ds)), ("random", RandomSampler(ds))):
-                rate = _epoch_rate(ds, sampler, batch=batch, workers=workers, epochs=epochs)
+            for order, sampler, w in (("row groups", RowGroupSampler(ds), 0), ("row groups", RowGroupSampler(ds), workers),
+                                      ("random", RandomSampler(ds), 0), ("random", RandomSampler(ds), workers)):
+                rate = _epoch_rate(ds, sampler, batch=batch, workers=w, epochs=epochs)
                 rows.append({"size": f"{size}x{size}", "images": n, "reader": f"shards, {order} order",
-                             "stored": stored, "MB": mb, "img/s": rate, "speedup": rate / baseline})
+                             "workers": w, "stored": stored, "MB": mb, "img/s": rate, "speedup": rate / baseline})
     return rows
 
 
@@ -94,8 +98,8 @@ def main(quick: bool = False) -> None:
     rows = []
     for size, n in plan:
         rows += measure(size, n)
-        print(table(rows[-3:]), flush=True)
-    print(f"\nRead throughput through a torch DataLoader (2 workers, batch 128, best of 2 epochs, "
+        print(table(rows), flush=True)
+    print(f"\nRead throughput through a torch DataLoader (batch 128, best of 2 epochs, "
           f"{torch.get_num_threads()} threads):")
     print(table(rows))
     OUT.mkdir(exist_ok=True)

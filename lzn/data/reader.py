@@ -118,48 +118,75 @@ class ShardDataset(Dataset):
     def group_of(self, index: int) -> int:
         return bisect.bisect_right(self.starts, index) - 1
 
-    def _group(self, g: int) -> tuple:
+    def _group(self, g: int) -> "_RowGroup":
         if g in self._cache:
             self._cache.move_to_end(g)
             return self._cache[g]
         f, rg = self.groups[g]
         if f not in self._open:
             self._open[f] = pq.ParquetFile(self.files[f])
-        entry = decode_table(self._open[f].read_row_group(rg, columns=_COLUMNS))
-        size = sum(p.nbytes for p in entry[0]) if isinstance(entry[0], list) else entry[0].nbytes
+        entry = _RowGroup(self._open[f].read_row_group(rg, columns=_COLUMNS))
         self._cache[g] = entry
-        self._cached += size
+        self._cached += entry.nbytes
         while self._cached > self.cache_bytes and len(self._cache) > 1:
-            _, (old, _) = self._cache.popitem(last=False)
-            self._cached -= sum(p.nbytes for p in old) if isinstance(old, list) else old.nbytes
+            self._cached -= self._cache.popitem(last=False)[1].nbytes
         return entry
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def _check(self, index: int) -> None:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images in split {self.split!r}")
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        self._check(index)
         g = self.group_of(index)
-        pixels, labels = self._group(g)
-        row = index - self.starts[g]
-        x = to_float(pixels[row], self.pixel_max)
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(labels[row])
+        group, row = self._group(g), index - self.starts[g]
+        x = to_float(group.pixels(row), self.pixel_max)
+        return (x if self.transform is None else self.transform(x)), int(group.labels[row])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, int]]:
         """A DataLoader batch in one call: rows of one size are converted as one array."""
         for i in indices:
-            if not 0 <= i < self.length:
-                raise IndexError(f"index {i} out of range for {self.length} images in split {self.split!r}")
-        rows = []
-        for i in indices:
-            g = self.group_of(i)
-            pixels, labels = self._group(g)
-            rows.append((pixels[i - self.starts[g]], int(labels[i - self.starts[g]])))
-        if rows and len({p.shape for p, _ in rows}) == 1:
-            images = to_float(np.stack([p for p, _ in rows]), self.pixel_max)
+            self._check(i)
+        idx = np.asarray(indices, np.int64)
+        groups = np.searchsorted(self.starts, idx, side="right") - 1
+        pixels, labels = [None] * len(idx), np.empty(len(idx), np.int64)
+        for g in np.unique(groups):
+            at = np.nonzero(groups == g)[0]
+            group, rows = self._group(int(g)), idx[at] - self.starts[g]
+            labels[at] = group.labels[rows]
+            for k, p in zip(at, group.take(rows)):
+                pixels[k] = p
+        if pixels and len({p.shape for p in pixels}) == 1:
+            images = list(to_float(np.stack(pixels), self.pixel_max))
         else:
-            images = [to_float(p, self.pixel_max) for p, _ in rows]
-        return [(x if self.transform is None else self.transform(x), y) for x, (_, y) in zip(images, rows)]
+            images = [to_float(p, self.pixel_max) for p in pixels]
+        if self.transform is not None:
+            images = [self.transform(x) for x in images]
+        return list(zip(images, labels.tolist()))
+
+
+class _RowGroup:
+    """One row group in memory: raw rows of one size as one (n, H, W, C) array, encoded
+    rows as their bytes, decoded only when read (a random read decodes one image, not
+    the group)."""
+
+    def __init__(self, table: pa.Table):
+        self.labels = table.column("label").to_numpy().astype(np.int64)
+        raw = set(table.column("encoding").to_pylist()) == {"raw"}
+        sizes = set(zip(*(table.column(k).to_pylist() for k in ("height", "width", "channels"))))
+        self.array = decode_table(table)[0] if raw and len(sizes) == 1 else None
+        self.table = None if self.array is not None else table
+        self.nbytes = self.array.nbytes if self.array is not None else table.nbytes
+
+    def pixels(self, row: int) -> np.ndarray:
+        if self.array is not None:
+            return self.array[row]
+        t = self.table
+        return decode_image(t.column("image")[row].as_py(), *(t.column(k)[row].as_py()
+                            for k in ("encoding", "height", "width", "channels")))
+
+    def take(self, rows: np.ndarray) -> list[np.ndarray] | np.ndarray:
+        return self.array[rows] if self.array is not None else [self.pixels(int(r)) for r in rows]
 
 
 class RowGroupSampler(Sampler[int]):

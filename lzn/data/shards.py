@@ -40,7 +40,7 @@ SCHEMA = pa.schema([
     ("source_index", pa.int64()),  # position of the item in its split's source listing
     ("source_path", pa.string()),  # the file, archive member or array row it came from
 ])
-ROW_GROUP_BYTES = 4 << 20  # a random read decodes at most one row group of about this size
+ROW_GROUP_BYTES = 1 << 20  # a random read loads one row group of about this size
 FINGERPRINT_KEY, REJECTED_KEY = b"lzn.fingerprint", b"lzn.rejected"
 
 
@@ -126,7 +126,10 @@ def write_shard(path: Path, rows: list[dict], *, fingerprint: str, rejected: lis
         {FINGERPRINT_KEY: fingerprint.encode(), REJECTED_KEY: json.dumps(rejected).encode()})
     mean = max(1, sum(len(r["image"]) for r in rows) // max(1, len(rows)))
     group = int(np.clip(ROW_GROUP_BYTES // mean, 16, 4096))
-    write_atomically(path, lambda f: pq.write_table(table, f, row_group_size=group))
+    # Encoded images do not compress further: store them as they are, so a read is a copy.
+    encoded = any(r["encoding"] != "raw" for r in rows)
+    codec = {name: ("none" if encoded and name == "image" else "snappy") for name in SCHEMA.names}
+    write_atomically(path, lambda f: pq.write_table(table, f, row_group_size=group, compression=codec))
     return summarize_shard(path)
 
 

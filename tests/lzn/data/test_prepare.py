@@ -176,6 +176,9 @@ def test_imagenet_archives_and_extracted_layout(tmp_path, extracted):
         for i, (jpeg, wnid) in enumerate(items):
             np.testing.assert_array_equal(pixels_of(ds, i), builders.decode(jpeg))
             assert ds[i][1] == builders.WNIDS.index(wnid)
+        order = list(range(len(ds)))[::-1]  # a DataLoader batch of encoded rows, in one call
+        for i, (x, y) in zip(order, ds.__getitems__(order)):
+            assert torch.equal(x, ds[i][0]) and y == ds[i][1]
     assert manifest["splits"]["val"]["encodings"] == {"jpeg": 4}  # stored as the archive held them
 
 
