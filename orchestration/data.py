@@ -53,12 +53,11 @@ def ray_map(workers: int = 0) -> Callable[[Callable, Iterable], Iterator]:
 
 def auto_map(workers: int = 0) -> Callable[[Callable, Iterable], Iterator]:
     """Ray tasks, except for inputs so small that starting Ray would cost more than the work."""
-    from lzn.data.prepare import SMALL_INPUT_BYTES, serial_map
+    from lzn.data.prepare import is_small, serial_map
 
     def run(fn: Callable, tasks: Iterable) -> Iterator:
         tasks = list(tasks)
-        small = sum(item.size for t in tasks for item in t.items) < SMALL_INPUT_BYTES
-        yield from (serial_map if small or len(tasks) < 2 else ray_map(workers))(fn, tasks)
+        yield from (serial_map if is_small(tasks) else ray_map(workers))(fn, tasks)
 
     return run
 

@@ -44,10 +44,6 @@ def _map_fn(data: DataConfig):
 
 def prepare(data: DataConfig, progress: bool = True) -> PrepareReport:
     """Prepare `data` (a task's or the prepare command's data config)."""
-    from lzn.data.sources import SOURCES
-
-    if data.source_name not in SOURCES:
-        raise ValueError(f"data.source={data.source_name!r} is not known; expected one of {sorted(SOURCES)}")
     return prepare_dataset(data.source_name, data.root, data.dataset_dir, data.prepare, splits=data.splits,
                            map_fn=_map_fn(data), progress=progress)
 

@@ -217,10 +217,14 @@ def prepare_dataset(source: str, root: Optional[str], dataset_dir: Path, cfg: Pr
 SMALL_INPUT_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 
 
+def is_small(tasks: list[ShardTask]) -> bool:
+    """Too little input for parallel workers to pay for their start."""
+    return len(tasks) < 2 or sum(item.size for t in tasks for item in t.items) < SMALL_INPUT_BYTES
+
+
 def _default_map(cfg: PrepareConfig, tasks: list[ShardTask]) -> MapFn:
     workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
-    small = sum(item.size for t in tasks for item in t.items) < SMALL_INPUT_BYTES
-    if cfg.executor == "serial" or workers <= 1 or (cfg.executor == "auto" and small):
+    if cfg.executor == "serial" or workers <= 1 or (cfg.executor == "auto" and is_small(tasks)):
         return serial_map
     if cfg.executor in ("process", "auto"):
         return process_map(workers)

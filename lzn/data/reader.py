@@ -33,21 +33,32 @@ class ImageSplit:
     test_labels: Tensor  # (n_test,)
 
 
-def decode_table(table: pa.Table) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
-    """Pixels and labels of the rows of a shard table.
-
-    Returns (n, H, W, C) uint8 when every row has the same size (raw rows of one size are a
-    single reshape of the column's buffer, no per-row work), else a list of (H, W, C)."""
+def _raw_array(table: pa.Table) -> np.ndarray | None:
+    """(n, H, W, C) uint8 of a table whose rows are all raw and of one size: a single reshape
+    of the column's buffer, no per-row work. None for any other table."""
     n = table.num_rows
-    labels = table.column("label").to_numpy().astype(np.int64)
     enc, h, w, c = (table.column(k).to_pylist() for k in ("encoding", "height", "width", "channels"))
+    if n == 0 or set(enc) != {"raw"} or len(set(zip(h, w, c))) != 1:
+        return None
     images = table.column("image").combine_chunks()
-    uniform = n > 0 and len(set(zip(h, w, c))) == 1
-    if uniform and set(enc) == {"raw"}:
-        offsets = np.frombuffer(images.buffers()[1], np.int32)[images.offset : images.offset + n + 1]
-        data = np.frombuffer(images.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-        return data.reshape(n, h[0], w[0], c[0]).copy(), labels  # a writable copy, once per row group
-    pixels = [decode_image(images[i].as_py(), enc[i], h[i], w[i], c[i]) for i in range(n)]
+    offsets = np.frombuffer(images.buffers()[1], np.int32)[images.offset : images.offset + n + 1]
+    data = np.frombuffer(images.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(n, h[0], w[0], c[0]).copy()  # a writable copy, once per table
+
+
+def _decode_row(table: pa.Table, row: int) -> np.ndarray:
+    return decode_image(*(table.column(k)[row].as_py() for k in ("image", "encoding", "height", "width", "channels")))
+
+
+def decode_table(table: pa.Table) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+    """Pixels and labels of the rows of a shard table: (n, H, W, C) uint8 when every row has
+    the same size, else a list of (H, W, C)."""
+    labels = table.column("label").to_numpy().astype(np.int64)
+    array = _raw_array(table)
+    if array is not None:
+        return array, labels
+    pixels = [_decode_row(table, i) for i in range(table.num_rows)]
+    uniform = len({p.shape for p in pixels}) == 1
     return (np.stack(pixels) if uniform else pixels), labels
 
 
@@ -63,7 +74,7 @@ def verify_and_list(dataset_dir: str | Path, split: str, *, verify: bool = False
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     files = split_files(dataset_dir, split, manifest)
-    problems = verify_shards(dataset_dir, checksums=verify, manifest=manifest)
+    problems = verify_shards(dataset_dir, checksums=verify, manifest=manifest, splits=[split])
     if problems:
         lines = "\n".join(f"  {p}: {why}" for p, why in problems[:10])
         raise ShardError(f"the shards of {dataset_dir} do not match its manifest:\n{lines}\n"
@@ -74,9 +85,9 @@ def verify_and_list(dataset_dir: str | Path, split: str, *, verify: bool = False
 class ShardDataset(Dataset):
     """Random access over one split: item i -> (image (C, H, W) float32 in [-1, 1], label).
 
-    A read decodes the row group that holds the item and keeps the most recent row groups
-    (up to `cache_mb` of pixels) per process, so sequential and row-group-local orders
-    (RowGroupSampler) decode each group once. Works with DistributedSampler and DataLoader
+    A read loads the row group that holds the item and keeps the most recent row groups
+    (up to `cache_mb`) per process: raw rows as pixels, encoded rows as their bytes, decoded
+    when read. Sequential and row-group-local orders (RowGroupSampler) load each group once. Works with DistributedSampler and DataLoader
     workers (each worker opens its own files). `verify` checks every shard's SHA-256 first;
     sizes are always checked.
     """
@@ -95,11 +106,12 @@ class ShardDataset(Dataset):
                 self.starts.append(start)
                 start += meta.row_group(g).num_rows
         self.length = start
+        self.starts_array = np.asarray(self.starts, np.int64)  # for batched lookups
         self._reset()
 
     def _reset(self) -> None:
         self._open: dict[int, pq.ParquetFile] = {}
-        self._cache: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[int, _RowGroup] = collections.OrderedDict()
         self._cached = 0
 
     def __getstate__(self):
@@ -148,7 +160,7 @@ class ShardDataset(Dataset):
         for i in indices:
             self._check(i)
         idx = np.asarray(indices, np.int64)
-        groups = np.searchsorted(self.starts, idx, side="right") - 1
+        groups = np.searchsorted(self.starts_array, idx, side="right") - 1
         pixels, labels = [None] * len(idx), np.empty(len(idx), np.int64)
         all_raw = True
         for g in np.unique(groups):
@@ -176,18 +188,12 @@ class _RowGroup:
 
     def __init__(self, table: pa.Table):
         self.labels = table.column("label").to_numpy().astype(np.int64)
-        raw = set(table.column("encoding").to_pylist()) == {"raw"}
-        sizes = set(zip(*(table.column(k).to_pylist() for k in ("height", "width", "channels"))))
-        self.array = decode_table(table)[0] if raw and len(sizes) == 1 else None
+        self.array = _raw_array(table)
         self.table = None if self.array is not None else table
         self.nbytes = self.array.nbytes if self.array is not None else table.nbytes
 
     def pixels(self, row: int) -> np.ndarray:
-        if self.array is not None:
-            return self.array[row]
-        t = self.table
-        return decode_image(t.column("image")[row].as_py(), *(t.column(k)[row].as_py()
-                            for k in ("encoding", "height", "width", "channels")))
+        return self.array[row] if self.array is not None else _decode_row(self.table, row)
 
     def take(self, rows: np.ndarray) -> list[np.ndarray] | np.ndarray:
         return self.array[rows] if self.array is not None else [self.pixels(int(r)) for r in rows]

@@ -200,12 +200,16 @@ def split_files(dataset_dir: Path, split: str, manifest: dict | None = None) -> 
     return [Path(dataset_dir) / split / s["file"] for s in manifest["splits"][split]["shards"]]
 
 
-def verify_shards(dataset_dir: Path, *, checksums: bool = True, manifest: dict | None = None) -> list[tuple[Path, str]]:
-    """(shard, problem) for each shard of a prepared dataset that is missing, resized or (with
-    `checksums`) altered since the manifest was written. Empty when all is well."""
+def verify_shards(dataset_dir: Path, *, checksums: bool = True, manifest: dict | None = None,
+                  splits: list[str] | None = None) -> list[tuple[Path, str]]:
+    """(shard, problem) for each shard of a prepared dataset (of `splits`, default all) that is
+    missing, resized or (with `checksums`) altered since the manifest was written. Empty when
+    all is well."""
     manifest = manifest or read_manifest(dataset_dir)
     problems = []
     for split, entry in manifest["splits"].items():
+        if splits is not None and split not in splits:
+            continue
         for s in entry["shards"]:
             path = Path(dataset_dir) / split / s["file"]
             if not path.is_file():

@@ -187,7 +187,7 @@ class _Window:
         return self.pos
 
 
-def _tar_members(archive: Path, f, start: int = 0, size: Optional[int] = None) -> list[tuple[str, int, int]]:
+def _tar_members(f, start: int = 0, size: Optional[int] = None) -> list[tuple[str, int, int]]:
     """(name, absolute offset, size) of the files of an uncompressed tar at `start` in `f`."""
     view = _Window(f, start, size if size is not None else os.fstat(f.fileno()).st_size)
     with tarfile.open(fileobj=view, mode="r:") as tar:
@@ -231,11 +231,10 @@ def list_imagenet(root: Optional[str], **_) -> Listing:
     if (base / _IMAGENET_TRAIN).is_file():
         return _list_imagenet_archives(base)
     if (base / "train").is_dir():
-        listing = list_imagefolder(str(base), splits=["train"])
         val = base / "val"
-        if val.is_dir() and any(p.is_dir() for p in val.iterdir()):
-            listing = list_imagefolder(str(base), splits=["train", "val"])
-        elif val.is_dir():
+        labelled_val = val.is_dir() and any(p.is_dir() for p in val.iterdir())
+        listing = list_imagefolder(str(base), splits=["train", "val"] if labelled_val else ["train"])
+        if val.is_dir() and not labelled_val:
             files = sorted(p for p in val.iterdir() if p.is_file())
             wnids = _devkit_val_wnids(base)
             if len(wnids) != len(files):
@@ -250,18 +249,18 @@ def _list_imagenet_archives(base: Path) -> Listing:
     train_tar = base / _IMAGENET_TRAIN
     stamp = _archive_stamp(train_tar)
     with open(train_tar, "rb") as f:
-        per_class = {Path(name).stem: (offset, size) for name, offset, size in _tar_members(train_tar, f)}
+        per_class = {Path(name).stem: (offset, size) for name, offset, size in _tar_members(f)}
         classes = sorted(per_class)
         train = []
         for label, wnid in enumerate(classes):
             offset, size = per_class[wnid]
-            members = sorted(_tar_members(train_tar, f, offset, size))
+            members = sorted(_tar_members(f, offset, size))
             train += [_archive_item(train_tar, m, label, wnid, stamp) for m in members]
     splits = {"train": train}
     val_tar = base / _IMAGENET_VAL
     if val_tar.is_file():
         with open(val_tar, "rb") as f:
-            members = sorted(_tar_members(val_tar, f))
+            members = sorted(_tar_members(f))
         wnids = _devkit_val_wnids(base)
         if len(wnids) != len(members):
             raise SourceError(f"{val_tar} holds {len(members)} images but the devkit labels {len(wnids)}")
