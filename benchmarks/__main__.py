@@ -2,7 +2,7 @@
 import argparse
 import importlib
 
-BENCHMARKS = {"zoning": "benchmarks.zoning", "data": "benchmarks.data"}
+BENCHMARKS = {"zoning": "benchmarks.zoning", "data": "benchmarks.data", "train": "benchmarks.train"}
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -63,6 +64,28 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
             f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}: {err}). "
             "Delete it to resume from the previous one, or start a new run in another folder."
         ) from err
+
+
+class CheckpointStore(Protocol):
+    """Where a trainer's checkpoints live. `save` is called on every rank at the same steps
+    (a store may need a collective, as Ray Train's report does); only rank 0's state is kept."""
+
+    def latest(self, map_location="cpu") -> dict | None: ...
+    def save(self, state: dict, step: int, rank: int) -> Path | None: ...
+
+
+class FolderCheckpoints:
+    """ckpt-<step>.pt files in one folder (a shared file system when several nodes train)."""
+
+    def __init__(self, folder: str | Path, keep: int = 3):
+        self.folder, self.keep = Path(folder), keep
+
+    def latest(self, map_location="cpu") -> dict | None:
+        path = latest_checkpoint(self.folder)
+        return None if path is None else load_checkpoint(path, map_location=map_location)
+
+    def save(self, state: dict, step: int, rank: int) -> Path | None:
+        return save_checkpoint(state, self.folder, step, keep=self.keep) if rank == 0 else None
 
 
 def rng_state() -> dict:

@@ -22,13 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lzn import distributed as lzn_dist
-from lzn.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from lzn.checkpoint import CheckpointStore, FolderCheckpoints, rng_state, set_rng_state
 
 
 @dataclass
@@ -81,11 +75,14 @@ class Trainer:
         run_dir: str | Path,
         callbacks: list[Callback] | tuple = (),
         device: torch.device | str = "cpu",
+        checkpoints: CheckpointStore | None = None,
     ):
         self.objective, self.optim_cfg, self.cfg = objective, optim, train
         self.batches = batches
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # Ray Train hands checkpoints to its own storage; torchrun and plain runs use a folder.
+        self.checkpoints = checkpoints or FolderCheckpoints(self.ckpt_dir, train.keep_checkpoints)
         self.callbacks = list(callbacks)
         self.device = torch.device(device)
         self.rank, self.world = lzn_dist.rank(), lzn_dist.world_size()
@@ -116,6 +113,7 @@ class Trainer:
                     dist.broadcast(t.data, src=0)
         self.ema = copy.deepcopy(objective).requires_grad_(False)
         self.step = 0
+        self.last_checkpoint: Path | None = None  # rank 0: the newest checkpoint this trainer wrote
         self.ema_updates = 0
         self.skipped = 0
         self.seconds = 0.0
@@ -160,17 +158,18 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the latest checkpoint of this run, if any. Raises CheckpointError if corrupt."""
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
+        state = self.checkpoints.latest(map_location=self.device)
+        if state is None:
             return False
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        self.load_state_dict(state)
         return True
 
     def save(self) -> Path | None:
         state = self.state_dict()  # every rank joins the RNG gather
+        path = self.checkpoints.save(state, self.step, self.rank)
         if self.rank != 0:
             return None
-        path = save_checkpoint(state, self.ckpt_dir, self.step, keep=self.cfg.keep_checkpoints)
+        self.last_checkpoint = path
         for cb in self.callbacks:
             if hasattr(cb, "on_checkpoint"):
                 cb.on_checkpoint(self.step, path)
@@ -242,6 +241,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         if not self.resume():
             torch.manual_seed(cfg.seed * 7919 + self.rank)
+        resumed_from = self.step
         bar = None
         if cfg.progress and self.rank == 0 and self.step < cfg.iterations:
             from tqdm.auto import tqdm
@@ -271,7 +271,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         return {"train/steps": float(self.step), "train/skipped_steps": float(self.skipped),
-                "train/seconds": self.seconds}
+                "train/seconds": self.seconds, "train/resumed_from_step": float(resumed_from)}
 
     def _report(self, sums: dict[str, float], count: int, start: float) -> None:
         keys = sorted(sums)

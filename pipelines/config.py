@@ -3,12 +3,16 @@ ConfigStore, so every YAML in pipelines/conf/ is validated against typed datacla
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lzn.task import TaskConfig
+from orchestration.ray_train import RayTrainerConfig
+from orchestration.tracking import TrackingConfig
+
+BACKENDS = ("local", "ray")
 
 
 @dataclass
@@ -18,7 +22,11 @@ class RunConfig(TaskConfig):
     # One folder per (task, scale, seed) unless named: re-running the same command resumes it.
     run_name: str = "${scale}-seed${train.seed}"
     resume: bool = True
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: str = "auto"  # auto: cuda when available, else cpu (the local backend)
+    # local: this process (or torchrun's); ray: Ray Train workers on $RAY_ADDRESS or a local Ray.
+    backend: str = "local"
+    trainer: RayTrainerConfig = field(default_factory=RayTrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def register() -> None:

@@ -1,36 +1,31 @@
-"""`python -m pipelines.train task=<name> [scale=smoke] [key=value ...]`: train, evaluate,
-write metrics.json in the run's folder, and name that folder on the last line.
+"""`python -m pipelines.train task=<name> [scale=smoke] [backend=local|ray] [key=value ...]`:
+prepare the data if needed, train, evaluate, write metrics.json in the run's folder, log
+the run to MLflow, and name the folder on the last line.
 
-Runs single-process or under torchrun (rank and world size from the environment). The
-run folder is outputs/<task>/<scale>-seed<seed> unless `run_name=` says otherwise;
-re-running the same command resumes from its latest checkpoint.
+backend=local runs in this process, or under torchrun (rank and world size from the
+environment); backend=ray runs the same loop on `trainer.num_workers` Ray Train workers
+($RAY_ADDRESS, or a local Ray). The run folder is outputs/<task>/<scale>-seed<seed> unless
+`run_name=` says otherwise; re-running the same command resumes from its latest checkpoint
+and continues the same MLflow run. Tracking: $MLFLOW_TRACKING_URI, or `tracking.uri=`, or a
+local MLflow server under <output_dir>/mlflow that the first run starts (`tracking.enabled=false`
+turns tracking off).
 """
 from __future__ import annotations
 
-import json
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipelines.config import RunConfig, register, to_run_config
+from pipelines.config import BACKENDS, RunConfig, register, to_run_config
 
 register()
-
-
-class JsonlLogger:
-    """Training metrics as JSON lines in the run folder (rank 0 only)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def _device(name: str) -> torch.device:
@@ -48,53 +43,78 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
-    from lzn.data.batches import make_batches
-    from lzn.data.reader import load_training_split
-    from lzn.distributed import make_gather
-    from lzn.evaluate import evaluate
-    from lzn.inference import LZNModel
-    from lzn.task import TWO_VIEW_OBJECTIVES, build_objective, validate_task
-    from lzn.trainer import Trainer
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+
+
+def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
+    """Where and as what the run is tracked; starts the local MLflow server when needed."""
+    from orchestration.tracking import resolve_tracking_uri
+    from orchestration.training import RunMeta
+
+    t = cfg.tracking
+    commit = git_commit()
+    return RunMeta(
+        tracking_uri=resolve_tracking_uri(t, cfg.output_dir) if t.enabled else None,
+        experiment=t.experiment or cfg.name,
+        run_name=f"{cfg.run_name}",
+        config_yaml=OmegaConf.to_yaml(dcfg, resolve=True),
+        tags={"mlflow.source.git.commit": commit, "lzn.git_commit": commit,
+              "lzn.command": shlex.join([sys.executable, "-m", "pipelines.train", *sys.argv[1:]]),
+              "lzn.task": cfg.name, "lzn.scale": cfg.scale, "lzn.backend": cfg.backend,
+              "lzn.run_dir": str(run_dir.resolve())},
+        system_metrics=t.system_metrics, system_metrics_every_s=t.system_metrics_every_s,
+        flush_every_s=t.flush_every_s,
+        register_model=t.register_model, model_alias=t.model_alias)
+
+
+def _refuse_existing(cfg: RunConfig, run_dir: Path) -> None:
+    from lzn.checkpoint import latest_checkpoint
+    from orchestration.ray_train import has_ray_checkpoints
+
+    if not cfg.resume and (latest_checkpoint(run_dir / "checkpoints") is not None or has_ray_checkpoints(run_dir)):
+        raise SystemExit(f"{run_dir} already holds checkpoints and resume=false: "
+                         "choose another run_name= or delete the folder")
+
+
+def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig) -> dict:
+    from lzn.task import validate_task
+    from orchestration.training import train_and_evaluate
+    from pipelines.prepare import ensure_prepared
 
     validate_task(cfg)
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend={cfg.backend!r} is not known; expected one of {list(BACKENDS)}")
+    _refuse_existing(cfg, run_dir)
+    if cfg.backend == "ray":
+        from orchestration.ray_train import fit_on_ray, validate_trainer
+
+        validate_trainer(cfg.trainer, cfg.train.batch_size)
+        ensure_prepared(cfg.data)  # on the driver, before any worker starts
+        return fit_on_ray(cfg, run_dir, cfg.trainer, run_meta(cfg, dcfg, run_dir))
     device = _device(cfg.device)
-    rank, world = _init_distributed(device)
+    rank, _ = _init_distributed(device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    meta = None
     if rank == 0:
-        from pipelines.prepare import ensure_prepared
-
         ensure_prepared(cfg.data)
+        meta = run_meta(cfg, dcfg, run_dir)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the shards rank 0 prepared
-    split = load_training_split(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
-    torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
-    objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
-    batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
-                           seed=cfg.train.seed, augment=cfg.data.augment,
-                           two_view=cfg.objective in TWO_VIEW_OBJECTIVES, rank=rank, world=world,
-                           device=device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [JsonlLogger(run_dir / "train_metrics.jsonl")] if rank == 0 else []
-    trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir, callbacks=callbacks,
-                      device=device)
-    if not cfg.resume:
-        from lzn.checkpoint import latest_checkpoint
-
-        if latest_checkpoint(trainer.ckpt_dir) is not None:
-            raise SystemExit(f"{run_dir} already holds checkpoints and resume=false: "
-                             "choose another run_name= or delete the folder")
-    summary = trainer.fit()
-    metrics = dict(summary)
-    if rank == 0:
-        model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
-        metrics.update(evaluate(cfg, model, split, cache_dir=Path(cfg.output_dir) / ".cache"))
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return metrics
+    try:
+        return train_and_evaluate(cfg, run_dir, device=device, meta=meta)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -107,7 +127,7 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_run_config(dcfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        metrics = run(cfg, run_dir)
+        metrics = run(cfg, run_dir, dcfg)
     except (SourceError, ShardError) as e:  # the data is missing or unusable: say so, no traceback
         raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:

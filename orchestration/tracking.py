@@ -1,0 +1,727 @@
+"""MLflow tracking for LZN training runs: a local tracking server, and the rank-0 logger.
+
+Every writer talks to an MLflow *server* over HTTP, never to the file store (`./mlruns`):
+either the one $MLFLOW_TRACKING_URI / `tracking.uri` names, or a local one this module
+starts under `<output_dir>/mlflow` (SQLite backend, artifacts proxied by the server, so a
+worker on another node uploads over HTTP and needs no shared disk).
+
+`RunTracker` is what the trainer's callback slot receives on rank 0. Its rule is that
+training never blocks or crashes because of tracking: `on_log` only appends to a buffer,
+a background thread delivers it, an unreachable server means buffering (and, at `close`,
+a `mlflow_pending.jsonl` beside the run that `import` delivers later). Resuming reopens
+the same MLflow run through `<run_dir>/mlflow_run.json`.
+
+mlflow is imported inside functions: pipelines import `TrackingConfig` to register the
+`tracking:` section, and that must not cost the seconds an `import mlflow` takes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+from lzn.atomic import write_atomically
+
+RUN_FILE = "mlflow_run.json"
+PENDING_FILE = "mlflow_pending.jsonl"
+SERVER_FILE = "server.json"
+# MLflow's LogBatch limits (mlflow.utils.validation): 1000 entities a request, at most 100 of
+# them params or tags; a param value at most 6000 characters.
+MAX_BATCH, MAX_BATCH_TAGS, MAX_PARAM_LENGTH = 1000, 100, 6000
+# Metrics kept in memory during an outage before the flush thread spills them to the pending
+# file (about 100 bytes each): a long outage must not grow the worker's memory without bound.
+MAX_BUFFERED = 100_000
+# Fail fast instead of MLflow's default ~4 minutes of retries per request: the flush thread
+# retries on its own period, and close() must not hang on a dead server. setdefault, so a
+# user's explicit setting wins.
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+@dataclass
+class TrackingConfig:
+    """The `tracking:` section of a task config."""
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI if set, else a local server under <output_dir>/mlflow
+    experiment: Optional[str] = None  # None: the task name
+    flush_every_s: float = 5.0  # background delivery period of buffered metrics
+    system_metrics: bool = True
+    system_metrics_every_s: float = 10.0  # CPU, memory, disk, network (and GPU) sampling period
+    register_model: bool = True
+    model_alias: str = "candidate"
+
+
+def _warn(message: str) -> None:
+    print(f"[tracking] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- local server
+
+
+def _healthy(uri: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=timeout_s) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """True if `pid` runs and is not a zombie (a server we started and killed in this very
+    process stays a zombie until reaped, and `kill(pid, 0)` still succeeds on it)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _is_mlflow_server(pid: int) -> bool:
+    """Guard against a recycled pid: the command line must be an mlflow server."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if cmdline.parent.exists():
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        else:  # no /proc (macOS)
+            args = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                                  text=True, timeout=5).stdout.split()
+        return "mlflow" in args and "server" in args
+    return False
+
+
+def _read_state(state_dir: Path) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((state_dir / SERVER_FILE).read_text())
+    return None
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """An exclusive flock on <state_dir>/server.lock: two commands starting at once share one server."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "server.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(log: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
+
+
+def running_server(state_dir: str | Path) -> dict | None:
+    """The server.json of the server for `state_dir` if that server runs and answers, else None."""
+    info = _read_state(Path(state_dir).resolve())
+    if info and _alive(info["pid"]) and _is_mlflow_server(info["pid"]) and _healthy(info["uri"]):
+        return info
+    return None
+
+
+def local_server(state_dir: str | Path, *, timeout_s: float = 120, port: int | None = None) -> str:
+    """Start, or reuse, a detached MLflow server for `state_dir`; returns its http URI.
+
+    SQLite backend at <state_dir>/mlflow.db, artifacts under <state_dir>/artifacts served by
+    the server, log in <state_dir>/server.log, state in <state_dir>/server.json. A new server
+    takes `port`, else the port of the previous server of this state_dir when free (so the URI
+    stored in runs' mlflow_run.json stays valid), else a free port. It runs in its own session
+    so it outlives this command, for later commands and `make ui`.
+    """
+    state_dir = Path(state_dir).resolve()
+    with _locked(state_dir):
+        if info := running_server(state_dir):
+            if port is not None and port != info["port"]:
+                raise ValueError(f"an MLflow server for {state_dir} already runs on port {info['port']}, "
+                                 f"not the requested port {port}; stop it first")
+            return info["uri"]
+        old = _read_state(state_dir) or {}
+        if old and _alive(old["pid"]) and _is_mlflow_server(old["pid"]):
+            _terminate(old["pid"], 10.0)  # ours but not answering /health: hung, or half dead
+        previous = old.get("port")
+        if port is None:
+            port = previous if previous and _port_free(previous) else _free_port()
+        uri, log = f"http://127.0.0.1:{port}", state_dir / "server.log"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
+               "--artifacts-destination", str(state_dir / "artifacts"), "--workers", "1"]
+        # Job execution would start a huey consumer beside the server: not needed to track runs.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=state_dir, env=env, start_new_session=True)
+        state = {"pid": proc.pid, "port": port, "uri": uri, "log": str(log), "started": time.time(),
+                 "backend_store_uri": cmd[cmd.index("--backend-store-uri") + 1]}
+        write_atomically(state_dir / SERVER_FILE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(uri):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with code {proc.returncode}" if proc.poll() is not None else \
+                    f"did not answer {uri}/health within {timeout_s:.0f}s"
+                _signal_group(proc.pid, signal.SIGKILL)
+                (state_dir / SERVER_FILE).unlink(missing_ok=True)
+                raise RuntimeError(f"MLflow server for {state_dir} {why}; tail of {log}:\n{_log_tail(log)}")
+            time.sleep(0.25)
+        return uri
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the server's process group (it leads one, start_new_session=True): the mlflow CLI
+    runs uvicorn as a child, which a signal to the CLI alone would orphan on SIGKILL."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig) if os.getpgid(pid) == pid else os.kill(pid, sig)
+
+
+def _group_alive(pid: int) -> bool:
+    _alive(pid)  # reaps the leader if it is our zombie child
+    try:
+        os.killpg(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _terminate(pid: int, grace_s: float) -> None:
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+        while _group_alive(pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.1)
+
+
+def stop_local_server(state_dir: str | Path, grace_s: float = 10.0) -> bool:
+    """SIGTERM (SIGKILL after `grace_s`) the server recorded in <state_dir>/server.json, and
+    remove that file. False if no server of ours was running."""
+    state_dir = Path(state_dir).resolve()
+    with _locked(state_dir):
+        info = _read_state(state_dir)
+        running = bool(info) and _alive(info["pid"]) and _is_mlflow_server(info["pid"])
+        if running:
+            _terminate(info["pid"], grace_s)
+        (state_dir / SERVER_FILE).unlink(missing_ok=True)
+        return running
+
+
+def resolve_tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:
+    """`cfg.uri`, else $MLFLOW_TRACKING_URI, else a local server under <output_dir>/mlflow."""
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if not uri.startswith(("http://", "https://")):
+            raise ValueError(f"tracking URI {uri!r} is not an MLflow server: expected http(s)://host:port "
+                             "(the file store and direct database URIs are not supported; workers log over HTTP)")
+        return uri.rstrip("/")
+    state_dir = (Path(output_dir) / "mlflow").resolve()
+    if info := running_server(state_dir):
+        return info["uri"]
+    uri = local_server(state_dir)
+    print(f"Started an MLflow server at {uri} (state in {state_dir}); it keeps running for later "
+          f"commands. Stop it with: python -m orchestration.tracking stop --dir {state_dir}", flush=True)
+    return uri
+
+
+def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": {"encoder": 1e-3}}} -> {"optim.lr.encoder": "0.001"}; lists as str."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if is_dataclass(value) and not isinstance(value, type):
+            value = asdict(value)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, name))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _param(value: str) -> str:
+    # MLflow refuses params over 6000 characters; the full config is in config.yaml anyway.
+    return value if len(value) <= MAX_PARAM_LENGTH else value[:MAX_PARAM_LENGTH - 3] + "..."
+
+
+# --------------------------------------------------------------------------- pending metrics
+
+
+def _append_pending(path: Path, run_id: str, uri: str, metrics: list, tags: dict,
+                    status: str | None = None) -> None:
+    """One JSON object a line, each naming its run and server, so files from several attempts
+    can simply be appended to each other: a metric {"key", "value", "step", "timestamp"}, a
+    tag {"tag", "value"}, or the run's final {"status"}."""
+    lines = [json.dumps({"run_id": run_id, "uri": uri, "key": k, "value": v, "step": s, "timestamp": t})
+             for k, v, s, t in metrics]
+    lines += [json.dumps({"run_id": run_id, "uri": uri, "tag": k, "value": v}) for k, v in tags.items()]
+    lines += [json.dumps({"run_id": run_id, "uri": uri, "status": status})] if status else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _send(client, run_id: str, metrics: list, tags: dict) -> None:
+    """log_batch within MLflow's limits; metrics are (key, value, step, timestamp_ms) tuples.
+    Resending is harmless: the SQL store ignores a metric identical in key, value, step and
+    timestamp, which is why buffered metrics keep the timestamp of their on_log call."""
+    from mlflow.entities import Metric, RunTag
+
+    tag_items = list(tags.items())
+    for i in range(0, len(tag_items), MAX_BATCH_TAGS):
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tag_items[i:i + MAX_BATCH_TAGS]], synchronous=True)
+    for i in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, s, t in metrics[i:i + MAX_BATCH]],
+                         synchronous=True)
+
+
+def _read_pending(path: Path) -> tuple[list[dict], int]:
+    """The records of a pending file, and how many lines could not be read (cut short by a
+    crash while appending)."""
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            bad += 1
+    return records, bad
+
+
+def import_pending(path: str | Path, uri: str | None = None) -> int:
+    """Deliver a mlflow_pending.jsonl and remove it; returns the number of metrics and tags
+    delivered, and sets the final status that a closing run could not set. Each line goes to
+    `uri`, else the server it names, else $MLFLOW_TRACKING_URI. On failure the file keeps what
+    was not delivered (resending a delivered metric is harmless, see `_send`)."""
+    from mlflow import MlflowClient
+
+    path = Path(path)
+    records, bad = _read_pending(path)
+    if bad:
+        _warn(f"{path}: skipped {bad} unreadable line(s)")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        target = uri or r.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        if not target:
+            raise ValueError(f"{path}: a line names no server and neither --uri nor $MLFLOW_TRACKING_URI is set")
+        groups.setdefault((target, r["run_id"]), []).append(r)
+    delivered = 0
+    for n, ((target, run_id), group) in enumerate(groups.items()):
+        try:
+            client = MlflowClient(target)
+            _send(client, run_id, [(r["key"], r["value"], r["step"], r["timestamp"]) for r in group if "key" in r],
+                  {r["tag"]: r["value"] for r in group if "tag" in r})
+            for status in [r["status"] for r in group if "status" in r][-1:]:
+                client.set_terminated(run_id, status)
+        except Exception:
+            rest = [r for g in list(groups.values())[n:] for r in g]
+            write_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rest).encode()))
+            raise
+        delivered += sum("status" not in r for r in group)
+    path.unlink(missing_ok=True)
+    return delivered
+
+
+# --------------------------------------------------------------------------- the run tracker
+
+
+def _number(value) -> float | None:
+    """`value` as a float (ints, numpy and 0-d torch scalars included), None if it is not a number."""
+    if isinstance(value, str):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _permanent(error: Exception) -> bool:
+    """A request the server understood and refused (bad key, deleted run): retrying cannot help."""
+    from mlflow.exceptions import RestException
+
+    return isinstance(error, RestException) and error.get_http_status_code() in (400, 403, 404)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow.pytorch.log_model only reads the global tracking URI. Set it for one call and put
+    back both the global and $MLFLOW_TRACKING_URI (mlflow's own _use_tracking_uri unsets the
+    variable on exit when no global URI was set before)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_global, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+def _stored_run(client, run_file: Path, uri: str, params: dict[str, str]):
+    """The run that <run_dir>/mlflow_run.json names, checked to accept `params` unchanged."""
+    from mlflow.exceptions import MlflowException
+
+    stored = json.loads(run_file.read_text())
+    try:
+        run = client.get_run(stored["run_id"])
+    except MlflowException as e:
+        raise RuntimeError(f"{run_file} names run {stored['run_id']} (logged to {stored['uri']}), which "
+                           f"{uri} cannot give: {e}. Point tracking.uri at {stored['uri']}, or delete "
+                           f"{run_file} to log this run folder as a new run.") from e
+    changed = [f"{k}: {run.data.params[k]!r} -> {v!r}" for k, v in params.items()
+               if k in run.data.params and run.data.params[k] != v]
+    if changed:
+        raise ValueError(f"resuming MLflow run {run.info.run_id} from {run_file.parent} with changed params "
+                         f"(MLflow keeps a run's params fixed): {'; '.join(changed)}. Restore them, or "
+                         f"delete {run_file} to start a new run.")
+    return run
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if missing."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "active":
+        raise ValueError(f"MLflow experiment {name!r} on {uri} is deleted: restore it or choose "
+                         "another tracking.experiment")
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class RunTracker:
+    """One MLflow run for one training run folder, written from rank 0 only."""
+
+    def __init__(self, client, uri: str, run_id: str, run_dir: Path, last_logged_step: int, resumed: bool,
+                 system_metrics: bool, flush_every_s: float, system_metrics_every_s: float = 10.0):
+        self._client, self.uri, self.run_id, self.run_dir = client, uri, run_id, run_dir
+        self.last_logged_step = last_logged_step
+        self.seconds_logging = 0.0
+        self._flush_every_s = flush_every_s
+        self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, step, timestamp_ms)
+        self._tags: dict[str, str] = {}
+        self._lock = threading.Lock()  # guards the buffer; held for microseconds
+        self._delivering = threading.Lock()  # one delivery at a time (thread, flush, close)
+        self._stop = threading.Event()
+        self._down_since_delivered: int | None = None  # metrics delivered since an outage began
+        self._max_step = last_logged_step
+        self._closed = False
+        self._system_metrics = system_metrics
+        self._system_metrics_every_s = system_metrics_every_s
+        self._monitor = None
+        if system_metrics:
+            self._start_monitor(resume=resumed)
+        self._thread = threading.Thread(target=self._flush_loop, name="mlflow-flush", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, run_dir: str | Path, *, run_name: str, params: dict[str, str],
+             config_yaml: str, tags: dict[str, str], system_metrics: bool = True,
+             flush_every_s: float = 5.0, system_metrics_every_s: float = 10.0) -> "RunTracker":
+        """Continue the run recorded in <run_dir>/mlflow_run.json, or create one in `experiment`."""
+        from mlflow import MlflowClient
+        from mlflow.entities import Param, RunTag
+
+        for k, v in FAST_FAIL_ENV.items():
+            os.environ.setdefault(k, v)
+        uri, run_dir = uri.rstrip("/"), Path(run_dir)
+        client = MlflowClient(uri)
+        run_file, pending = run_dir / RUN_FILE, run_dir / PENDING_FILE
+        params = {k: _param(str(v)) for k, v in params.items()}
+        resumed = run_file.exists()
+        if resumed:
+            run_id = _stored_run(client, run_file, uri, params).info.run_id
+        if pending.exists():  # before RUNNING: the file may end with the previous attempt's status
+            n = import_pending(pending, uri)
+            _warn(f"delivered {n} metrics/tags that a previous attempt kept in {pending}")
+        if resumed:
+            client.update_run(run_id, status="RUNNING")
+            run = client.get_run(run_id)
+        else:
+            run = client.create_run(_experiment_id(client, experiment, uri), tags=dict(tags), run_name=run_name)
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
+        record = {"run_id": run_id, "experiment_id": experiment_id, "uri": uri}
+        write_atomically(run_file, lambda f: f.write(json.dumps(record, indent=1).encode()))
+        new = [Param(k, v) for k, v in params.items() if k not in run.data.params]
+        all_tags = [RunTag(k, str(v)) for k, v in {**tags, "mlflow.runName": run_name}.items()]
+        for i in range(0, max(len(new), len(all_tags)), MAX_BATCH_TAGS):
+            client.log_batch(run_id, params=new[i:i + MAX_BATCH_TAGS], tags=all_tags[i:i + MAX_BATCH_TAGS],
+                             synchronous=True)
+        client.log_text(run_id, config_yaml, "config.yaml")
+        # The latest value of each metric is the one at its largest step, so the run's summary
+        # gives the max logged step without reading whole histories. system/ steps count samples.
+        steps = [m.step for m in run.data.to_proto().metrics if not m.key.startswith("system/")]
+        return cls(client, uri, run_id, run_dir, max(steps, default=0), resumed, system_metrics, flush_every_s,
+                   system_metrics_every_s)
+
+    # -- trainer callback ------------------------------------------------------------------
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """Buffer training metrics; steps a resumed run already logged are dropped."""
+        t0 = time.perf_counter()
+        if step > self.last_logged_step:
+            ts = int(time.time() * 1000)
+            rows = [(k, float(v), step, ts) for k, v in metrics.items()]
+            with self._lock:
+                self._metrics.extend(rows)
+                self._max_step = max(self._max_step, step)
+        self.seconds_logging += time.perf_counter() - t0
+
+    def on_checkpoint(self, step: int, path) -> None:
+        with self._lock:
+            self._tags["lzn.last_checkpoint"] = str(path)
+            self._tags["lzn.last_checkpoint_step"] = str(step)
+
+    def log_metrics(self, metrics: dict[str, float | str], step: int) -> None:
+        """Evaluation metrics, buffered like training metrics; str values (and anything else
+        that is not a number) become tags, so an odd value in a report never stops a run."""
+        t0 = time.perf_counter()
+        ts = int(time.time() * 1000)
+        with self._lock:
+            for k, v in metrics.items():
+                if (value := _number(v)) is None:
+                    self._tags[k] = str(v)
+                else:
+                    self._metrics.append((k, value, step, ts))
+        self.seconds_logging += time.perf_counter() - t0
+
+    # -- artifacts and models: synchronous, and a failure is a warning -----------------------
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        try:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as e:
+            _warn(f"could not upload {path} to run {self.run_id} on {self.uri}: {e}")
+
+    def log_artifacts(self, folder, artifact_path: str | None = None) -> None:
+        try:
+            self._client.log_artifacts(self.run_id, str(folder), artifact_path)
+        except Exception as e:
+            _warn(f"could not upload {folder} to run {self.run_id} on {self.uri}: {e}")
+
+    def register_model(self, module, name: str, alias: str) -> str | None:
+        """Log `module` as this run's model, register it under `name`, point `alias` at the new
+        version and return the version; None (and a warning) if the server refused or is down.
+        Pickle serialization: MLflow 3's default, torch.export ("pt2"), needs an input example."""
+        import mlflow.pytorch
+
+        self.flush(timeout_s=30)
+        try:
+            with _global_tracking_uri(self.uri):
+                # run_id travels through log_model's **kwargs to Model.log, which links the
+                # logged model to this run without start_run (whose exit would end the run).
+                info = mlflow.pytorch.log_model(
+                    module, name="model", run_id=self.run_id, registered_model_name=name,
+                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                    serialization_format="pickle", step=self._max_step, await_registration_for=60)
+            version = str(info.registered_model_version)
+            self._client.set_registered_model_alias(name, alias, version)
+            return version
+        except Exception as e:
+            _warn(f"could not register the model of run {self.run_id} as {name!r} on {self.uri}: {e}")
+            return None
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    def _deliver_once(self) -> bool | None:
+        """Send one batch from the head of the buffer. True: sent, None: nothing to send,
+        False: the server is unreachable (the batch stays buffered)."""
+        with self._lock:
+            tags = dict(list(self._tags.items())[:MAX_BATCH_TAGS])
+            n = min(len(self._metrics), MAX_BATCH - len(tags))
+            metrics = self._metrics[:n]
+        if not metrics and not tags:
+            return None
+        try:
+            _send(self._client, self.run_id, metrics, tags)
+        except Exception as e:
+            if not _permanent(e):
+                if self._down_since_delivered is None:
+                    self._down_since_delivered = 0
+                    _warn(f"MLflow server {self.uri} unreachable: buffering {len(self._metrics)} metrics, "
+                          f"retrying every {self._flush_every_s:g}s ({type(e).__name__}: {str(e)[:200]})")
+                return False
+            _warn(f"MLflow server {self.uri} refused {len(metrics)} metrics and {len(tags)} tags of run "
+                  f"{self.run_id}, dropped: {e}")
+        with self._lock:
+            del self._metrics[:n]
+            for k, v in tags.items():
+                if self._tags.get(k) == v:
+                    del self._tags[k]
+            empty = not self._metrics and not self._tags
+        if self._down_since_delivered is not None:
+            self._down_since_delivered += n
+            if empty:
+                _warn(f"MLflow server {self.uri} reachable again: delivered {self._down_since_delivered} "
+                      "buffered metrics")
+                self._down_since_delivered = None
+                self._recovered()
+        return True
+
+    def _recovered(self) -> None:
+        pending = self.run_dir / PENDING_FILE
+        if pending.exists():  # spilled during the outage
+            with contextlib.suppress(Exception):
+                _warn(f"delivered {import_pending(pending, self.uri)} metrics/tags spilled to {pending}")
+        if self._system_metrics:  # mlflow's monitor thread exits for good on its first failed request
+            self._start_monitor(resume=True)
+
+    def _start_monitor(self, resume: bool) -> None:
+        try:
+            # mlflow's CPU monitor needs psutil, which mlflow does not install.
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            if self._monitor is not None:
+                self._monitor.finish()
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri,
+                                                 sampling_interval=self._system_metrics_every_s)
+            self._monitor.start()
+        except ImportError as e:
+            _warn(f"system metrics off: {e} (pip install psutil, and nvidia-ml-py for GPUs)")
+            self._monitor, self._system_metrics = None, False
+        except Exception as e:
+            _warn(f"system metrics off for run {self.run_id}: {e}")
+            self._monitor, self._system_metrics = None, False
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Deliver the buffer now; True if it is empty afterwards."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if not self._delivering.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            return False
+        try:
+            while self._deliver_once() and (deadline is None or time.monotonic() < deadline):
+                pass
+        finally:
+            self._delivering.release()
+        with self._lock:
+            return not self._metrics and not self._tags
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self._flush_every_s):
+            try:
+                self.flush()
+                if (n := len(self._metrics)) > MAX_BUFFERED:
+                    self._spill()
+                    _warn(f"moved {n} buffered metrics to {self.run_dir / PENDING_FILE} to bound memory; "
+                          "they are delivered once the server answers")
+            except Exception as e:  # this thread must outlive any surprise
+                _warn(f"tracking flush error: {e}")
+
+    def _spill(self) -> None:
+        """Move the whole buffer to the pending file. Holds the delivery lock, so no delivery
+        in flight removes rows by position from the emptied buffer afterwards."""
+        with self._delivering, self._lock:
+            metrics, tags = self._metrics, self._tags
+            self._metrics, self._tags = [], {}
+        _append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Stop the flush thread, deliver what is buffered (three tries), keep the rest in
+        <run_dir>/mlflow_pending.jsonl, and set the run's status."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._thread.join(timeout=2 * float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 30)))
+        if self._monitor is not None:
+            self._monitor.finish()
+        delivered = False
+        for _ in range(3):
+            if delivered := self.flush(timeout_s=30):
+                break
+            time.sleep(1.0)
+        if not delivered:
+            self._spill()
+        pending = self.run_dir / PENDING_FILE
+        if delivered and pending.exists():  # spilled earlier in an outage that has ended
+            with contextlib.suppress(Exception):
+                import_pending(pending, self.uri)
+        if pending.exists():
+            kept = _read_pending(pending)[0]
+            n_tags = sum("tag" in r for r in kept)
+            _warn(f"MLflow server {self.uri} unreachable at close: kept {len(kept) - n_tags} metrics and {n_tags} "
+                  f"tags of run {self.run_id} in {pending}. Reopening this run folder delivers them, or run: "
+                  f"python -m orchestration.tracking import {pending} --uri {self.uri}")
+        try:
+            self._client.set_terminated(self.run_id, status)
+        except Exception as e:
+            _append_pending(pending, self.run_id, self.uri, [], {}, status=status)
+            _warn(f"could not set run {self.run_id} to {status} on {self.uri} ({type(e).__name__}); "
+                  f"{pending} keeps the status for import")
+
+    def __enter__(self) -> "RunTracker":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close("FINISHED" if exc_type is None else "FAILED")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestration.tracking", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("server", help="start (or reuse) a local MLflow server and print its URI")
+    p.add_argument("--dir", required=True, help="state folder (SQLite database, artifacts, server.json)")
+    p.add_argument("--port", type=int, default=None)
+    p = sub.add_parser("stop", help="stop the local MLflow server of a state folder")
+    p.add_argument("--dir", required=True)
+    p = sub.add_parser("import", help="deliver a mlflow_pending.jsonl")
+    p.add_argument("file")
+    p.add_argument("--uri", default=None, help="server to deliver to (default: the one each line names)")
+    args = parser.parse_args(argv)
+    if args.command == "server":
+        print(local_server(args.dir, port=args.port))
+    elif args.command == "stop":
+        print("stopped" if stop_local_server(args.dir) else f"no MLflow server was running for {args.dir}")
+    else:
+        for k, v in FAST_FAIL_ENV.items():
+            os.environ.setdefault(k, v)
+        print(f"delivered {import_pending(args.file, args.uri)} metrics/tags from {args.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

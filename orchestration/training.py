@@ -1,0 +1,165 @@
+"""One training run on one rank: the body every backend runs (a plain process, torchrun,
+a Ray Train worker, a submitit task).
+
+The process group (if any) is already set up by the launcher; rank and world size come
+from it. Every rank trains; rank 0 alone writes the run folder's logs, evaluates the EMA
+model, writes metrics.json and the PNG artifacts, and reports all of it to MLflow
+(`RunMeta.tracking_uri`; None: no tracking). The data is prepared before this runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class RunMeta:
+    """What the launcher knows and the workers need: where to track, and the run's identity."""
+
+    tracking_uri: str | None = None
+    experiment: str = "lzn"
+    run_name: str = "run"
+    config_yaml: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    system_metrics: bool = True
+    system_metrics_every_s: float = 10.0
+    flush_every_s: float = 5.0
+    register_model: bool = True
+    model_alias: str = "candidate"
+
+
+class JsonlLogger:
+    """Training metrics as JSON lines in the run folder (rank 0). A resumed run recomputes
+    the steps after its checkpoint: those already in the file are not written twice."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.last_step = 0
+        if self.path.exists():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):  # a line cut short by a crash: drop it
+                text = text[: text.rfind("\n") + 1]
+                self.path.write_text(text)
+            for row in self.rows():
+                self.last_step = max(self.last_step, int(row["step"]))
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.last_step:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.last_step = step
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+
+class TimedCallbacks:
+    """Rank 0's callbacks behind one, timing what reporting costs the training loop."""
+
+    def __init__(self, callbacks: list):
+        self.callbacks, self.seconds = callbacks, 0.0
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        start = time.perf_counter()
+        for cb in self.callbacks:
+            cb.on_log(step, metrics)
+        self.seconds += time.perf_counter() - start
+
+    def on_checkpoint(self, step: int, path) -> None:
+        start = time.perf_counter()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_checkpoint"):
+                cb.on_checkpoint(step, path)
+        self.seconds += time.perf_counter() - start
+
+
+def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
+    from orchestration.tracking import RunTracker, flatten_params
+
+    return RunTracker.open(meta.tracking_uri, meta.experiment, run_dir, run_name=meta.run_name,
+                           params=flatten_params(dataclasses.asdict(cfg)), config_yaml=meta.config_yaml,
+                           tags=meta.tags, system_metrics=meta.system_metrics, flush_every_s=meta.flush_every_s,
+                           system_metrics_every_s=meta.system_metrics_every_s)
+
+
+def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
+                       checkpoints=None) -> dict:
+    """Train task `cfg` (lzn.task.TaskConfig) in `run_dir`, resuming from its latest
+    checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary)."""
+    from lzn.data.batches import make_batches
+    from lzn.data.reader import load_training_split
+    from lzn.distributed import make_gather, rank, world_size
+    from lzn.task import TWO_VIEW_OBJECTIVES, build_objective
+    from lzn.trainer import Trainer
+
+    meta = meta or RunMeta()
+    run_dir = Path(run_dir)
+    r, world = rank(), world_size()
+    split = load_training_split(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
+    objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
+    batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
+                           seed=cfg.train.seed, augment=cfg.data.augment,
+                           two_view=cfg.objective in TWO_VIEW_OBJECTIVES, rank=r, world=world, device=device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks, tracker, jsonl = [], None, None
+    if r == 0:
+        jsonl = JsonlLogger(run_dir / "train_metrics.jsonl")
+        callbacks.append(jsonl)
+        if meta.tracking_uri:
+            tracker = _open_tracker(cfg, run_dir, meta)
+            callbacks.append(tracker)
+    timed = TimedCallbacks(callbacks)
+    trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir, callbacks=[timed] if r == 0 else [],
+                      device=device, checkpoints=checkpoints)
+    try:
+        metrics = dict(trainer.fit())
+        if r == 0:
+            metrics["train/logging_seconds"] = timed.seconds
+            metrics.update(_evaluate_and_report(cfg, trainer, split, run_dir, device, meta, jsonl, tracker))
+    except BaseException:
+        if tracker is not None:
+            tracker.close("FAILED")
+        raise
+    if tracker is not None:
+        tracker.close("FINISHED")
+    return metrics
+
+
+def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMeta, jsonl, tracker) -> dict:
+    from lzn.evaluate import evaluate
+    from lzn.inference import LZNModel
+    from orchestration.artifacts import write_run_artifacts
+
+    model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
+    metrics = evaluate(cfg, model, split, cache_dir=Path(cfg.output_dir) / ".cache")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    pngs = write_run_artifacts(cfg, model, split, jsonl.rows(), run_dir / "artifacts")
+    if tracker is None:
+        return metrics
+    tracker.log_metrics(metrics, step=trainer.step)
+    for png in pngs:
+        tracker.log_artifact(png, "plots")
+    tracker.log_artifact(run_dir / "metrics.json")
+    if trainer.last_checkpoint is not None:
+        tracker.log_artifact(trainer.last_checkpoint, "checkpoint")
+    if meta.register_model:
+        version = tracker.register_model(trainer.ema, f"lzn-{cfg.name}", meta.model_alias)
+        print(f"registered model lzn-{cfg.name} version {version} as @{meta.model_alias}", file=sys.stderr)
+    return metrics
+
