@@ -37,6 +37,10 @@ class DataConfig:
     channels: int = 1
     num_classes: int = 10
     augment: str = "none"  # lzn.data.augment.PIPELINES
+    # How training reads the train split: memory (every worker holds it; batches are a function
+    # of (seed, step)), stream (Ray Data: each Ray worker streams its shard of the rows, shuffled
+    # per epoch; for datasets too large or of mixed image sizes), auto (memory when it fits).
+    loader: str = "auto"
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     @property
@@ -114,6 +118,7 @@ OBJECTIVES: dict[str, Callable[[TaskConfig, Any], nn.Module]] = {
 }
 
 TWO_VIEW_OBJECTIVES = {"representation", "simclr"}
+LOADERS = ("auto", "memory", "stream")
 
 
 def build_objective(cfg: TaskConfig, gather=None) -> nn.Module:
@@ -146,6 +151,7 @@ def validate_task(cfg: TaskConfig) -> None:
     one_of("data.augment", cfg.data.augment, PIPELINES)
     one_of("data.source", cfg.data.source_name, SOURCES)
     one_of("data.prepare.executor", cfg.data.prepare.executor, EXECUTORS)
+    one_of("data.loader", cfg.data.loader, LOADERS)
     one_of("latent.solver", cfg.latent.solver, SOLVERS)
     one_of("align.solver", cfg.align.solver, SOLVERS)
     one_of("eval.sampler", cfg.eval.sampler, METHODS)

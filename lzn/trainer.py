@@ -55,7 +55,10 @@ class Objective(Protocol):
 
 
 class Callback(Protocol):
+    """Rank 0's reporting hooks; before_checkpoint and on_checkpoint are optional."""
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def before_checkpoint(self, step: int) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
 
@@ -166,6 +169,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         state = self.state_dict()  # every rank joins the RNG gather
+        if self.rank == 0:
+            for cb in self.callbacks:  # e.g. deliver buffered metrics: the checkpoint must not pass them
+                if hasattr(cb, "before_checkpoint"):
+                    cb.before_checkpoint(self.step)
         path = self.checkpoints.save(state, self.step, self.rank)
         if self.rank != 0:
             return None

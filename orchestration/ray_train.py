@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lzn.atomic import write_atomically
@@ -34,15 +35,15 @@ CHECKPOINT_FILE = "ckpt.pt"
 class RayTrainerConfig:
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: int = 1  # also the torch thread count of each worker
+    cpus_per_worker: float = 1.0  # Ray's CPU reservation; torch threads: max(1, round(cpus_per_worker))
     max_failures: int = 3  # worker failures a run recovers from (each restarts from the last checkpoint)
 
 
 def validate_trainer(cfg: RayTrainerConfig, global_batch: int) -> None:
     if cfg.num_workers < 1:
         raise ValueError(f"trainer.num_workers must be >= 1, got {cfg.num_workers}")
-    if cfg.cpus_per_worker < 1:
-        raise ValueError(f"trainer.cpus_per_worker must be >= 1, got {cfg.cpus_per_worker}")
+    if not cfg.cpus_per_worker > 0:
+        raise ValueError(f"trainer.cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
     if global_batch % cfg.num_workers:
         raise ValueError(f"train.batch_size={global_batch} is the global batch: it must be divisible by "
                          f"trainer.num_workers={cfg.num_workers}")
@@ -78,12 +79,53 @@ class RayCheckpoints:
         return self.storage_dir / name / CHECKPOINT_FILE
 
 
+class StreamedBatches:
+    """`step -> batch` from this worker's Ray Data shard of the train split (data.loader=stream).
+
+    Ray Train splits the rows evenly over the workers (equal=True), so every worker makes the
+    same number of steps per epoch; each pass shuffles within a seeded local buffer. Unlike
+    the in-memory loader the order is not a function of (seed, step): a resumed run starts a
+    fresh pass, and W workers do not see the batches of 1.
+    """
+
+    SHUFFLE_BUFFER = 2048
+
+    def __init__(self, shard, batcher, *, seed: int):
+        self.shard, self.batcher, self.seed = shard, batcher, seed
+        self.passes, self._rows = 0, None
+
+    def _next_rows(self) -> dict:
+        for _ in range(2):  # the rest of this pass, else a fresh one
+            if self._rows is None:
+                self._rows = iter(self.shard.iter_batches(
+                    batch_size=self.batcher.local_batch, batch_format="numpy", drop_last=True,
+                    local_shuffle_buffer_size=self.SHUFFLE_BUFFER,
+                    local_shuffle_seed=(self.seed * 1_000_003 + self.passes) * 64 + self.batcher.rank))
+                self.passes += 1
+            rows = next(self._rows, None)
+            if rows is not None:
+                return rows
+            self._rows = None
+        raise ValueError(f"a pass over this worker's shard holds no full batch of {self.batcher.local_batch} "
+                         "rows: lower train.batch_size or use fewer workers")
+
+    def __call__(self, step: int) -> dict:
+        from lzn.data.reader import to_float
+
+        rows = self._next_rows()
+        pixels = rows["image"]
+        if pixels.dtype == object:  # mixed sizes arrive as an object array of equal-size arrays
+            pixels = np.stack(list(pixels))
+        images = to_float(pixels, int(rows["pixel_max"][0]))
+        return self.batcher(images, torch.from_numpy(rows["label"].astype(np.int64)), step)
+
+
 def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
     cfg, run_dir, trainer_cfg = config["cfg"], Path(config["run_dir"]), config["trainer"]
-    torch.set_num_threads(trainer_cfg.cpus_per_worker)
+    torch.set_num_threads(max(1, round(trainer_cfg.cpus_per_worker)))
     context = ray.train.get_context()
     rank = context.get_world_rank()
     workers = run_dir / "workers"
@@ -91,8 +133,12 @@ def _worker_loop(config: dict) -> None:
     info = {"pid": os.getpid(), "node": socket.gethostname(), "rank": rank, "world": context.get_world_size()}
     write_atomically(workers / f"rank-{rank}.json", lambda f: f.write(json.dumps(info).encode()))
     device = ray.train.torch.get_device() if trainer_cfg.use_gpu else torch.device("cpu")
+    source = None
+    if config["stream"]:
+        shard = ray.train.get_dataset_shard("train")
+        source = lambda batcher: StreamedBatches(shard, batcher, seed=cfg.train.seed)  # noqa: E731
     train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"],
-                       checkpoints=RayCheckpoints(run_dir / STORAGE_NAME))
+                       checkpoints=RayCheckpoints(run_dir / STORAGE_NAME), batch_source=source)
 
 
 def _init_ray() -> bool:
@@ -117,6 +163,28 @@ def _absolute_paths(cfg):
     return cfg
 
 
+def streams(data) -> bool:
+    """Whether the train split streams through Ray Data (data.loader, auto: when it does not fit)."""
+    from lzn.data.reader import in_memory_problem
+
+    if data.loader != "auto":
+        return data.loader == "stream"
+    return in_memory_problem(data.dataset_dir, image_size=data.image_size, channels=data.channels) is not None
+
+
+def _check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autoscaling: bool) -> None:
+    """Fail before scheduling anything that would wait forever: workers that do not fit, or
+    Ray Data's read tasks left without a CPU next to the workers (a silent deadlock)."""
+    needed = trainer_cfg.num_workers * trainer_cfg.cpus_per_worker
+    what = f"trainer.num_workers={trainer_cfg.num_workers} x trainer.cpus_per_worker={trainer_cfg.cpus_per_worker:g}"
+    if needed > have and not autoscaling:
+        raise ValueError(f"{what} needs {needed:g} CPUs; this Ray has {have:g}")
+    if stream and have - needed < 1 and not autoscaling:
+        raise ValueError(f"data.loader=stream reads with Ray Data tasks, which need at least 1 CPU beside the "
+                         f"workers: {what} takes {needed:g} of this Ray's {have:g}. Lower trainer.cpus_per_worker "
+                         f"(fractions work, e.g. {max(0.25, (have - 1) / trainer_cfg.num_workers):g}) or num_workers")
+
+
 def has_ray_checkpoints(run_dir: str | Path) -> bool:
     return any((Path(run_dir) / STORAGE_NAME).glob("ckpt-*"))
 
@@ -132,14 +200,22 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
     run_dir.mkdir(parents=True, exist_ok=True)
     started = _init_ray()
     try:
-        needed = trainer_cfg.num_workers * trainer_cfg.cpus_per_worker
-        have = ray.cluster_resources().get("CPU", 0)
-        if needed > have and not os.environ.get("RAY_ADDRESS"):
-            raise ValueError(f"trainer.num_workers={trainer_cfg.num_workers} x trainer.cpus_per_worker="
-                             f"{trainer_cfg.cpus_per_worker} needs {needed} CPUs; this Ray has {have:g}")
+        stream, datasets = streams(cfg.data), {}
+        _check_cpus(trainer_cfg, ray.cluster_resources().get("CPU", 0), stream,
+                    autoscaling=bool(os.environ.get("RAY_ADDRESS")))
+        if stream:
+            import ray.data
+
+            ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker line
+            from orchestration.data import read_shards
+
+            datasets["train"] = read_shards(cfg.data.dataset_dir, "train", image_size=cfg.data.image_size,
+                                            channels=cfg.data.channels)
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"cfg": _absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg, "meta": meta},
+            train_loop_config={"cfg": _absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
+                               "meta": meta, "stream": stream},
+            datasets=datasets or None,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=trainer_cfg.num_workers, use_gpu=trainer_cfg.use_gpu,
                 resources_per_worker={"CPU": trainer_cfg.cpus_per_worker,

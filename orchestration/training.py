@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -80,6 +81,13 @@ class TimedCallbacks:
             cb.on_log(step, metrics)
         self.seconds += time.perf_counter() - start
 
+    def before_checkpoint(self, step: int) -> None:
+        start = time.perf_counter()
+        for cb in self.callbacks:
+            if hasattr(cb, "before_checkpoint"):
+                cb.before_checkpoint(step)
+        self.seconds += time.perf_counter() - start
+
     def on_checkpoint(self, step: int, path) -> None:
         start = time.perf_counter()
         for cb in self.callbacks:
@@ -98,11 +106,17 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
 
 
 def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
-                       checkpoints=None) -> dict:
+                       checkpoints=None, batch_source: Callable | None = None) -> dict:
     """Train task `cfg` (lzn.task.TaskConfig) in `run_dir`, resuming from its latest
-    checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary)."""
-    from lzn.data.batches import make_batches
-    from lzn.data.reader import load_training_split
+    checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary).
+
+    batch_source: None reads the train split into memory (batches a function of (seed,
+    step)); else a callable that takes this rank's `StepBatcher` and returns `step -> batch`
+    (the Ray Data stream). Evaluation needs the splits in memory: when they do not fit, the
+    run says so and leaves evaluation to a separate stage.
+    """
+    from lzn.data.batches import StepBatcher, make_batches
+    from lzn.data.reader import in_memory_problem, load_training_split
     from lzn.distributed import make_gather, rank, world_size
     from lzn.task import TWO_VIEW_OBJECTIVES, build_objective
     from lzn.trainer import Trainer
@@ -110,12 +124,25 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     meta = meta or RunMeta()
     run_dir = Path(run_dir)
     r, world = rank(), world_size()
-    split = load_training_split(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    d = cfg.data
+    two_view = cfg.objective in TWO_VIEW_OBJECTIVES
+    split = None
+    if batch_source is None or r == 0:
+        problem = in_memory_problem(d.dataset_dir, image_size=d.image_size, channels=d.channels)
+        if batch_source is None or problem is None:
+            split = load_training_split(d.dataset_dir, image_size=d.image_size, channels=d.channels)
+        else:
+            print(f"not evaluating in this run: {problem}", file=sys.stderr)
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
-    batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
-                           seed=cfg.train.seed, augment=cfg.data.augment,
-                           two_view=cfg.objective in TWO_VIEW_OBJECTIVES, rank=r, world=world, device=device)
+    if batch_source is None:
+        batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
+                               seed=cfg.train.seed, augment=d.augment, two_view=two_view, rank=r, world=world,
+                               device=device)
+    else:
+        batches = batch_source(StepBatcher(global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                                           augment=d.augment, image_size=d.image_size, two_view=two_view,
+                                           rank=r, world=world, device=device))
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks, tracker, jsonl = [], None, None
     if r == 0:
@@ -131,7 +158,7 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
         metrics = dict(trainer.fit())
         if r == 0:
             metrics["train/logging_seconds"] = timed.seconds
-            metrics.update(_evaluate_and_report(cfg, trainer, split, run_dir, device, meta, jsonl, tracker))
+            _evaluate_and_report(cfg, trainer, split, run_dir, device, meta, jsonl, tracker, metrics)
     except BaseException:
         if tracker is not None:
             tracker.close("FAILED")
@@ -141,17 +168,26 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     return metrics
 
 
-def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMeta, jsonl, tracker) -> dict:
+def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMeta, jsonl, tracker,
+                         metrics: dict) -> None:
+    """Add the evaluation to `metrics` (the training summary), write metrics.json and the
+    plots, and send it all to MLflow with the final checkpoint and the registered model."""
     from lzn.evaluate import evaluate
     from lzn.inference import LZNModel
-    from orchestration.artifacts import write_run_artifacts
+    from orchestration.artifacts import loss_curves, sample_grid, write_run_artifacts
 
     model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
-    metrics = evaluate(cfg, model, split, cache_dir=Path(cfg.output_dir) / ".cache")
+    folder = run_dir / "artifacts"
+    if split is not None:
+        metrics.update(evaluate(cfg, model, split, cache_dir=Path(cfg.output_dir) / ".cache"))
+        pngs = write_run_artifacts(cfg, model, split, jsonl.rows(), folder)
+    else:  # streamed data: no held-out images in memory for the metrics and the zone map
+        folder.mkdir(parents=True, exist_ok=True)
+        pngs = [p for p in (loss_curves(jsonl.rows(), folder / "loss_curves.png") if jsonl.rows() else None,
+                            sample_grid(model, cfg, folder / "samples.png")) if p is not None]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    pngs = write_run_artifacts(cfg, model, split, jsonl.rows(), run_dir / "artifacts")
     if tracker is None:
-        return metrics
+        return
     tracker.log_metrics(metrics, step=trainer.step)
     for png in pngs:
         tracker.log_artifact(png, "plots")
@@ -160,6 +196,6 @@ def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMe
         tracker.log_artifact(trainer.last_checkpoint, "checkpoint")
     if meta.register_model:
         version = tracker.register_model(trainer.ema, f"lzn-{cfg.name}", meta.model_alias)
-        print(f"registered model lzn-{cfg.name} version {version} as @{meta.model_alias}", file=sys.stderr)
-    return metrics
+        if version is not None:
+            print(f"registered model lzn-{cfg.name} version {version} as @{meta.model_alias}", file=sys.stderr)
 

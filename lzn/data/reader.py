@@ -255,26 +255,40 @@ def load_split(dataset_dir: str | Path, split: str, *, verify: bool = False) -> 
 IN_MEMORY_LIMIT_GB = 16.0
 
 
-def load_training_split(dataset_dir: str | Path, *, image_size: int, channels: int) -> ImageSplit:
-    """The train split and the held-out split (test, or val) in memory, checked against the
-    task's image size and channels."""
-    dataset_dir = Path(dataset_dir)
-    manifest = read_manifest(dataset_dir)
-    splits = manifest["splits"]
+def _held_out(dataset_dir: Path, splits: dict) -> str:
     held_out = next((s for s in ("test", "val", "validation", "valid") if s in splits), None)
     if "train" not in splits or held_out is None:
         raise ShardError(f"{dataset_dir} has splits {sorted(splits)}; training needs 'train' and a held-out "
                          "split ('test' or 'val')")
+    return held_out
+
+
+def in_memory_problem(dataset_dir: str | Path, *, image_size: int, channels: int) -> str | None:
+    """Why the train and held-out splits cannot be held in memory at the task's image size
+    (mixed or other sizes, or over IN_MEMORY_LIMIT_GB as float32); None when they can."""
+    dataset_dir = Path(dataset_dir)
+    splits = read_manifest(dataset_dir)["splits"]
+    held_out = _held_out(dataset_dir, splits)
     expected = f"{image_size}x{image_size}x{channels}"
     for split in ("train", held_out):
         sizes = splits[split]["image_sizes"]
         if set(sizes) != {expected}:
-            raise ShardError(f"the task expects {expected} images (data.image_size, data.channels) but split "
-                             f"{split!r} of {dataset_dir} holds {sorted(sizes)}")
+            return (f"the task expects {expected} images (data.image_size, data.channels) but split "
+                    f"{split!r} of {dataset_dir} holds {sorted(sizes)[:5]}{' ...' if len(sizes) > 5 else ''}")
     gb = sum(splits[s]["rows"] for s in ("train", held_out)) * image_size**2 * channels * 4 / 1e9
     if gb > IN_MEMORY_LIMIT_GB:
-        raise ShardError(f"{dataset_dir} would take {gb:.0f} GB in memory as float32 (limit {IN_MEMORY_LIMIT_GB:.0f}):"
-                         " the in-memory trainer cannot hold it; stream it with ShardDataset or Ray Data "
-                         "(orchestration.data.read_shards)")
+        return f"{dataset_dir} would take {gb:.0f} GB in memory as float32 (limit {IN_MEMORY_LIMIT_GB:.0f})"
+    return None
+
+
+def load_training_split(dataset_dir: str | Path, *, image_size: int, channels: int) -> ImageSplit:
+    """The train split and the held-out split (test, or val) in memory, checked against the
+    task's image size and channels."""
+    dataset_dir = Path(dataset_dir)
+    problem = in_memory_problem(dataset_dir, image_size=image_size, channels=channels)
+    if problem:
+        raise ShardError(f"{problem}: the in-memory trainer cannot hold it; stream it with Ray Data "
+                         "(backend=ray data.loader=stream) or ShardDataset")
+    held_out = _held_out(dataset_dir, read_manifest(dataset_dir)["splits"])
     train, test = (load_split(dataset_dir, s) for s in ("train", held_out))
     return ImageSplit(*train, *test)

@@ -1,5 +1,6 @@
 """A real Ray head on 127.0.0.1 for the integration tests, stopped by its process group."""
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,32 +18,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RayHead:
+    def __init__(self, address: str, env: dict):
+        self.address, self.env = address, env  # env: what a client needs (RAY_ADDRESS, the auth token)
+
+
 @pytest.fixture(scope="session")
-def ray_address():
+def ray_head():
     """`ray start --head --block` in its own session: killing that process group stops exactly
-    the Ray processes this fixture started (never `ray stop`, which stops every Ray here)."""
+    the Ray processes this fixture started (never `ray stop`, which stops every Ray here).
+    Token authentication on, with a token of its own, as a shared cluster has it."""
     port = free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     temp = Path(tempfile.mkdtemp(prefix="lzn-ray-"))  # short: Ray's socket paths have a length limit
     ray_bin = Path(sys.executable).parent / "ray"
     log = (temp / "head.log").open("w")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **auth})
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
-        probe = subprocess.run([str(ray_bin), "status", f"--address={address}"], capture_output=True, text=True)
+        probe = subprocess.run([str(ray_bin), "status", f"--address={address}"], capture_output=True, text=True,
+                               env={**os.environ, **auth})
         if probe.returncode == 0:
             break
         if head.poll() is not None or time.time() > deadline:
             os.killpg(head.pid, signal.SIGKILL)
             raise RuntimeError(f"the Ray head did not start:\n{(temp / 'head.log').read_text()[-3000:]}")
         time.sleep(1)
-    yield address
-    os.killpg(head.pid, signal.SIGTERM)
+    yield RayHead(address, {"RAY_ADDRESS": address, **auth})
+    os.killpg(head.pid, signal.SIGTERM)  # Ray drains for up to 30 s
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=45)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()

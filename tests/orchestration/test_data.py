@@ -40,3 +40,31 @@ def test_ray_tasks_write_the_same_shards_and_ray_data_reads_them(local_ray, tmp_
     for i, row in enumerate(rows):
         np.testing.assert_array_equal(np.asarray(row["image"]), good[paths[i]])
         assert row["label"] == ds[i][1]
+
+
+def test_square_resizes_the_shorter_side_and_crops_the_centre():
+    from orchestration.data import _square
+
+    flat = np.full((20, 40, 3), 77, np.uint8)
+    out = _square(flat, 10)
+    assert out.shape == (10, 10, 3) and (out == 77).all()
+    # Left half dark, right half bright: the centre crop of a 2:1 image keeps both halves' middle.
+    halves = np.zeros((20, 40, 1), np.uint8)
+    halves[:, 20:] = 200
+    out = _square(halves, 10)
+    assert out[:, :4].max() == 0 and out[:, 6:].min() == 200
+    exact = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    assert _square(exact, 4) is exact  # the right size already: untouched
+
+
+def test_read_shards_makes_mixed_sizes_and_channels_square(local_ray, tmp_path):
+    from orchestration.data import read_shards
+
+    builders.image_folder(tmp_path / "raw")  # 12 px grey and RGB PNGs, one 80 px JPEG
+    prepare_dataset("imagefolder", str(tmp_path / "raw"), tmp_path / "shards", PrepareConfig(executor="serial"))
+    manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
+    assert len(manifest["splits"]["train"]["image_sizes"]) > 2  # the input really is mixed
+    rows = read_shards(tmp_path / "shards", "train", image_size=8, channels=3).take_all()
+    assert len(rows) == 11 and {np.asarray(r["image"]).shape for r in rows} == {(8, 8, 3)}
+    grey = read_shards(tmp_path / "shards", "train", image_size=8, channels=1).take_all()
+    assert {np.asarray(r["image"]).shape for r in grey} == {(8, 8, 1)}

@@ -17,14 +17,20 @@ DIGITS_KEYS = {
 TRAIN_KEYS = {"train/steps", "train/skipped_steps", "train/seconds"}
 
 
-def train(*overrides, out: Path, launcher=(sys.executable, "-m"), check=True):
-    env = {**os.environ, "LZN_CACHE_DIR": str(out / "cache"), "LZN_DATA_DIR": str(out / "data"),
-           "OMP_NUM_THREADS": "1"}
+def train(*overrides, out: Path, launcher=(sys.executable, "-m"), check=True, env=None):
+    env = {**(os.environ if env is None else env), "LZN_CACHE_DIR": str(out / "cache"),
+           "LZN_DATA_DIR": str(out / "data"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*launcher, "pipelines.train", f"output_dir={out}", *overrides], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=900)
     if check and done.returncode != 0:
         raise AssertionError(f"pipelines.train failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done
+
+
+def mlflow_run(run_dir: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(), json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
 
 
 @pytest.mark.parametrize("task", sorted(DIGITS_KEYS))
@@ -40,13 +46,22 @@ def test_smoke_run_writes_metrics_and_names_its_folder(task, tmp_path):
     assert (tmp_path / "data" / "digits" / "manifest.json").exists()  # prepared on the way, from the shards
     logged = [json.loads(line) for line in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [1, 2, 3, 4]
+    client, run_id = mlflow_run(run_dir)  # logged to the session's server ($MLFLOW_TRACKING_URI)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_rerun_resumes_instead_of_restarting(tmp_path):
+    run_dir = tmp_path / "gen_digits" / "smoke-seed0"
     train("task=gen_digits", "scale=smoke", "train.iterations=2", out=tmp_path)
+    first_run = mlflow_run(run_dir)[1]
     train("task=gen_digits", "scale=smoke", "train.iterations=4", out=tmp_path)
-    log = (tmp_path / "gen_digits" / "smoke-seed0" / "train_metrics.jsonl").read_text().splitlines()
+    log = (run_dir / "train_metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # steps 1-2 were not redone
+    client, run_id = mlflow_run(run_dir)
+    assert run_id == first_run  # the same MLflow run continues
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    assert json.loads((run_dir / "metrics.json").read_text())["train/resumed_from_step"] == 2
 
 
 def test_unknown_task_lists_the_known_ones(tmp_path):
@@ -91,3 +106,26 @@ def test_short_digits_run_improves_fid_over_untrained(tmp_path):
     fid = {n: json.loads((tmp_path / "gen_digits" / n / "metrics.json").read_text())["eval/fid"]
            for n in ("untrained", "trained")}
     assert fid["trained"] < 0.5 * fid["untrained"], fid
+
+
+def test_without_a_tracking_uri_the_first_run_starts_a_local_server_and_the_next_reuses_it(tmp_path):
+    from mlflow import MlflowClient
+
+    from orchestration.tracking import running_server, stop_local_server
+
+    env_without_uri = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    state = tmp_path / "mlflow"
+    try:
+        first = train("task=gen_digits", "scale=smoke", "run_name=a", out=tmp_path, env=env_without_uri)
+        server = running_server(state)
+        assert server is not None and server["uri"].startswith("http://127.0.0.1:")
+        assert "Started an MLflow server" in first.stdout + first.stderr
+        train("task=gen_digits", "scale=smoke", "run_name=b", out=tmp_path, env=env_without_uri)
+        assert running_server(state)["pid"] == server["pid"]  # reused, not a second server
+        client = MlflowClient(server["uri"])
+        runs = client.search_runs([client.get_experiment_by_name("gen_digits").experiment_id])
+        assert sorted(r.info.run_name for r in runs) == ["a", "b"]
+        assert all(r.info.status == "FINISHED" for r in runs)
+        assert (state / "mlflow.db").exists()
+    finally:
+        stop_local_server(state)
