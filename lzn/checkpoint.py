@@ -71,6 +71,7 @@ class CheckpointStore(Protocol):
     (a store may need a collective, as Ray Train's report does); only rank 0's state is kept."""
 
     def latest(self, map_location="cpu") -> dict | None: ...
+    def latest_path(self) -> Path | None: ...  # where `latest` reads from (for the record)
     def save(self, state: dict, step: int, rank: int) -> Path | None: ...
 
 
@@ -79,6 +80,9 @@ class FolderCheckpoints:
 
     def __init__(self, folder: str | Path, keep: int = 3):
         self.folder, self.keep = Path(folder), keep
+
+    def latest_path(self) -> Path | None:
+        return latest_checkpoint(self.folder)
 
     def latest(self, map_location="cpu") -> dict | None:
         path = latest_checkpoint(self.folder)

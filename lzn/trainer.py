@@ -119,7 +119,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None  # rank 0: the newest checkpoint this trainer wrote
         self.ema_updates = 0
         self.skipped = 0
-        self.seconds = 0.0
+        self.seconds = 0.0  # training wall time, checkpoints included
+        self.checkpoint_seconds = 0.0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -132,6 +133,7 @@ class Trainer:
             "ema_updates": self.ema_updates,
             "skipped": self.skipped,
             "seconds": self.seconds,
+            "checkpoint_seconds": self.checkpoint_seconds,
             "rng": self._gather_rng(),
             "world": self.world,
         }
@@ -151,6 +153,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.ema_updates = state["step"], state["ema_updates"]
         self.skipped, self.seconds = state["skipped"], state["seconds"]
+        self.checkpoint_seconds = state.get("checkpoint_seconds", 0.0)
         rngs = state["rng"]
         # A run resumed on a different number of workers keeps the data order (it is a
         # function of the step) but re-seeds the per-rank RNGs it cannot map.
@@ -165,6 +168,7 @@ class Trainer:
         if state is None:
             return False
         self.load_state_dict(state)
+        self.last_checkpoint = self.checkpoints.latest_path()
         return True
 
     def save(self) -> Path | None:
@@ -274,11 +278,13 @@ class Trainer:
                 self.seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 self.save()
+                self.checkpoint_seconds += time.perf_counter() - start
         self.seconds += time.perf_counter() - start
         if bar is not None:
             bar.close()
         return {"train/steps": float(self.step), "train/skipped_steps": float(self.skipped),
-                "train/seconds": self.seconds, "train/resumed_from_step": float(resumed_from)}
+                "train/seconds": self.seconds, "train/checkpoint_seconds": self.checkpoint_seconds,
+                "train/resumed_from_step": float(resumed_from)}
 
     def _report(self, sums: dict[str, float], count: int, start: float) -> None:
         keys = sorted(sums)

@@ -65,6 +65,12 @@ class RayCheckpoints:
         with checkpoint.as_directory() as folder:
             return load_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=map_location)
 
+    def latest_path(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else Path(checkpoint.path) / CHECKPOINT_FILE
+
     def save(self, state: dict, step: int, rank: int) -> Path | None:
         import ray.train
 

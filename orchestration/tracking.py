@@ -56,6 +56,7 @@ class TrackingConfig:
     system_metrics_every_s: float = 10.0  # CPU, memory, disk, network (and GPU) sampling period
     register_model: bool = True
     model_alias: str = "candidate"
+    open_timeout_s: float = 300.0  # how long a run waits for an unreachable server at start, then trains untracked
 
 
 def _warn(message: str) -> None:
@@ -215,8 +216,47 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
+# Settings a resumed run may change without becoming another experiment: how long and where
+# it runs, how it reports, how it is evaluated. Their new values become lzn.resumed.* tags.
+RESUMABLE_PARAMS = ("train.iterations", "train.progress", "train.log_every", "train.checkpoint_every",
+                    "train.keep_checkpoints", "trainer.", "tracking.", "backend", "device", "resume",
+                    "output_dir", "data.shards_dir", "data.loader", "data.prepare.", "eval.")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_PARAMS)
+
+
+def resume_changes(run, params: dict[str, str], run_file: Path) -> dict[str, str]:
+    """Changed params of a resumed run: {key: new value} for RESUMABLE_PARAMS (logged as tags);
+    a ValueError naming every other changed key, since that would be another experiment."""
+    changed = {k: v for k, v in params.items() if k in run.data.params and run.data.params[k] != v}
+    refused = [f"{k}: {run.data.params[k]!r} -> {v!r}" for k, v in changed.items() if not _resumable(k)]
+    if refused:
+        raise ValueError(f"resuming MLflow run {run.info.run_id} from {run_file.parent} with changed settings "
+                         f"(MLflow keeps a run's params fixed): {'; '.join(refused)}. Restore them, or choose "
+                         "another run_name= to start a new run.")
+    return {k: v for k, v in changed.items()}
+
+
+def check_resumable(uri: str, run_dir: str | Path, params: dict[str, str]) -> None:
+    """On the driver, before any worker starts: a run folder whose MLflow run would refuse
+    `params` fails here with a clear message (a worker would fail the same way, retried)."""
+    from mlflow import MlflowClient
+
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.exists():
+        return
+    try:
+        _stored_run(MlflowClient(uri.rstrip("/")), run_file, uri, {k: _param(str(v)) for k, v in params.items()})
+    except ValueError:
+        raise
+    except Exception as e:  # unreachable now: the training process waits for it (tracking.open_timeout_s)
+        _warn(f"could not check {run_file} against {uri} ({type(e).__name__}); the run will retry")
+
+
 def _stored_run(client, run_file: Path, uri: str, params: dict[str, str]):
-    """The run that <run_dir>/mlflow_run.json names, checked to accept `params` unchanged."""
+    """The run that <run_dir>/mlflow_run.json names, checked to accept `params`."""
     from mlflow.exceptions import MlflowException
 
     stored = json.loads(run_file.read_text())
@@ -226,12 +266,7 @@ def _stored_run(client, run_file: Path, uri: str, params: dict[str, str]):
         raise RuntimeError(f"{run_file} names run {stored['run_id']} (logged to {stored['uri']}), which "
                            f"{uri} cannot give: {e}. Point tracking.uri at {stored['uri']}, or delete "
                            f"{run_file} to log this run folder as a new run.") from e
-    changed = [f"{k}: {run.data.params[k]!r} -> {v!r}" for k, v in params.items()
-               if k in run.data.params and run.data.params[k] != v]
-    if changed:
-        raise ValueError(f"resuming MLflow run {run.info.run_id} from {run_file.parent} with changed params "
-                         f"(MLflow keeps a run's params fixed): {'; '.join(changed)}. Restore them, or "
-                         f"delete {run_file} to start a new run.")
+    resume_changes(run, params, run_file)
     return run
 
 
@@ -305,7 +340,8 @@ class RunTracker:
         record = {"run_id": run_id, "experiment_id": experiment_id, "uri": uri}
         write_atomically(run_file, lambda f: f.write(json.dumps(record, indent=1).encode()))
         new = [Param(k, v) for k, v in params.items() if k not in run.data.params]
-        all_tags = [RunTag(k, str(v)) for k, v in {**tags, "mlflow.runName": run_name}.items()]
+        resumed_with = {f"lzn.resumed.{k}": v for k, v in resume_changes(run, params, run_file).items()}
+        all_tags = [RunTag(k, str(v)) for k, v in {**tags, **resumed_with, "mlflow.runName": run_name}.items()]
         for i in range(0, max(len(new), len(all_tags)), MAX_BATCH_TAGS):
             client.log_batch(run_id, params=new[i:i + MAX_BATCH_TAGS], tags=all_tags[i:i + MAX_BATCH_TAGS],
                              synchronous=True)
@@ -333,8 +369,12 @@ class RunTracker:
         """Make every buffered metric durable before the trainer writes a checkpoint: a crash
         after it resumes from that checkpoint and never recomputes the steps before it, so
         they must be in MLflow (or, with the server down, in the pending file) by then."""
-        if not self.flush(timeout_s=30):
-            self._spill()
+        if not self.flush(timeout_s=10):
+            # A copy, under the buffer lock only: never wait on a delivery stuck on a dead
+            # server. Sending a metric twice is harmless (same key, step, value, timestamp).
+            with self._lock:
+                metrics, tags = list(self._metrics), dict(self._tags)
+            _append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
 
     def on_checkpoint(self, step: int, path) -> None:
         with self._lock:
@@ -398,6 +438,11 @@ class RunTracker:
         with self._lock:
             tags = dict(list(self._tags.items())[:MAX_BATCH_TAGS])
             n = min(len(self._metrics), MAX_BATCH - len(tags))
+            if n < len(self._metrics):  # end the batch at a step boundary: a crash between two
+                cut = n                  # batches must not leave a step half delivered
+                while cut > 0 and self._metrics[cut - 1][2] == self._metrics[cut][2]:
+                    cut -= 1
+                n = cut or n
             metrics = self._metrics[:n]
         if not metrics and not tags:
             return None
@@ -432,8 +477,8 @@ class RunTracker:
         if pending.exists():  # spilled during the outage
             with contextlib.suppress(Exception):
                 _warn(f"delivered {import_pending(pending, self.uri)} metrics/tags spilled to {pending}")
-        if self._system_metrics:  # mlflow's monitor thread exits for good on its first failed request
-            self._start_monitor(resume=True)
+        if self._system_metrics and not self._stop.is_set():  # mlflow's monitor thread exits for good
+            self._start_monitor(resume=True)                    # on its first failed request
 
     def _start_monitor(self, resume: bool) -> None:
         try:

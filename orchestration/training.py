@@ -9,6 +9,7 @@ model, writes metrics.json and the PNG artifacts, and reports all of it to MLflo
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ class RunMeta:
     flush_every_s: float = 5.0
     register_model: bool = True
     model_alias: str = "candidate"
+    open_timeout_s: float = 300.0  # how long rank 0 waits for an unreachable server at start
 
 
 class JsonlLogger:
@@ -96,13 +98,56 @@ class TimedCallbacks:
         self.seconds += time.perf_counter() - start
 
 
+LOCK_WAIT_S = 120.0
+
+
+def _lock_run_folder(run_dir: Path, wait_s: float = LOCK_WAIT_S):
+    """An exclusive lock on the run folder for this rank-0 process: a rerun whose previous
+    attempt is still winding down (a driver killed a moment ago) waits for it instead of
+    writing the same logs and MLflow run. The lock goes with the process."""
+    handle = open(run_dir / ".lock", "a")
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{run_dir} is in use by another training process (held {wait_s:g} s): "
+                                   "stop it, or choose another run_name=") from None
+            if not told:
+                print(f"waiting for the process that holds {run_dir}/.lock to finish", file=sys.stderr)
+                told = True
+            time.sleep(1.0)
+
+
 def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
+    """The rank-0 MLflow run. A server that does not answer (a restarted worker during an
+    outage) is retried for `meta.open_timeout_s`; then training goes on untracked, with the
+    step metrics in train_metrics.jsonl, rather than dying for its logs."""
     from orchestration.tracking import RunTracker, flatten_params
 
-    return RunTracker.open(meta.tracking_uri, meta.experiment, run_dir, run_name=meta.run_name,
-                           params=flatten_params(dataclasses.asdict(cfg)), config_yaml=meta.config_yaml,
-                           tags=meta.tags, system_metrics=meta.system_metrics, flush_every_s=meta.flush_every_s,
-                           system_metrics_every_s=meta.system_metrics_every_s)
+    deadline, told = time.monotonic() + meta.open_timeout_s, False
+    while True:
+        try:
+            return RunTracker.open(meta.tracking_uri, meta.experiment, run_dir, run_name=meta.run_name,
+                                   params=flatten_params(dataclasses.asdict(cfg)), config_yaml=meta.config_yaml,
+                                   tags=meta.tags, system_metrics=meta.system_metrics,
+                                   flush_every_s=meta.flush_every_s,
+                                   system_metrics_every_s=meta.system_metrics_every_s)
+        except ValueError:  # the run refuses this config: not a connection problem
+            raise
+        except Exception as e:
+            if time.monotonic() > deadline:
+                print(f"[tracking] MLflow server {meta.tracking_uri} still unreachable ({type(e).__name__}): "
+                      f"training on WITHOUT MLflow tracking; step metrics are in {run_dir}/train_metrics.jsonl",
+                      file=sys.stderr, flush=True)
+                return None
+            if not told:
+                print(f"[tracking] MLflow server {meta.tracking_uri} unreachable ({type(e).__name__}: "
+                      f"{str(e)[:200]}); retrying for {meta.open_timeout_s:g} s", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(5.0)
 
 
 def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
@@ -144,17 +189,19 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
                                            augment=d.augment, image_size=d.image_size, two_view=two_view,
                                            rank=r, world=world, device=device))
     run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks, tracker, jsonl = [], None, None
+    callbacks, tracker, jsonl, lock = [], None, None, None
     if r == 0:
+        lock = _lock_run_folder(run_dir)
         jsonl = JsonlLogger(run_dir / "train_metrics.jsonl")
         callbacks.append(jsonl)
-        if meta.tracking_uri:
-            tracker = _open_tracker(cfg, run_dir, meta)
-            callbacks.append(tracker)
     timed = TimedCallbacks(callbacks)
-    trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir, callbacks=[timed] if r == 0 else [],
-                      device=device, checkpoints=checkpoints)
     try:
+        trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir,
+                          callbacks=[timed] if r == 0 else [], device=device, checkpoints=checkpoints)
+        if r == 0 and meta.tracking_uri:  # after everything that can refuse the config
+            tracker = _open_tracker(cfg, run_dir, meta)
+            if tracker is not None:
+                callbacks.append(tracker)
         metrics = dict(trainer.fit())
         if r == 0:
             metrics["train/logging_seconds"] = timed.seconds
@@ -163,8 +210,12 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
         if tracker is not None:
             tracker.close("FAILED")
         raise
-    if tracker is not None:
-        tracker.close("FINISHED")
+    else:
+        if tracker is not None:
+            tracker.close("FINISHED")
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
     return metrics
 
 

@@ -12,8 +12,10 @@ turns tracking off).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,15 +56,31 @@ def git_commit() -> str:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
 
 
+def _remote(address: str | None) -> bool:
+    """A Ray address on another machine (not auto, local or a 127.0.0.1/localhost one)."""
+    if not address or address in ("auto", "local"):
+        return False
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host not in ("127.0.0.1", "localhost", socket.gethostname())
+
+
 def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
     """Where and as what the run is tracked; starts the local MLflow server when needed."""
-    from orchestration.tracking import resolve_tracking_uri
+    from orchestration.tracking import check_resumable, flatten_params, resolve_tracking_uri
     from orchestration.training import RunMeta
 
     t = cfg.tracking
     commit = git_commit()
+    if t.enabled and cfg.backend == "ray" and _remote(os.environ.get("RAY_ADDRESS")) \
+            and not (t.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ValueError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is a cluster whose workers cannot reach a "
+                         "tracking server on this machine's 127.0.0.1: set MLFLOW_TRACKING_URI (or tracking.uri=) "
+                         "to a server they can reach (infra/mlflow/), or tracking.enabled=false")
+    uri = resolve_tracking_uri(t, cfg.output_dir) if t.enabled else None
+    if uri:
+        check_resumable(uri, run_dir, flatten_params(dataclasses.asdict(cfg)))
     return RunMeta(
-        tracking_uri=resolve_tracking_uri(t, cfg.output_dir) if t.enabled else None,
+        tracking_uri=uri,
         experiment=t.experiment or cfg.name,
         run_name=f"{cfg.run_name}",
         config_yaml=OmegaConf.to_yaml(dcfg, resolve=True),
@@ -72,7 +90,7 @@ def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
               "lzn.run_dir": str(run_dir.resolve())},
         system_metrics=t.system_metrics, system_metrics_every_s=t.system_metrics_every_s,
         flush_every_s=t.flush_every_s,
-        register_model=t.register_model, model_alias=t.model_alias)
+        register_model=t.register_model, model_alias=t.model_alias, open_timeout_s=t.open_timeout_s)
 
 
 def _refuse_existing(cfg: RunConfig, run_dir: Path) -> None:
@@ -109,12 +127,11 @@ def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig) -> dict:
         meta = run_meta(cfg, dcfg, run_dir)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the shards rank 0 prepared
-    try:
-        return train_and_evaluate(cfg, run_dir, device=device, meta=meta)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta)
+    if dist.is_initialized():  # not on failure: the other ranks may sit in another collective
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -128,7 +145,9 @@ def main(dcfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, run_dir, dcfg)
-    except (SourceError, ShardError) as e:  # the data is missing or unusable: say so, no traceback
+    except (SourceError, ShardError, ValueError) as e:  # bad data or settings: say so, no traceback
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the whole story
+            raise
         raise SystemExit(f"error: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         width = max(len(k) for k in metrics)

@@ -40,9 +40,12 @@ def train(*overrides, out: Path, head) -> subprocess.CompletedProcess:
 
 
 def start(*overrides, out: Path, head) -> subprocess.Popen:
-    log = (out / f"driver-{time.time_ns()}.log").open("w")
-    return subprocess.Popen(command(*overrides, out=out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=environment(out, head), start_new_session=True)
+    path = out / f"driver-{time.time_ns()}.log"
+    with path.open("w") as log:
+        proc = subprocess.Popen(command(*overrides, out=out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=environment(out, head), start_new_session=True)
+    proc.log_path = path
+    return proc
 
 
 def logged(run_dir: Path) -> list[dict]:
@@ -142,7 +145,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_finishes_the_same(unint
         wait_for_step(run_dir, 50, proc)
         worker = json.loads((run_dir / "workers" / "rank-1.json").read_text())
         os.kill(worker["pid"], signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0, (tmp_path / "driver.log")
+        assert proc.wait(timeout=600) == 0, proc.log_path.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -278,3 +278,18 @@ def test_register_model_sets_alias_on_the_new_version(server, tmp_path, monkeypa
     loaded = mlflow.pytorch.load_model("models:/lzn-tracking-test-model@candidate")
     x = torch.randn(4, 3)
     torch.testing.assert_close(loaded(x), module(x))
+
+
+def test_a_resumed_run_may_change_how_long_and_where_it_runs_but_not_what_it_trains(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestration.tracking import resume_changes
+
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r1"),
+                          data=SimpleNamespace(params={"train.iterations": "2", "trainer.num_workers": "1",
+                                                       "optim.lr.encoder": "0.001", "backend": "local"}))
+    changed = resume_changes(run, {"train.iterations": "4", "trainer.num_workers": "2", "backend": "ray",
+                                   "optim.lr.encoder": "0.001", "new.key": "x"}, tmp_path / "mlflow_run.json")
+    assert changed == {"train.iterations": "4", "trainer.num_workers": "2", "backend": "ray"}
+    with pytest.raises(ValueError, match=r"optim\.lr\.encoder: '0\.001' -> '0\.01'.*another run_name="):
+        resume_changes(run, {"optim.lr.encoder": "0.01", "train.iterations": "9"}, tmp_path / "mlflow_run.json")
