@@ -49,9 +49,9 @@ def ray_head():
             raise RuntimeError(f"the Ray head did not start:\n{(temp / 'head.log').read_text()[-3000:]}")
         time.sleep(1)
     yield RayHead(address, {"RAY_ADDRESS": address, **auth})
-    os.killpg(head.pid, signal.SIGTERM)  # Ray drains for up to 30 s
+    os.killpg(head.pid, signal.SIGTERM)  # Ray would drain for up to 30 s: nothing runs any more
     try:
-        head.wait(timeout=45)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
