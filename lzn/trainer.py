@@ -259,21 +259,21 @@ class Trainer:
 
             bar = tqdm(total=cfg.iterations, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
         sums: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}  # finite values per key
         start = time.perf_counter()
         while self.step < cfg.iterations:
             metrics = self.train_step()
             for k, v in metrics.items():
                 value = float(v.detach()) if isinstance(v, Tensor) else float(v)
-                if math.isfinite(value):
-                    sums[k] = sums.get(k, 0.0) + value
-            count += 1
+                finite = math.isfinite(value)
+                sums[k] = sums.get(k, 0.0) + (value if finite else 0.0)
+                counts[k] = counts.get(k, 0) + int(finite)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
-                self._report(sums, count, start)
-                sums, count = {}, 0
+                self._report(sums, counts)
+                sums, counts = {}, {}
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                 self.seconds += time.perf_counter() - start
                 start = time.perf_counter()
@@ -286,16 +286,20 @@ class Trainer:
                 "train/seconds": self.seconds, "train/checkpoint_seconds": self.checkpoint_seconds,
                 "train/resumed_from_step": float(resumed_from)}
 
-    def _report(self, sums: dict[str, float], count: int, start: float) -> None:
+    def _report(self, sums: dict[str, float], counts: dict[str, int]) -> None:
+        """Means since the last report over every rank's finite values. Every rank holds the
+        same keys (a value non-finite on one rank only still has its key there), so the
+        all-reduce lines up; a key with no finite value anywhere is not reported."""
         keys = sorted(sums)
-        values = torch.tensor([sums[k] / max(count, 1) for k in keys], dtype=torch.float64)
+        values = torch.tensor([sums[k] for k in keys] + [float(counts[k]) for k in keys], dtype=torch.float64)
         if self.world > 1:
             values = values.to(self.device)
             dist.all_reduce(values)
-            values = values.cpu() / self.world
+            values = values.cpu()
         if self.rank != 0:
             return
-        metrics = dict(zip(keys, values.tolist()))
+        totals, n = values[: len(keys)].tolist(), values[len(keys):].tolist()
+        metrics = {k: t / c for k, t, c in zip(keys, totals, n) if c > 0}
         metrics["train/skipped_steps"] = float(self.skipped)
         metrics["train/lr_scale"] = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["initial_lr"]
         for cb in self.callbacks:

@@ -132,3 +132,26 @@ def test_freeze_after_stops_a_module(tmp_path):
         assert torch.equal(p, q)
     assert not all(torch.equal(p, q) for p, q in zip(t.objective.encoder.parameters(),
                                                       dec_at_3.objective.encoder.parameters()))
+
+
+class _MetricNaNAt(GenerationObjective):
+    """Reports a metric "m" that is NaN on one step's batch and 2.0 otherwise."""
+
+    def loss(self, batch):
+        loss, m = super().loss(batch)
+        bad = int(batch["rng"].generator.initial_seed()) == self.bad_seed
+        return loss, {**m, "m": float("nan") if bad else 2.0}
+
+
+def test_reported_means_skip_non_finite_values_without_dropping_the_key(tmp_path):
+    from lzn.data.stream import StepRandom
+
+    obj = _MetricNaNAt(ToyEncoder(), ToyDecoder(), LatentConfig(dim=3, steps=4))
+    obj.bad_seed = StepRandom(0, 0).generator.initial_seed()  # the batch of step 0
+    t, _ = _trainer(tmp_path, iterations=4, objective=obj)
+    t.cfg.log_every = 2
+    reported = []
+    t.callbacks = [type("Log", (), {"on_log": lambda self, step, m: reported.append((step, m.get("m")))})()]
+    t.fit()
+    # Steps 1-2: one NaN and one 2.0 -> 2.0 (not 1.0, the NaN counted as a zero); steps 3-4: 2.0.
+    assert reported == [(2, 2.0), (4, 2.0)]
