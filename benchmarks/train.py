@@ -7,14 +7,16 @@ batch 128, 200 steps, 2 checkpoints) logging to a local MLflow server this bench
 and stops: local = one process with 2 torch threads; ray = 2 Ray Train workers with 1
 thread each (gloo all-gather of the anchors, all-reduce of the gradients, Ray Train's
 checkpoint reports); local (torchrun) = the same 2 x 1 processes under torchrun, which
-separates what Ray costs from what data parallelism on this machine costs. Step time is the trainer's own clock without the checkpoints
-(train/seconds - train/checkpoint_seconds, per step), so process and Ray start-up are not
+separates what Ray costs from what data parallelism on this machine costs. Step time is
+the trainer's own clock without the checkpoints (train/seconds - train/checkpoint_seconds,
+per step), so process and Ray start-up are not
 counted. Metrics are reported every 50 steps (the task's setting) and at every step (the
 worst case for logging); each run is measured twice and the faster kept.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,9 +38,10 @@ def _run(out: Path, uri: str, backend: str, iterations: int, name: str, log_ever
     env = {**os.environ, "LZN_DATA_DIR": str(out / "data"), "OMP_NUM_THREADS": threads,
            "MLFLOW_TRACKING_URI": uri}
     env.pop("RAY_ADDRESS", None)
-    overrides = ["task=gen_digits", f"backend={'ray' if backend == 'ray' else 'local'}", f"train.iterations={iterations}", f"train.log_every={log_every}",
-                 f"train.checkpoint_every={max(1, iterations // 2)}", "eval.fid_samples=64", "eval.sampler_steps=2",
-                 "train.progress=false", f"output_dir={out}", f"run_name={name}", "tracking.register_model=false"]
+    overrides = ["task=gen_digits", f"backend={'ray' if backend == 'ray' else 'local'}",
+                 f"train.iterations={iterations}", f"train.log_every={log_every}",
+                 f"train.checkpoint_every={_checkpoint_every(iterations)}", "eval.fid_samples=64",
+                 "eval.sampler_steps=2", "train.progress=false", f"output_dir={out}", f"run_name={name}", "tracking.register_model=false"]
     if backend == "ray":
         overrides += ["trainer.num_workers=2", "trainer.cpus_per_worker=1"]
     done = subprocess.run([*launcher, "pipelines.train", *overrides], cwd=ROOT, env=env,
@@ -46,6 +49,14 @@ def _run(out: Path, uri: str, backend: str, iterations: int, name: str, log_ever
     if done.returncode != 0:
         raise RuntimeError(f"{backend} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return json.loads((out / "gen_digits" / name / "metrics.json").read_text())
+
+
+def _checkpoint_every(iterations: int) -> int:
+    return max(1, iterations // 2)
+
+
+def _checkpoints(steps: int) -> int:
+    return math.ceil(steps / _checkpoint_every(steps))
 
 
 def _free_port() -> int:
@@ -61,7 +72,7 @@ def _step_ms(m: dict) -> float:
 
 
 def main(quick: bool = False) -> None:
-    from orchestration.tracking import local_server, stop_local_server
+    from orchestration.mlflow_server import local_server, stop_local_server
 
     iterations = 30 if quick else 200
     runs = [(backend, log_every) for log_every in (50, 1) for backend in ("local", "torchrun", "ray")]
@@ -85,7 +96,7 @@ def main(quick: bool = False) -> None:
                      "workers x threads": "1 x 2" if backend == "local" else "2 x 1",
                      "log every": log_every, "steps": int(m["train/steps"]), "step ms": _step_ms(m),
                      "vs local": f"{_step_ms(m) / local - 1:+.1%}",
-                     "checkpoint s": m["train/checkpoint_seconds"] / 2,
+                     "checkpoint s": m["train/checkpoint_seconds"] / _checkpoints(int(m["train/steps"])),
                      "logging share": f"{m['train/logging_seconds'] / m['train/seconds']:.2%}"})
     print("\nTraining backends (gen_digits, global batch 128; step time without checkpoints; "
           "checkpoint s: seconds per checkpoint)")

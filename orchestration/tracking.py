@@ -1,4 +1,6 @@
-"""MLflow tracking for LZN training runs: a local tracking server, and the rank-0 logger.
+"""MLflow tracking for LZN training runs: the `tracking:` config, the tracking URI, and the
+rank-0 logger. Beside it: `mlflow_server` (the local server), `mlflow_pending` (batched
+delivery and the pending file), `mlflow_runs` (which run a run folder continues).
 
 Every writer talks to an MLflow *server* over HTTP, never to the file store (`./mlruns`):
 either the one $MLFLOW_TRACKING_URI / `tracking.uri` names, or a local one this module
@@ -28,22 +30,16 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 from lzn.atomic import write_atomically
+from orchestration.mlflow_pending import (
+    MAX_BATCH, MAX_BATCH_TAGS, PENDING_FILE, append_pending, fail_fast, import_pending, is_permanent, read_pending,
+    send_batches, warn,
+)
+from orchestration.mlflow_runs import RUN_FILE, find_or_create_experiment, param_value, stored_run
 from orchestration.mlflow_server import local_server, running_server, stop_local_server
 
-RUN_FILE = "mlflow_run.json"
-PENDING_FILE = "mlflow_pending.jsonl"
-# MLflow's LogBatch limits (mlflow.utils.validation): 1000 entities a request, at most 100 of
-# them params or tags; a param value at most 6000 characters.
-MAX_BATCH, MAX_BATCH_TAGS, MAX_PARAM_LENGTH = 1000, 100, 6000
 # Metrics kept in memory during an outage before the flush thread spills them to the pending
 # file (about 100 bytes each): a long outage must not grow the worker's memory without bound.
 MAX_BUFFERED = 100_000
-# Fail fast instead of MLflow's default ~4 minutes of retries per request: the flush thread
-# retries on its own period, and close() must not hang on a dead server. setdefault, so a
-# user's explicit setting wins.
-FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
 
 @dataclass
 class TrackingConfig:
@@ -57,10 +53,6 @@ class TrackingConfig:
     register_model: bool = True
     model_alias: str = "candidate"
     open_timeout_s: float = 300.0  # how long a run waits for an unreachable server at start, then trains untracked
-
-
-def _warn(message: str) -> None:
-    print(f"[tracking] {message}", file=sys.stderr, flush=True)
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:
@@ -94,90 +86,6 @@ def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _param(value: str) -> str:
-    # MLflow refuses params over 6000 characters; the full config is in config.yaml anyway.
-    return value if len(value) <= MAX_PARAM_LENGTH else value[:MAX_PARAM_LENGTH - 3] + "..."
-
-
-# --------------------------------------------------------------------------- pending metrics
-
-
-def _append_pending(path: Path, run_id: str, uri: str, metrics: list, tags: dict,
-                    status: str | None = None) -> None:
-    """One JSON object a line, each naming its run and server, so files from several attempts
-    can simply be appended to each other: a metric {"key", "value", "step", "timestamp"}, a
-    tag {"tag", "value"}, or the run's final {"status"}."""
-    lines = [json.dumps({"run_id": run_id, "uri": uri, "key": k, "value": v, "step": s, "timestamp": t})
-             for k, v, s, t in metrics]
-    lines += [json.dumps({"run_id": run_id, "uri": uri, "tag": k, "value": v}) for k, v in tags.items()]
-    lines += [json.dumps({"run_id": run_id, "uri": uri, "status": status})] if status else []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _send(client, run_id: str, metrics: list, tags: dict) -> None:
-    """log_batch within MLflow's limits; metrics are (key, value, step, timestamp_ms) tuples.
-    Resending is harmless: the SQL store ignores a metric identical in key, value, step and
-    timestamp, which is why buffered metrics keep the timestamp of their on_log call."""
-    from mlflow.entities import Metric, RunTag
-
-    tag_items = list(tags.items())
-    for i in range(0, len(tag_items), MAX_BATCH_TAGS):
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tag_items[i:i + MAX_BATCH_TAGS]], synchronous=True)
-    for i in range(0, len(metrics), MAX_BATCH):
-        client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, s, t in metrics[i:i + MAX_BATCH]],
-                         synchronous=True)
-
-
-def _read_pending(path: Path) -> tuple[list[dict], int]:
-    """The records of a pending file, and how many lines could not be read (cut short by a
-    crash while appending)."""
-    records, bad = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            bad += 1
-    return records, bad
-
-
-def import_pending(path: str | Path, uri: str | None = None) -> int:
-    """Deliver a mlflow_pending.jsonl and remove it; returns the number of metrics and tags
-    delivered, and sets the final status that a closing run could not set. Each line goes to
-    `uri`, else the server it names, else $MLFLOW_TRACKING_URI. On failure the file keeps what
-    was not delivered (resending a delivered metric is harmless, see `_send`)."""
-    from mlflow import MlflowClient
-
-    path = Path(path)
-    records, bad = _read_pending(path)
-    if bad:
-        _warn(f"{path}: skipped {bad} unreadable line(s)")
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in records:
-        target = uri or r.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
-        if not target:
-            raise ValueError(f"{path}: a line names no server and neither --uri nor $MLFLOW_TRACKING_URI is set")
-        groups.setdefault((target, r["run_id"]), []).append(r)
-    delivered = 0
-    for n, ((target, run_id), group) in enumerate(groups.items()):
-        try:
-            client = MlflowClient(target)
-            _send(client, run_id, [(r["key"], r["value"], r["step"], r["timestamp"]) for r in group if "key" in r],
-                  {r["tag"]: r["value"] for r in group if "tag" in r})
-            for status in [r["status"] for r in group if "status" in r][-1:]:
-                client.set_terminated(run_id, status)
-        except Exception:
-            rest = [r for g in list(groups.values())[n:] for r in g]
-            write_atomically(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rest).encode()))
-            raise
-        delivered += sum("status" not in r for r in group)
-    path.unlink(missing_ok=True)
-    return delivered
-
-
 # --------------------------------------------------------------------------- the run tracker
 
 
@@ -189,13 +97,6 @@ def _number(value) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _permanent(error: Exception) -> bool:
-    """A request the server understood and refused (bad key, deleted run): retrying cannot help."""
-    from mlflow.exceptions import RestException
-
-    return isinstance(error, RestException) and error.get_http_status_code() in (400, 403, 404)
 
 
 @contextlib.contextmanager
@@ -214,76 +115,6 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(old_global)
         if old_env is not None:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
-
-
-# Settings a resumed run may change without becoming another experiment: how long and where
-# it runs, how it reports, how it is evaluated. Their new values become lzn.resumed.* tags.
-RESUMABLE_PARAMS = ("train.iterations", "train.progress", "train.log_every", "train.checkpoint_every",
-                    "train.keep_checkpoints", "trainer.", "tracking.", "backend", "device", "resume",
-                    "output_dir", "data.shards_dir", "data.loader", "data.prepare.", "eval.")
-
-
-def _resumable(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_PARAMS)
-
-
-def resume_changes(run, params: dict[str, str], run_file: Path) -> dict[str, str]:
-    """Changed params of a resumed run: {key: new value} for RESUMABLE_PARAMS (logged as tags);
-    a ValueError naming every other changed key, since that would be another experiment."""
-    changed = {k: v for k, v in params.items() if k in run.data.params and run.data.params[k] != v}
-    refused = [f"{k}: {run.data.params[k]!r} -> {v!r}" for k, v in changed.items() if not _resumable(k)]
-    if refused:
-        raise ValueError(f"resuming MLflow run {run.info.run_id} from {run_file.parent} with changed settings "
-                         f"(MLflow keeps a run's params fixed): {'; '.join(refused)}. Restore them, or choose "
-                         "another run_name= to start a new run.")
-    return {k: v for k, v in changed.items()}
-
-
-def check_resumable(uri: str, run_dir: str | Path, params: dict[str, str]) -> None:
-    """On the driver, before any worker starts: a run folder whose MLflow run would refuse
-    `params` fails here with a clear message (a worker would fail the same way, retried)."""
-    from mlflow import MlflowClient
-
-    run_file = Path(run_dir) / RUN_FILE
-    if not run_file.exists():
-        return
-    try:
-        _stored_run(MlflowClient(uri.rstrip("/")), run_file, uri, {k: _param(str(v)) for k, v in params.items()})
-    except ValueError:
-        raise
-    except Exception as e:  # unreachable now: the training process waits for it (tracking.open_timeout_s)
-        _warn(f"could not check {run_file} against {uri} ({type(e).__name__}); the run will retry")
-
-
-def _stored_run(client, run_file: Path, uri: str, params: dict[str, str]):
-    """The run that <run_dir>/mlflow_run.json names, checked to accept `params`."""
-    from mlflow.exceptions import MlflowException
-
-    stored = json.loads(run_file.read_text())
-    try:
-        run = client.get_run(stored["run_id"])
-    except MlflowException as e:
-        raise RuntimeError(f"{run_file} names run {stored['run_id']} (logged to {stored['uri']}), which "
-                           f"{uri} cannot give: {e}. Point tracking.uri at {stored['uri']}, or delete "
-                           f"{run_file} to log this run folder as a new run.") from e
-    resume_changes(run, params, run_file)
-    return run
-
-
-def _experiment_id(client, name: str, uri: str) -> str:
-    """The id of experiment `name`, created if missing."""
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage != "active":
-        raise ValueError(f"MLflow experiment {name!r} on {uri} is deleted: restore it or choose "
-                         "another tracking.experiment")
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created meanwhile by another process
-        return client.get_experiment_by_name(name).experiment_id
 
 
 class RunTracker:
@@ -319,28 +150,29 @@ class RunTracker:
         from mlflow import MlflowClient
         from mlflow.entities import Param, RunTag
 
-        for k, v in FAST_FAIL_ENV.items():
-            os.environ.setdefault(k, v)
+        fail_fast()
         uri, run_dir = uri.rstrip("/"), Path(run_dir)
         client = MlflowClient(uri)
         run_file, pending = run_dir / RUN_FILE, run_dir / PENDING_FILE
-        params = {k: _param(str(v)) for k, v in params.items()}
-        resumed = run_file.exists()
+        params = {k: param_value(str(v)) for k, v in params.items()}
+        resumed, changes = run_file.exists(), {}
         if resumed:
-            run_id = _stored_run(client, run_file, uri, params).info.run_id
+            run, changes = stored_run(client, run_file, uri, params)
+            run_id = run.info.run_id
         if pending.exists():  # before RUNNING: the file may end with the previous attempt's status
             n = import_pending(pending, uri)
-            _warn(f"delivered {n} metrics/tags that a previous attempt kept in {pending}")
+            warn(f"delivered {n} metrics/tags that a previous attempt kept in {pending}")
         if resumed:
             client.update_run(run_id, status="RUNNING")
             run = client.get_run(run_id)
         else:
-            run = client.create_run(_experiment_id(client, experiment, uri), tags=dict(tags), run_name=run_name)
+            experiment_id = find_or_create_experiment(client, experiment, uri)
+            run = client.create_run(experiment_id, tags=dict(tags), run_name=run_name)
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
         record = {"run_id": run_id, "experiment_id": experiment_id, "uri": uri}
         write_atomically(run_file, lambda f: f.write(json.dumps(record, indent=1).encode()))
         new = [Param(k, v) for k, v in params.items() if k not in run.data.params]
-        resumed_with = {f"lzn.resumed.{k}": v for k, v in resume_changes(run, params, run_file).items()}
+        resumed_with = {f"lzn.resumed.{k}": v for k, v in changes.items()}
         all_tags = [RunTag(k, str(v)) for k, v in {**tags, **resumed_with, "mlflow.runName": run_name}.items()]
         for i in range(0, max(len(new), len(all_tags)), MAX_BATCH_TAGS):
             client.log_batch(run_id, params=new[i:i + MAX_BATCH_TAGS], tags=all_tags[i:i + MAX_BATCH_TAGS],
@@ -374,7 +206,7 @@ class RunTracker:
             # server. Sending a metric twice is harmless (same key, step, value, timestamp).
             with self._lock:
                 metrics, tags = list(self._metrics), dict(self._tags)
-            _append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
+            append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
 
     def on_checkpoint(self, step: int, path) -> None:
         with self._lock:
@@ -400,13 +232,7 @@ class RunTracker:
         try:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
         except Exception as e:
-            _warn(f"could not upload {path} to run {self.run_id} on {self.uri}: {e}")
-
-    def log_artifacts(self, folder, artifact_path: str | None = None) -> None:
-        try:
-            self._client.log_artifacts(self.run_id, str(folder), artifact_path)
-        except Exception as e:
-            _warn(f"could not upload {folder} to run {self.run_id} on {self.uri}: {e}")
+            warn(f"could not upload {path} to run {self.run_id} on {self.uri}: {e}")
 
     def register_model(self, module, name: str, alias: str) -> str | None:
         """Log `module` as this run's model, register it under `name`, point `alias` at the new
@@ -427,7 +253,7 @@ class RunTracker:
             self._client.set_registered_model_alias(name, alias, version)
             return version
         except Exception as e:
-            _warn(f"could not register the model of run {self.run_id} as {name!r} on {self.uri}: {e}")
+            warn(f"could not register the model of run {self.run_id} as {name!r} on {self.uri}: {e}")
             return None
 
     # -- delivery ----------------------------------------------------------------------------
@@ -447,15 +273,15 @@ class RunTracker:
         if not metrics and not tags:
             return None
         try:
-            _send(self._client, self.run_id, metrics, tags)
+            send_batches(self._client, self.run_id, metrics, tags)
         except Exception as e:
-            if not _permanent(e):
+            if not is_permanent(e):
                 if self._down_since_delivered is None:
                     self._down_since_delivered = 0
-                    _warn(f"MLflow server {self.uri} unreachable: buffering {len(self._metrics)} metrics, "
+                    warn(f"MLflow server {self.uri} unreachable: buffering {len(self._metrics)} metrics, "
                           f"retrying every {self._flush_every_s:g}s ({type(e).__name__}: {str(e)[:200]})")
                 return False
-            _warn(f"MLflow server {self.uri} refused {len(metrics)} metrics and {len(tags)} tags of run "
+            warn(f"MLflow server {self.uri} refused {len(metrics)} metrics and {len(tags)} tags of run "
                   f"{self.run_id}, dropped: {e}")
         with self._lock:
             del self._metrics[:n]
@@ -466,7 +292,7 @@ class RunTracker:
         if self._down_since_delivered is not None:
             self._down_since_delivered += n
             if empty:
-                _warn(f"MLflow server {self.uri} reachable again: delivered {self._down_since_delivered} "
+                warn(f"MLflow server {self.uri} reachable again: delivered {self._down_since_delivered} "
                       "buffered metrics")
                 self._down_since_delivered = None
                 self._recovered()
@@ -476,7 +302,7 @@ class RunTracker:
         pending = self.run_dir / PENDING_FILE
         if pending.exists():  # spilled during the outage
             with contextlib.suppress(Exception):
-                _warn(f"delivered {import_pending(pending, self.uri)} metrics/tags spilled to {pending}")
+                warn(f"delivered {import_pending(pending, self.uri)} metrics/tags spilled to {pending}")
         if self._system_metrics and not self._stop.is_set():  # mlflow's monitor thread exits for good
             self._start_monitor(resume=True)                    # on its first failed request
 
@@ -491,10 +317,10 @@ class RunTracker:
                                                  sampling_interval=self._system_metrics_every_s)
             self._monitor.start()
         except ImportError as e:
-            _warn(f"system metrics off: {e} (pip install psutil, and nvidia-ml-py for GPUs)")
+            warn(f"system metrics off: {e} (pip install psutil, and nvidia-ml-py for GPUs)")
             self._monitor, self._system_metrics = None, False
         except Exception as e:
-            _warn(f"system metrics off for run {self.run_id}: {e}")
+            warn(f"system metrics off for run {self.run_id}: {e}")
             self._monitor, self._system_metrics = None, False
 
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -516,10 +342,10 @@ class RunTracker:
                 self.flush()
                 if (n := len(self._metrics)) > MAX_BUFFERED:
                     self._spill()
-                    _warn(f"moved {n} buffered metrics to {self.run_dir / PENDING_FILE} to bound memory; "
+                    warn(f"moved {n} buffered metrics to {self.run_dir / PENDING_FILE} to bound memory; "
                           "they are delivered once the server answers")
             except Exception as e:  # this thread must outlive any surprise
-                _warn(f"tracking flush error: {e}")
+                warn(f"tracking flush error: {e}")
 
     def _spill(self) -> None:
         """Move the whole buffer to the pending file. Holds the delivery lock, so no delivery
@@ -527,7 +353,7 @@ class RunTracker:
         with self._delivering, self._lock:
             metrics, tags = self._metrics, self._tags
             self._metrics, self._tags = [], {}
-        _append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
+        append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
 
     def close(self, status: str = "FINISHED") -> None:
         """Stop the flush thread, deliver what is buffered (three tries), keep the rest in
@@ -551,16 +377,16 @@ class RunTracker:
             with contextlib.suppress(Exception):
                 import_pending(pending, self.uri)
         if pending.exists():
-            kept = _read_pending(pending)[0]
+            kept = read_pending(pending)[0]
             n_tags = sum("tag" in r for r in kept)
-            _warn(f"MLflow server {self.uri} unreachable at close: kept {len(kept) - n_tags} metrics and {n_tags} "
+            warn(f"MLflow server {self.uri} unreachable at close: kept {len(kept) - n_tags} metrics and {n_tags} "
                   f"tags of run {self.run_id} in {pending}. Reopening this run folder delivers them, or run: "
                   f"python -m orchestration.tracking import {pending} --uri {self.uri}")
         try:
             self._client.set_terminated(self.run_id, status)
         except Exception as e:
-            _append_pending(pending, self.run_id, self.uri, [], {}, status=status)
-            _warn(f"could not set run {self.run_id} to {status} on {self.uri} ({type(e).__name__}); "
+            append_pending(pending, self.run_id, self.uri, [], {}, status=status)
+            warn(f"could not set run {self.run_id} to {status} on {self.uri} ({type(e).__name__}); "
                   f"{pending} keeps the status for import")
 
     def __enter__(self) -> "RunTracker":
@@ -590,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "stop":
         print("stopped" if stop_local_server(args.dir) else f"no MLflow server was running for {args.dir}")
     else:
-        for k, v in FAST_FAIL_ENV.items():
-            os.environ.setdefault(k, v)
+        fail_fast()
         print(f"delivered {import_pending(args.file, args.uri)} metrics/tags from {args.file}")
     return 0
 

@@ -234,7 +234,8 @@ def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMe
         pngs = write_run_artifacts(cfg, model, split, jsonl.rows(), folder)
     else:  # streamed data: no held-out images in memory for the metrics and the zone map
         folder.mkdir(parents=True, exist_ok=True)
-        pngs = [p for p in (loss_curves(jsonl.rows(), folder / "loss_curves.png") if jsonl.rows() else None,
+        rows = jsonl.rows()
+        pngs = [p for p in (loss_curves(rows, folder / "loss_curves.png") if rows else None,
                             sample_grid(model, cfg, folder / "samples.png")) if p is not None]
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if tracker is None:

@@ -66,7 +66,8 @@ def _remote(address: str | None) -> bool:
 
 def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
     """Where and as what the run is tracked; starts the local MLflow server when needed."""
-    from orchestration.tracking import check_resumable, flatten_params, resolve_tracking_uri
+    from orchestration.mlflow_runs import check_resumable
+    from orchestration.tracking import flatten_params, resolve_tracking_uri
     from orchestration.training import RunMeta
 
     t = cfg.tracking

@@ -16,10 +16,10 @@ import torch
 from mlflow import MlflowClient
 
 from orchestration import tracking
-from orchestration.tracking import (
-    FAST_FAIL_ENV, PENDING_FILE, RUN_FILE, RunTracker, TrackingConfig, flatten_params, import_pending,
-    local_server, resolve_tracking_uri, stop_local_server,
-)
+from orchestration.mlflow_pending import FAST_FAIL_ENV, PENDING_FILE, import_pending
+from orchestration.mlflow_runs import RUN_FILE
+from orchestration.mlflow_server import local_server, stop_local_server
+from orchestration.tracking import RunTracker, TrackingConfig, flatten_params, resolve_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"optim": {"lr": {"encoder": 1e-3, "decoder": 2e-4}, "betas": [0.9, 0.99]}, "steps": 30, "name": "digits"}
@@ -283,7 +283,7 @@ def test_register_model_sets_alias_on_the_new_version(server, tmp_path, monkeypa
 def test_a_resumed_run_may_change_how_long_and_where_it_runs_but_not_what_it_trains(tmp_path):
     from types import SimpleNamespace
 
-    from orchestration.tracking import resume_changes
+    from orchestration.mlflow_runs import resume_changes
 
     run = SimpleNamespace(info=SimpleNamespace(run_id="r1"),
                           data=SimpleNamespace(params={"train.iterations": "2", "trainer.num_workers": "1",
