@@ -1,18 +1,194 @@
-"""The evaluation of a trained task: which metrics apply to which objective.
+"""The evaluation of a trained task, as shards of work that any number of workers can share.
 
-Every metric gets a callable from `LZNModel` (embed / generate / classify / reconstruct),
-never the trainer. Keys follow metrics.json: eval/linear_probe_top1, eval/fid,
-eval/fid_features, eval/classification_accuracy, eval/conditional_accuracy, ...; the
-inference batch size and alpha that LZN's latents depend on are recorded beside them.
+Which metrics apply to which objective:
+
+| objective | metrics |
+| --- | --- |
+| generation | fid, reconstruction |
+| rf | fid |
+| representation, simclr | linear_probe |
+| joint | classification, conditional (digits_cnn features only), fid |
+
+An evaluation is a list of `Unit`s (a kind and a range of samples or rows) and a reduction.
+A unit is a pure function of the model, the data and its range: generated images are
+seeded by their global batch index (`LZNModel.generate(first_batch=)`) and units start on
+inference-batch boundaries, so LZN's batch-dependent latents are those of the whole set.
+`Evaluator.run(unit)` computes a part (feature moments, features, counts), `PartStore`
+keeps it as a file, and `reduce` merges the parts once, in unit order: the FID of N samples
+is the same whether 1 or 4 workers made them. Parts already on disk are not recomputed, so
+an interrupted evaluation resumes.
+
+The real set's FID statistics are computed once per dataset, image size and extractor and
+cached next to the shards (`ReferenceCache`, keyed by the manifest's checksum and the
+extractor's weights). Keys follow metrics.json: eval/fid, eval/linear_probe_top1, ...;
+the inference batch size and alpha that LZN's latents depend on are recorded beside them.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Protocol
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lzn import metrics
+from lzn.atomic import write_atomically
+from lzn.checkpoint import load_checkpoint
 from lzn.inference import LZNModel
+from lzn.metrics.fid import FeatureMoments, FeatureStats, extractor_name
+
+METRICS = ("fid", "linear_probe", "classification", "conditional", "reconstruction")
+DEFAULT_CHUNK = 10_000  # samples per unit (rounded up to whole inference batches)
+
+
+def applicable_metrics(cfg) -> list[str]:
+    """The metrics task `cfg` (lzn.task.TaskConfig) can be evaluated on, in METRICS order."""
+    out = {"representation": ["linear_probe"], "simclr": ["linear_probe"], "rf": ["fid"],
+           "generation": ["fid", "reconstruction"], "joint": ["classification", "fid"]}[cfg.objective]
+    if cfg.objective == "joint" and cfg.eval.fid_features == "digits_cnn":
+        out.append("conditional")  # class consistency needs a classifier of the dataset: the digits CNN
+    return [m for m in METRICS if m in out]
+
+
+def select_metrics(cfg, requested: Iterable[str] | None) -> list[str]:
+    """`requested` checked against what the objective has (None: all of them)."""
+    have = applicable_metrics(cfg)
+    if requested is None:
+        return have
+    requested = list(requested)
+    unknown = [m for m in requested if m not in METRICS]
+    if unknown:
+        raise ValueError(f"metrics={unknown} are not known; expected some of {list(METRICS)}")
+    missing = [m for m in requested if m not in have]
+    if missing:
+        raise ValueError(f"metrics={missing} do not apply to objective {cfg.objective!r} "
+                         f"(eval.fid_features={cfg.eval.fid_features}); it has {have}")
+    if not requested:
+        raise ValueError(f"metrics=[] selects nothing; objective {cfg.objective!r} has {have}")
+    return [m for m in METRICS if m in requested]
+
+
+# ----------------------------------------------------------------------------- the data
+class EvalData(Protocol):
+    """The task's images: split "train" (the FID reference, the probe's training set) and
+    "test" (the held-out split), read by row range at the task's size."""
+
+    def size(self, split: str) -> int: ...
+    def rows(self, split: str, lo: int, hi: int) -> tuple[Tensor, Tensor]: ...
+    @property
+    def dataset_dir(self) -> Path | None: ...
+
+
+class InMemoryData:
+    """An `lzn.data.reader.ImageSplit` already in memory (the end of a training run)."""
+
+    def __init__(self, split, dataset_dir: Path | None = None):
+        self.split, self._dir = split, dataset_dir
+
+    @property
+    def dataset_dir(self) -> Path | None:
+        return self._dir
+
+    def _pair(self, split: str) -> tuple[Tensor, Tensor]:
+        s = self.split
+        return (s.train_images, s.train_labels) if split == "train" else (s.test_images, s.test_labels)
+
+    def size(self, split: str) -> int:
+        return len(self._pair(split)[1])
+
+    def rows(self, split: str, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        images, labels = self._pair(split)
+        return images[lo:hi], labels[lo:hi]
+
+
+class ShardData:
+    """A prepared dataset's shards: held in memory when they fit at the task's size, else read
+    by row range (mixed sizes resized and centre-cropped, as the training stream does)."""
+
+    def __init__(self, dataset_dir: str | Path, *, image_size: int, channels: int):
+        from lzn.data.reader import _held_out, in_memory_problem
+        from lzn.data.shards import read_manifest
+
+        self._dir, self.image_size, self.channels = Path(dataset_dir), image_size, channels
+        self.names = {"train": "train", "test": _held_out(self._dir, read_manifest(self._dir)["splits"])}
+        self.fits = in_memory_problem(self._dir, image_size=image_size, channels=channels) is None
+        self._memory, self._readers = None, {}
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self._dir
+
+    def _reader(self, split: str):
+        from lzn.data.reader import ShardDataset
+
+        if split not in self._readers:
+            self._readers[split] = ShardDataset(self._dir, self.names[split])
+        return self._readers[split]
+
+    def size(self, split: str) -> int:
+        return len(self._reader(split))
+
+    def rows(self, split: str, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        if self.fits:
+            if self._memory is None:
+                from lzn.data.reader import load_training_split
+
+                self._memory = InMemoryData(load_training_split(self._dir, image_size=self.image_size,
+                                                                channels=self.channels))
+            return self._memory.rows(split, lo, hi)
+        return self._reader(split).squared(lo, hi, image_size=self.image_size, channels=self.channels)
+
+
+# ----------------------------------------------------------------------------- the work
+@dataclass(frozen=True)
+class Unit:
+    """One shard of an evaluation: `kind` over samples or rows [lo, hi)."""
+
+    kind: str  # reference | samples | probe_train | probe_test | classify | conditional | reconstruct
+    index: int
+    lo: int
+    hi: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.index:05d}"
+
+
+def chunk_size(cfg) -> int:
+    """Samples per unit: eval.chunk_size rounded up to whole inference batches."""
+    bs = cfg.eval.batch_size
+    chunk = max(cfg.eval.chunk_size or DEFAULT_CHUNK, bs)
+    return -(-chunk // bs) * bs
+
+
+def units_of(kind: str, total: int, chunk: int) -> list[Unit]:
+    return [Unit(kind, i, lo, min(lo + chunk, total)) for i, lo in enumerate(range(0, total, chunk))]
+
+
+def fid_samples(cfg, data: EvalData) -> int:
+    return cfg.eval.fid_samples or data.size("train")
+
+
+def plan(cfg, chosen: list[str], data: EvalData, *, reference_cached: bool) -> list[Unit]:
+    """Every unit of an evaluation of `chosen` metrics, in the order their parts merge."""
+    chunk, units = chunk_size(cfg), []
+    if "fid" in chosen:
+        if not reference_cached:
+            units += units_of("reference", data.size("train"), chunk)
+        units += units_of("samples", fid_samples(cfg, data), chunk)
+    if "linear_probe" in chosen:
+        units += units_of("probe_train", data.size("train"), chunk) + units_of("probe_test", data.size("test"), chunk)
+    if "classification" in chosen:
+        units += units_of("classify", data.size("test"), chunk)
+    if "conditional" in chosen:
+        units += units_of("conditional", cfg.data.num_classes * cfg.eval.per_class, chunk)
+    if "reconstruction" in chosen:
+        units += units_of("reconstruct", data.size("test"), chunk)
+    return units
 
 
 def fid_extractor(name: str, cache_dir: Path, weights: str | None = None) -> nn.Module:
@@ -23,40 +199,247 @@ def fid_extractor(name: str, cache_dir: Path, weights: str | None = None) -> nn.
     raise ValueError(f"unknown FID feature extractor {name!r}; expected digits_cnn or inception")
 
 
-def evaluate(cfg, model: LZNModel, split, *, cache_dir: Path) -> dict[str, float | str]:
-    """Metrics of `model` (usually the EMA weights) for task `cfg` on `split`
-    (train_images, train_labels, test_images, test_labels)."""
+def fid_labels(cfg, n: int) -> Tensor | None:
+    """The class of every FID sample of a joint model: uniform, drawn once for the whole set."""
+    if cfg.objective != "joint":
+        return None
+    return torch.randint(cfg.data.num_classes, (n,), generator=torch.Generator().manual_seed(cfg.eval.seed + 1))
+
+
+class Evaluator:
+    """Computes the part of one unit on this process: the model, the data and (lazily) the
+    feature extractor and classifier it needs, on `model.device`."""
+
+    def __init__(self, cfg, model: LZNModel, data: EvalData, *, cache_dir: str | Path):
+        self.cfg, self.model, self.data, self.cache_dir = cfg, model, data, Path(cache_dir)
+        self._extractor, self._classifier, self._labels = None, None, None
+
+    @property
+    def extractor(self) -> nn.Module:
+        if self._extractor is None:
+            ev = self.cfg.eval
+            self._extractor = fid_extractor(ev.fid_features, self.cache_dir, ev.inception_weights).to(self.model.device)
+        return self._extractor
+
+    def _sample(self) -> dict:
+        ev = self.cfg.eval
+        return dict(method=ev.sampler, steps=ev.sampler_steps, batch_size=ev.batch_size, seed=ev.seed)
+
+    def run(self, unit: Unit) -> dict:
+        ev, model, n = self.cfg.eval, self.model, unit.hi - unit.lo
+        first, bs = unit.lo // ev.batch_size, ev.batch_size
+        if unit.kind == "reference":
+            images, _ = self.data.rows("train", unit.lo, unit.hi)
+            return metrics.feature_moments(images, self.extractor, batch_size=bs).state_dict()
+        if unit.kind == "samples":
+            if self._labels is None:
+                self._labels = fid_labels(self.cfg, fid_samples(self.cfg, self.data))
+            labels = None if self._labels is None else self._labels[unit.lo:unit.hi]
+            fake = model.generate(n, labels, first_batch=first, **self._sample())
+            return metrics.feature_moments(fake, self.extractor, batch_size=bs).state_dict()
+        if unit.kind in ("probe_train", "probe_test"):
+            images, labels = self.data.rows(unit.kind.removeprefix("probe_"), unit.lo, unit.hi)
+            return {"features": model.embed(images, batch_size=bs), "labels": labels}
+        if unit.kind == "classify":
+            images, labels = self.data.rows("test", unit.lo, unit.hi)
+            pred = model.classify(images, batch_size=bs, alpha=ev.alpha, first_batch=first)
+            return {"correct": int((pred == labels).sum()), "count": n}
+        if unit.kind == "conditional":
+            if self._classifier is None:
+                self._classifier = metrics.load_digits_classifier(self.cache_dir).to(model.device)
+            labels = torch.arange(self.cfg.data.num_classes).repeat(ev.per_class)[unit.lo:unit.hi]
+            images = model.generate(n, labels, first_batch=first, **{**self._sample(), "seed": ev.seed + 1})
+            pred = self._classifier(images.to(model.device)).argmax(dim=1).cpu()
+            return {"correct": int((pred == labels).sum()), "count": n}
+        if unit.kind == "reconstruct":
+            images, _ = self.data.rows("test", unit.lo, unit.hi)
+            recon = model.reconstruct(images, batch_size=bs, method=ev.sampler, steps=ev.sampler_steps,
+                                      first_batch=first)
+            l2 = torch.linalg.vector_norm((recon.double() - images.double()).flatten(1), dim=1).sum()
+            return {"l2_sum": float(l2), "count": n}
+        raise ValueError(f"unknown evaluation unit kind {unit.kind!r}")
+
+
+class PartStore:
+    """One file per unit in `folder`, written atomically by whichever worker computed it."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def path(self, unit: Unit) -> Path:
+        return self.folder / f"{unit.name}.pt"
+
+    def has(self, unit: Unit) -> bool:
+        return self.path(unit).is_file()
+
+    def save(self, unit: Unit, part: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path(unit), lambda f: torch.save({"unit": asdict(unit), "part": part}, f))
+
+    def load(self, unit: Unit) -> dict:
+        saved = load_checkpoint(self.path(unit))
+        if saved.get("unit") != asdict(unit):
+            raise ValueError(f"{self.path(unit)} holds unit {saved.get('unit')}, not {asdict(unit)}: "
+                             "delete the parts folder to recompute it")
+        return saved["part"]
+
+
+# ------------------------------------------------------------------ the reference cache
+def manifest_checksum(dataset_dir: str | Path) -> str:
+    """SHA-256 of a prepared dataset's manifest, without its creation time: the same data
+    prepared again keeps its checksum, any change to the shards changes it."""
+    from lzn.data.shards import read_manifest
+
+    manifest = {k: v for k, v in read_manifest(Path(dataset_dir)).items() if k != "created"}
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ReferenceCache:
+    """FID statistics of a dataset's train split, in <dataset>/fid_stats/:
+    <extractor>-<size>x<size>x<channels>-<key>.pt, where the key hashes the manifest's
+    checksum and the extractor's weights. A changed manifest (the data was prepared again
+    differently) gets a new key; statistics of older manifests are removed when it is written."""
+
+    def __init__(self, dataset_dir: str | Path, extractor: nn.Module, *, image_size: int, channels: int):
+        self.folder = Path(dataset_dir) / "fid_stats"
+        self.prefix = f"{extractor_name(extractor)}-{image_size}x{image_size}x{channels}"
+        key = hashlib.sha256(f"{manifest_checksum(dataset_dir)}:{weights_digest(extractor)}".encode()).hexdigest()
+        self.path = self.folder / f"{self.prefix}-{key[:16]}.pt"
+
+    def load(self) -> FeatureStats | None:
+        if not self.path.is_file():
+            return None
+        try:
+            return FeatureStats.from_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+        except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not trusted
+            print(f"ignoring unreadable FID reference statistics {self.path} ({type(err).__name__}: {err})",
+                  file=sys.stderr)
+            return None
+
+    def save(self, stats: FeatureStats) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, lambda f: torch.save(stats.state_dict(), f))
+        for stale in self.folder.glob(f"{self.prefix}-*.pt"):
+            if stale != self.path:
+                stale.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------- the reduction
+Execute = Callable[[list[Unit]], None]  # computes the parts of the given units into the store
+Probe = Callable[[PartStore, list[Unit], list[Unit]], dict]  # trains the probe on the stored features
+
+
+def train_probe(cfg, store: PartStore, train_units: list[Unit], test_units: list[Unit], device="cpu") -> dict:
+    """The linear probe on the stored features (one process: the probe is small)."""
+    def gather(units):
+        parts = [store.load(u) for u in units]
+        return torch.cat([p["features"] for p in parts]).to(device), torch.cat([p["labels"] for p in parts]).to(device)
+
+    ev = cfg.eval
+    (xtr, ytr), (xte, yte) = gather(train_units), gather(test_units)
+    return metrics.linear_probe(xtr, ytr, xte, yte, epochs=ev.probe_epochs, lr=ev.probe_lr, seed=ev.seed,
+                                batch_size=ev.batch_size)
+
+
+def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execute: Execute,
+             extractor: Callable[[], nn.Module], probe: Probe | None = None) -> dict[str, float | str]:
+    """Run (or resume) the evaluation of `chosen` metrics and reduce it to metrics.json keys.
+
+    execute: computes the parts of a list of units into `store` (in this process, or on Ray
+    workers); units whose part exists are not passed again. extractor: the FID extractor
+    (called only when FID is chosen and its reference statistics are needed). probe: trains
+    the linear probe on the stored features (default: `train_probe` here).
+    """
     ev, out = cfg.eval, {}
-    bs = ev.batch_size
-    sample = dict(method=ev.sampler, steps=ev.sampler_steps, batch_size=bs, seed=ev.seed)
-    if cfg.objective in ("representation", "simclr"):
-        probe = metrics.linear_probe_eval(
-            lambda x: model.embed(x, batch_size=bs), split.train_images, split.train_labels,
-            split.test_images, split.test_labels, batch_size=bs, epochs=ev.probe_epochs, lr=ev.probe_lr, seed=ev.seed)
-        out["eval/linear_probe_top1"], out["eval/linear_probe_top5"] = probe["top1"], probe["top5"]
-    if cfg.objective == "joint":
-        out["eval/classification_accuracy"] = metrics.classification_accuracy(
-            lambda x: model.classify(x, batch_size=bs, alpha=ev.alpha), split.test_images, split.test_labels,
-            batch_size=bs)
-        if ev.fid_features == "digits_cnn":
-            # Class consistency needs a classifier of the dataset: the digits CNN.
-            classifier = metrics.load_digits_classifier(cache_dir)
-            out["eval/conditional_accuracy"] = metrics.conditional_accuracy(
-                lambda y: model.generate(len(y), y, **sample), classifier,
-                num_classes=cfg.data.num_classes, per_class=ev.per_class, batch_size=bs)
-    if cfg.objective in ("generation", "rf", "joint"):
-        n = ev.fid_samples or len(split.train_images)
-        extractor = fid_extractor(ev.fid_features, cache_dir, ev.inception_weights)
-        fake = model.generate(n, **sample)
-        out["eval/fid"] = metrics.fid(split.train_images, fake, extractor, batch_size=bs)
+    reference = None
+    cache = None
+    if "fid" in chosen and data.dataset_dir is not None:
+        cache = ReferenceCache(data.dataset_dir, extractor(), image_size=cfg.data.image_size,
+                               channels=cfg.data.channels)
+        reference = cache.load()
+    units = plan(cfg, chosen, data, reference_cached=reference is not None)
+    todo = [u for u in units if not store.has(u)]
+    if todo:
+        execute(todo)
+
+    def of(kind):
+        return [u for u in units if u.kind == kind]
+
+    def moments(kind) -> FeatureMoments:
+        return FeatureMoments.merge_all(FeatureMoments.from_state_dict(store.load(u)) for u in of(kind))
+
+    def ratio(kind, key) -> float:
+        parts = [store.load(u) for u in of(kind)]
+        return sum(p[key] for p in parts) / sum(p["count"] for p in parts)
+
+    if "linear_probe" in chosen:
+        result = (probe or (lambda s, a, b: train_probe(cfg, s, a, b)))(store, of("probe_train"), of("probe_test"))
+        out["eval/linear_probe_top1"], out["eval/linear_probe_top5"] = result["top1"], result["top5"]
+    if "classification" in chosen:
+        out["eval/classification_accuracy"] = ratio("classify", "correct")
+    if "conditional" in chosen:
+        out["eval/conditional_accuracy"] = ratio("conditional", "correct")
+    if "fid" in chosen:
+        if reference is None:
+            reference = moments("reference").stats()
+            if cache is not None:
+                cache.save(reference)
+        fake = moments("samples").stats()
+        out["eval/fid"] = metrics.frechet_distance(reference, fake)
         out["eval/fid_features"] = ev.fid_features
-        out["eval/fid_samples"] = float(n)
-        if cfg.objective == "generation":
-            out["eval/reconstruction_l2"] = metrics.reconstruction_l2(
-                lambda x: model.reconstruct(x, batch_size=bs, method=ev.sampler, steps=ev.sampler_steps),
-                split.test_images, batch_size=bs)
-    out["eval/inference_batch_size"] = float(bs)
+        out["eval/fid_samples"] = float(fake.num_samples)
+        out["eval/fid_reference_samples"] = float(reference.num_samples)
+    if "reconstruction" in chosen:
+        out["eval/reconstruction_l2"] = ratio("reconstruct", "l2_sum")
+    out["eval/inference_batch_size"] = float(ev.batch_size)
     if cfg.objective not in ("rf", "simclr"):
         out["eval/alpha"] = float(cfg.latent.alpha if ev.alpha is None else ev.alpha)
     return out
 
+
+def execute_here(evaluator: Evaluator, store: PartStore, *, progress: bool = True) -> Execute:
+    """Compute units one after another in this process."""
+    from tqdm.auto import tqdm
+
+    def run(units: list[Unit]) -> None:
+        for unit in tqdm(units, desc="evaluate", unit="shard", disable=not progress or len(units) < 2,
+                         file=sys.stderr):
+            store.save(unit, evaluator.run(unit))
+
+    return run
+
+
+def evaluate_here(cfg, model: LZNModel, data: EvalData, *, cache_dir: str | Path, parts_dir: str | Path,
+                  chosen: list[str] | None = None, progress: bool = True) -> dict[str, float | str]:
+    """The whole evaluation in this process (the end of a training run, or backend=local)."""
+    evaluator, store = Evaluator(cfg, model, data, cache_dir=cache_dir), PartStore(parts_dir)
+    return evaluate(cfg, chosen=select_metrics(cfg, chosen), data=data, store=store,
+                    execute=execute_here(evaluator, store, progress=progress),
+                    extractor=lambda: evaluator.extractor,
+                    probe=lambda s, a, b: train_probe(cfg, s, a, b, device=model.device))
+
+
+def load_model(cfg, checkpoint: str | Path, device) -> tuple[LZNModel, int]:
+    """The EMA model of a training checkpoint and the step it was saved at."""
+    from lzn.task import build_objective
+
+    state = load_checkpoint(Path(checkpoint), map_location="cpu")
+    objective = build_objective(cfg)
+    try:
+        objective.load_state_dict(state["ema"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {checkpoint} does not fit task {cfg.name!r} as configured "
+                         f"(objective={cfg.objective}, model={cfg.model.encoder}/{cfg.model.decoder}, "
+                         f"latent.dim={cfg.latent.dim}): {str(err).splitlines()[0]}") from None
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    return LZNModel(objective, shape, device), int(state["step"])

@@ -46,14 +46,18 @@ class LZNModel:
                           for s in _batches(len(images), batch_size)])
 
     @torch.no_grad()
-    def latents(self, images: Tensor, *, batch_size: int, alpha: float | None = None, seed: int = 0) -> Tensor:
-        """LZN latents (N, q), each computed in the flow of its inference batch of `batch_size`."""
+    def latents(self, images: Tensor, *, batch_size: int, alpha: float | None = None, seed: int = 0,
+                first_batch: int = 0) -> Tensor:
+        """LZN latents (N, q), each computed in the flow of its inference batch of `batch_size`.
+
+        first_batch: the global index of the first batch, for a shard of a larger set that starts
+        at image `first_batch * batch_size`: its latents equal that slice of the whole set's."""
         enc, cfg = self._require("encoder"), self.objective.latent
         alpha = cfg.alpha if alpha is None else alpha
         out = []
         for i, s in enumerate(_batches(len(images), batch_size)):
             anchors = enc(images[s].to(self.device)).float()
-            noise = sampling.seeded_normal(seed * 100_003 + i, *anchors.shape, device=self.device)
+            noise = sampling.seeded_normal(seed * 100_003 + first_batch + i, *anchors.shape, device=self.device)
             out.append(compute_latents(anchors, noise, steps=cfg.steps, solver=cfg.solver,
                                        alpha=alpha, eps=cfg.eps).cpu())
         return torch.cat(out)
@@ -66,10 +70,10 @@ class LZNModel:
         return obj.labels().detach().float(), obj.align
 
     @torch.no_grad()
-    def classify(self, images: Tensor, *, batch_size: int, alpha: float | None = None) -> Tensor:
+    def classify(self, images: Tensor, *, batch_size: int, alpha: float | None = None, first_batch: int = 0) -> Tensor:
         """Predicted labels (N,): flow each image latent through the label flow (uniform weights)."""
         label_anchors, align = self._label_flow()
-        z = self.latents(images, batch_size=batch_size, alpha=alpha).to(self.device)
+        z = self.latents(images, batch_size=batch_size, alpha=alpha, first_batch=first_batch).to(self.device)
         return assign_zones(z, label_anchors, steps=align.steps, solver=align.solver, eps=align.eps).cpu()
 
     @torch.no_grad()
@@ -90,8 +94,11 @@ class LZNModel:
 
     @torch.no_grad()
     def generate(self, n: int, labels: Tensor | None = None, *, method: str = "euler", steps: int = 10,
-                 batch_size: int = 256, seed: int = 0) -> Tensor:
-        """n images (n, C, H, W) in [-1, 1]. A joint model takes `labels` (n,) (random if None)."""
+                 batch_size: int = 256, seed: int = 0, first_batch: int = 0) -> Tensor:
+        """n images (n, C, H, W) in [-1, 1]. A joint model takes `labels` (n,) (random if None).
+
+        Batch i's noise is seeded by (seed, first_batch + i): a shard that starts at sample
+        `first_batch * batch_size` generates exactly that slice of the whole set."""
         decoder = self._require("decoder")
         obj = self.objective
         if isinstance(obj, JointObjective) and labels is None:
@@ -100,7 +107,7 @@ class LZNModel:
         if labels is not None and not isinstance(obj, JointObjective):
             raise ValueError("labels given, but this model is not class-conditional (not a joint model)")
         out = []
-        for i, s in enumerate(_batches(n, batch_size)):
+        for i, s in enumerate(_batches(n, batch_size), start=first_batch):
             m = s.stop - s.start
             noise = sampling.seeded_normal(seed * 100_003 + 2 * i, m, *self.image_shape, device=self.device)
             z = None
@@ -115,10 +122,10 @@ class LZNModel:
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, labels: Tensor | None = None, *, batch_size: int,
-                    method: str = "euler", steps: int = 10) -> Tensor:
+                    method: str = "euler", steps: int = 10, first_batch: int = 0) -> Tensor:
         """Invert the image ODE with the image's own LZN latent, then integrate back."""
         decoder = self._require("decoder")
-        z = self.latents(images, batch_size=batch_size)
+        z = self.latents(images, batch_size=batch_size, first_batch=first_batch)
         out = []
         for s in _batches(len(images), batch_size):
             x = images[s].to(self.device)

@@ -73,6 +73,9 @@ class EvalConfig:
     probe_lr: float = 3e-4  # the paper's; small datasets need more (digits: 3e-3)
     per_class: int = 100  # conditional generation: samples per class
     seed: int = 0
+    # Samples per evaluation shard (0: lzn.evaluate.DEFAULT_CHUNK), rounded up to whole
+    # inference batches. Metrics do not depend on it; a crash loses at most one shard.
+    chunk_size: int = 0
 
 
 @dataclass
@@ -161,6 +164,9 @@ def validate_task(cfg: TaskConfig) -> None:
                  "data.channels", "data.num_classes"):
         section, key = what.split(".")
         positive(what, getattr(getattr(cfg, section), key))
+    if cfg.eval.chunk_size < 0 or cfg.eval.fid_samples < 0:
+        raise ValueError(f"eval.chunk_size and eval.fid_samples must be >= 0 (0: the default), got "
+                         f"{cfg.eval.chunk_size} and {cfg.eval.fid_samples}")
     if not 0 < cfg.latent.eps < 1 or not 0 < cfg.align.eps < 1:
         raise ValueError(f"latent.eps and align.eps must lie in (0, 1), got {cfg.latent.eps}, {cfg.align.eps}")
     if not 0 <= cfg.align.cutoff < 1:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from lzn.data.reader import decode_table, verify_and_list
+from lzn.data.reader import decode_table, match_channels, square_pixels, verify_and_list
 
 
 def ray_map(workers: int = 0) -> Callable[[Callable, Iterable], Iterator]:
@@ -72,41 +72,12 @@ def _decode_batch(table, pixel_max: int) -> dict[str, np.ndarray]:
             "pixel_max": np.full(len(labels), pixel_max, np.int32)}
 
 
-def _square(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) uint8 -> (size, size, C): shorter side to `size` (antialiased), centre crop."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    scale = size / min(h, w)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear",
-                      antialias=True, align_corners=False)
-    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
-    x = x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
-    return x.permute(1, 2, 0).numpy()
-
-
-def _channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W, c) -> (H, W, channels): grey repeated to RGB, RGB averaged to grey (ITU-R 601)."""
-    if image.shape[2] == channels:
-        return image
-    if image.shape[2] == 1:
-        return np.repeat(image, channels, axis=2)
-    if channels == 1:
-        grey = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        return grey.round().clip(0, 255).astype(np.uint8)[..., None]
-    raise ValueError(f"cannot turn {image.shape[2]}-channel images into {channels} channels")
-
-
 def _square_batch(batch: dict, size: int, channels: int) -> dict:
     images = batch["image"]
     if (isinstance(images, np.ndarray) and images.dtype != object
             and images.shape[1:] == (size, size, channels)):
         return batch
-    return {**batch, "image": np.stack([_channels(_square(img, size), channels) for img in images])}
+    return {**batch, "image": np.stack([match_channels(square_pixels(img, size), channels) for img in images])}
 
 
 def read_shards(dataset_dir: str | Path, split: str, *, verify: bool = False, image_size: int | None = None,

@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,14 +152,15 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
 
 
 def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
-                       checkpoints=None, batch_source: Callable | None = None) -> dict:
+                       checkpoints=None, batch_source: Callable | None = None, evaluate: bool = True) -> dict:
     """Train task `cfg` (lzn.task.TaskConfig) in `run_dir`, resuming from its latest
     checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary).
 
     batch_source: None reads the train split into memory (batches a function of (seed,
     step)); else a callable that takes this rank's `StepBatcher` and returns `step -> batch`
     (the Ray Data stream). Evaluation needs the splits in memory: when they do not fit, the
-    run says so and leaves evaluation to a separate stage.
+    run says so and leaves evaluation to a separate stage. evaluate=False leaves it to the
+    pipeline's evaluate stage (`pipelines.evaluate`) in any case.
     """
     from lzn.data.batches import StepBatcher, make_batches
     from lzn.data.reader import in_memory_problem, load_training_split
@@ -172,12 +174,13 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     d = cfg.data
     two_view = cfg.objective in TWO_VIEW_OBJECTIVES
     split = None
-    if batch_source is None or r == 0:
+    if batch_source is None or (r == 0 and evaluate):
         problem = in_memory_problem(d.dataset_dir, image_size=d.image_size, channels=d.channels)
         if batch_source is None or problem is None:
             split = load_training_split(d.dataset_dir, image_size=d.image_size, channels=d.channels)
         else:
-            print(f"not evaluating in this run: {problem}", file=sys.stderr)
+            print(f"not evaluating in this run: {problem}; run `python -m pipelines.evaluate` on its checkpoint",
+                  file=sys.stderr)
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
     if batch_source is None:
@@ -205,7 +208,8 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
         metrics = dict(trainer.fit())
         if r == 0:
             metrics["train/logging_seconds"] = timed.seconds
-            _evaluate_and_report(cfg, trainer, split, run_dir, device, meta, jsonl, tracker, metrics)
+            _evaluate_and_report(cfg, trainer, split if evaluate else None, run_dir, device, meta, jsonl, tracker,
+                                 metrics)
     except BaseException:
         if tracker is not None:
             tracker.close("FAILED")
@@ -223,16 +227,18 @@ def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMe
                          metrics: dict) -> None:
     """Add the evaluation to `metrics` (the training summary), write metrics.json and the
     plots, and send it all to MLflow with the final checkpoint and the registered model."""
-    from lzn.evaluate import evaluate
+    from lzn.evaluate import InMemoryData, evaluate_here
     from lzn.inference import LZNModel
     from orchestration.artifacts import loss_curves, sample_grid, write_run_artifacts
 
     model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
     folder = run_dir / "artifacts"
     if split is not None:
-        metrics.update(evaluate(cfg, model, split, cache_dir=Path(cfg.output_dir) / ".cache"))
+        with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
+            metrics.update(evaluate_here(cfg, model, InMemoryData(split, cfg.data.dataset_dir),
+                                         cache_dir=Path(cfg.output_dir) / ".cache", parts_dir=parts))
         pngs = write_run_artifacts(cfg, model, split, jsonl.rows(), folder)
-    else:  # streamed data: no held-out images in memory for the metrics and the zone map
+    else:  # streamed data or a separate evaluate stage: no held-out images here for the zone map
         folder.mkdir(parents=True, exist_ok=True)
         rows = jsonl.rows()
         pngs = [p for p in (loss_curves(rows, folder / "loss_curves.png") if rows else None,

@@ -155,8 +155,11 @@ class ShardDataset(Dataset):
         x = to_float(group.pixels(row), self.pixel_max)
         return (x if self.transform is None else self.transform(x)), int(group.labels[row])
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, int]]:
-        """A DataLoader batch in one call: rows of one size are converted as one array."""
+    def pixels(self, indices) -> tuple[list[np.ndarray], np.ndarray]:
+        """The stored pixels of rows `indices`: (H, W, C) arrays (in [0, pixel_max]) and labels."""
+        return self._pixels(indices)[:2]
+
+    def _pixels(self, indices) -> tuple[list[np.ndarray], np.ndarray, bool]:
         for i in indices:
             self._check(i)
         idx = np.asarray(indices, np.int64)
@@ -170,6 +173,11 @@ class ShardDataset(Dataset):
             all_raw &= group.array is not None
             for k, p in zip(at, group.take(rows)):
                 pixels[k] = p
+        return pixels, labels, all_raw
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, int]]:
+        """A DataLoader batch in one call: rows of one size are converted as one array."""
+        pixels, labels, all_raw = self._pixels(indices)
         # Small raw rows convert as one array; decoded images one by one (a strided copy of a
         # whole batch of large images is slower than converting each while it is in cache).
         if all_raw and pixels and len({p.shape for p in pixels}) == 1:
@@ -179,6 +187,42 @@ class ShardDataset(Dataset):
         if self.transform is not None:
             images = [self.transform(x) for x in images]
         return list(zip(images, labels.tolist()))
+
+    def squared(self, lo: int, hi: int, *, image_size: int, channels: int) -> tuple[Tensor, Tensor]:
+        """Rows [lo, hi) as images (n, channels, image_size, image_size) float32 in [-1, 1]
+        (shorter side resized, centre-cropped, channels matched) and labels (n,)."""
+        pixels, labels = self.pixels(range(lo, hi))
+        squared = [match_channels(square_pixels(p, image_size), channels) for p in pixels]
+        stacked = np.stack(squared) if squared else np.zeros((0, image_size, image_size, channels), np.uint8)
+        return to_float(stacked, self.pixel_max), torch.from_numpy(labels)
+
+
+def square_pixels(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (size, size, C): shorter side to `size` (antialiased), centre crop."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    scale = size / min(h, w)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear",
+                      antialias=True, align_corners=False)
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    x = x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 0).numpy()
+
+
+def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, c) -> (H, W, channels): grey repeated to RGB, RGB averaged to grey (ITU-R 601)."""
+    if image.shape[2] == channels:
+        return image
+    if image.shape[2] == 1:
+        return np.repeat(image, channels, axis=2)
+    if channels == 1:
+        grey = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return grey.round().clip(0, 255).astype(np.uint8)[..., None]
+    raise ValueError(f"cannot turn {image.shape[2]}-channel images into {channels} channels")
 
 
 class _RowGroup:

@@ -92,34 +92,77 @@ class FeatureStats:
         )
 
 
-def _batches(images: Images, batch_size: int) -> Iterable[Tensor]:
-    if isinstance(images, Tensor):
-        check_images(images, min_count=2)
-        return torch.split(images, batch_size)
-    return images
-
-
 def _module_device(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class FeatureMoments:
+    """Sufficient statistics of a part of an image set: count, mean (d,) and the centred sum
+    of outer products m2 (d, d), float64 on the CPU. Parts computed anywhere (one per
+    evaluation shard) merge exactly into the statistics of the whole (Chan et al.'s pairwise
+    update), and merging the same parts in the same order gives bit-identical results, so the
+    statistics of N images do not depend on how many workers computed their parts."""
+
+    num_samples: int
+    mean: Tensor
+    m2: Tensor
+    extractor: str
+
+    def merge(self, other: "FeatureMoments") -> "FeatureMoments":
+        if other.extractor != self.extractor or other.mean.shape != self.mean.shape:
+            raise ValueError(f"cannot merge moments of {self.extractor} (d={self.mean.shape[0]}) with "
+                             f"{other.extractor} (d={other.mean.shape[0]})")
+        n = self.num_samples + other.num_samples
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.num_samples / n)
+        m2 = self.m2 + other.m2 + torch.outer(delta, delta) * (self.num_samples * other.num_samples / n)
+        return FeatureMoments(n, mean, m2, self.extractor)
+
+    @classmethod
+    def merge_all(cls, parts: Iterable["FeatureMoments"]) -> "FeatureMoments":
+        """Left fold over `parts` in the order given (the caller fixes it: shard order)."""
+        merged = None
+        for part in parts:
+            merged = part if merged is None else merged.merge(part)
+        if merged is None:
+            raise ValueError("no feature moments to merge")
+        return merged
+
+    def stats(self) -> FeatureStats:
+        """Mean and unbiased covariance (divides by N - 1, as torchmetrics and pytorch-fid)."""
+        if self.num_samples < 2:
+            raise ValueError(f"feature statistics need at least 2 images for a covariance, got {self.num_samples}")
+        return FeatureStats(self.mean, self.m2 / (self.num_samples - 1), self.num_samples, self.extractor)
+
+    def state_dict(self) -> dict:
+        return {"num_samples": self.num_samples, "mean": self.mean, "m2": self.m2, "extractor": self.extractor}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "FeatureMoments":
+        return cls(int(state["num_samples"]), state["mean"].to("cpu", torch.float64),
+                   state["m2"].to("cpu", torch.float64), str(state["extractor"]))
+
+
 @torch.no_grad()
-def feature_stats(images: Images, extractor: nn.Module, *, batch_size: int = 256) -> FeatureStats:
-    """Mean and covariance of `extractor`'s features over an image set.
+def feature_moments(images: Images, extractor: nn.Module, *, batch_size: int = 256) -> FeatureMoments:
+    """`FeatureMoments` of `extractor`'s features over an image set (at least one image).
 
     images: (N, C, H, W) in [-1, 1], split into `batch_size` batches, or an iterable of
     (B, C, H, W) batches (then `batch_size` is unused). Batches are moved to the extractor's
-    device; the extractor runs in eval mode (its previous mode is restored). The covariance
-    is the unbiased one (divides by N - 1), matching torchmetrics and pytorch-fid.
+    device; the extractor runs in eval mode (its previous mode is restored).
     """
     check_batch_size(batch_size)
+    if isinstance(images, Tensor):
+        check_images(images)
+        images = torch.split(images, batch_size)
     device = _module_device(extractor)
     was_training = extractor.training
     extractor.eval()
     n, shift, total, outer = 0, None, None, None
     try:
-        for x in _batches(images, batch_size):
+        for x in images:
             check_images(x, name="image batch")
             f = extractor(x.to(device))
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
@@ -147,13 +190,17 @@ def feature_stats(images: Images, extractor: nn.Module, *, batch_size: int = 256
             n += f.shape[0]
     finally:
         extractor.train(was_training)
-    if n < 2:
-        raise ValueError(f"feature_stats needs at least 2 images for a covariance, got {n}")
+    if n < 1:
+        raise ValueError("feature_moments got no images")
     mean_centred = total / n
-    cov = (outer - n * torch.outer(mean_centred, mean_centred)) / (n - 1)
-    return FeatureStats(
-        mean=(shift + mean_centred).cpu(), cov=cov.cpu(), num_samples=n, extractor=extractor_name(extractor)
-    )
+    m2 = outer - n * torch.outer(mean_centred, mean_centred)
+    return FeatureMoments(n, (shift + mean_centred).cpu(), m2.cpu(), extractor_name(extractor))
+
+
+def feature_stats(images: Images, extractor: nn.Module, *, batch_size: int = 256) -> FeatureStats:
+    """Mean and covariance of `extractor`'s features over an image set (see `feature_moments`).
+    The covariance is the unbiased one (divides by N - 1), matching torchmetrics and pytorch-fid."""
+    return feature_moments(images, extractor, batch_size=batch_size).stats()
 
 
 def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:

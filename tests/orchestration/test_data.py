@@ -43,7 +43,7 @@ def test_ray_tasks_write_the_same_shards_and_ray_data_reads_them(local_ray, tmp_
 
 
 def test_square_resizes_the_shorter_side_and_crops_the_centre():
-    from orchestration.data import _square
+    from lzn.data.reader import square_pixels as _square
 
     flat = np.full((20, 40, 3), 77, np.uint8)
     out = _square(flat, 10)

@@ -1,0 +1,290 @@
+"""`python -m pipelines.evaluate task=<name> checkpoint=<path or MLflow run id> [metrics=[fid,...]]
+[backend=local|ray] [trainer.num_workers=N] [eval.key=value ...]`: the evaluation stage alone.
+
+checkpoint: a checkpoint file (checkpoints/ckpt-N.pt, or ray/ckpt-N/ckpt.pt), a run folder
+(its latest checkpoint), or the id of an MLflow run that logged one. The model is built from
+the run's own training config (`.hydra/config.yaml`, or the run's config.yaml artifact), so
+`scale=` or model overrides need not be repeated; the command line sets how it is evaluated
+(eval.*, metrics, backend, trainer). backend=ray shards sample generation and feature
+extraction over `trainer.num_workers` Ray workers; the result does not depend on their number.
+
+Results: <run folder>/eval/step-<N>-<key>/ (metrics.json, plots, and the parts: a re-run
+resumes, an identical one is instant), the run folder's metrics.json when the checkpoint is
+its latest, and the training run in MLflow (metrics at the checkpoint's step, plots under
+eval/step-<N>/), or a new run in the task's experiment for a checkpoint without one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.config import BACKENDS, RunConfig, register, to_run_config
+
+register()
+
+# What the command line decides in an evaluation; everything else comes from the training run.
+EVAL_KEYS = ("eval", "backend", "trainer", "tracking", "device", "output_dir", "run_name", "resume",
+             "checkpoint", "metrics", "scale")
+DATA_EVAL_KEYS = ("shards_dir", "loader", "prepare", "root")
+
+
+@dataclass
+class EvalRun(RunConfig):
+    checkpoint: Optional[str] = None  # a checkpoint file, a run folder, or an MLflow run id
+    metrics: Optional[list[str]] = None  # None: every metric the objective has (lzn.evaluate.METRICS)
+
+
+ConfigStore.instance().store(name="eval_schema", node=EvalRun)
+
+
+@dataclass
+class Target:
+    """What is evaluated: a checkpoint file, and the run it belongs to (if known)."""
+
+    checkpoint: Path
+    step: int = 0
+    run_dir: Optional[Path] = None
+    run_id: Optional[str] = None  # the MLflow run that trained it
+    train_config: Optional[dict] = None  # the training run's resolved config
+    notes: list[str] = field(default_factory=list)
+
+
+def _latest_in(run_dir: Path) -> Path | None:
+    from lzn.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir / "checkpoints")
+    found += [(int(p.parent.name.split("-")[1]), p) for p in (run_dir / "ray").glob("ckpt-*/ckpt.pt")]
+    return max(found)[1] if found else None
+
+
+def _run_folder_of(checkpoint: Path) -> Path | None:
+    for folder in list(checkpoint.parents)[:3]:
+        if (folder / ".hydra" / "config.yaml").is_file() or (folder / "mlflow_run.json").is_file():
+            return folder
+    return None
+
+
+def _from_folder(run_dir: Path, checkpoint: Path | None = None) -> Target:
+    checkpoint = checkpoint or _latest_in(run_dir)
+    if checkpoint is None:
+        raise ValueError(f"checkpoint={run_dir} is a folder without checkpoints (checkpoints/ckpt-*.pt or "
+                         "ray/ckpt-*/ckpt.pt)")
+    target = Target(checkpoint.resolve(), run_dir=run_dir.resolve())
+    if (run_dir / "mlflow_run.json").is_file():
+        target.run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    if (run_dir / ".hydra" / "config.yaml").is_file():
+        target.train_config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    return target
+
+
+def _from_mlflow(run_id: str, uri: str, cache: Path) -> Target:
+    import mlflow
+    from mlflow import MlflowClient
+
+    run = MlflowClient(uri).get_run(run_id)
+    local = run.data.tags.get("lzn.run_dir")
+    if local and Path(local).is_dir() and _latest_in(Path(local)) is not None:
+        target = _from_folder(Path(local))
+        target.run_id = run_id
+        return target
+    dst = cache / run_id
+    dst.mkdir(parents=True, exist_ok=True)
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dst),
+                                                      tracking_uri=uri))
+    files = sorted(folder.rglob("*.pt")) if folder.is_dir() else [folder]
+    if not files:
+        raise ValueError(f"MLflow run {run_id} on {uri} logged no checkpoint (artifact checkpoint/)")
+    target = Target(files[-1], run_id=run_id)
+    config = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=str(dst),
+                                                      tracking_uri=uri))
+    target.train_config = OmegaConf.to_container(OmegaConf.load(config))
+    target.notes.append(f"checkpoint and config of MLflow run {run_id} downloaded to {dst}")
+    return target
+
+
+def resolve_target(arg: str | None, cfg: EvalRun) -> Target:
+    """The checkpoint that `checkpoint=` names (see the module doc)."""
+    if not arg:
+        raise ValueError("checkpoint= is required: a checkpoint file, a run folder, or an MLflow run id")
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file():
+        run_dir = _run_folder_of(path.resolve())
+        return _from_folder(run_dir, path) if run_dir else Target(path.resolve())
+    if re.fullmatch(r"[0-9a-f]{32}", arg):
+        from orchestration.tracking import resolve_tracking_uri
+
+        if not cfg.tracking.enabled:
+            raise ValueError(f"checkpoint={arg} looks like an MLflow run id, but tracking.enabled=false")
+        uri = resolve_tracking_uri(cfg.tracking, cfg.output_dir)
+        return _from_mlflow(arg, uri, Path(cfg.output_dir) / ".cache" / "mlflow-runs")
+    raise ValueError(f"checkpoint={arg!r} is neither a checkpoint file, a run folder, nor an MLflow run id "
+                     "(32 hex digits)")
+
+
+def with_training_config(dcfg: DictConfig, target: Target) -> EvalRun:
+    """The command line's config with the training run's settings for everything the command
+    line does not decide (EVAL_KEYS): the model evaluated is the model that was trained."""
+    cli = to_run_config(dcfg)
+    if target.train_config is None:
+        return cli
+    trained = {k: v for k, v in target.train_config.items() if k not in EVAL_KEYS}
+    trained["data"] = {k: v for k, v in trained.get("data", {}).items() if k not in DATA_EVAL_KEYS}
+    if trained.get("name", cli.name) != cli.name:
+        raise ValueError(f"checkpoint {target.checkpoint} was trained on task {trained['name']!r}, not "
+                         f"task={cli.name!r}: pass task={trained['name']}")
+    merged = OmegaConf.merge(dcfg, trained)
+    cfg = to_run_config(merged)
+    from orchestration.tracking import flatten_params
+
+    before, after = flatten_params(dataclasses.asdict(cli)), flatten_params(dataclasses.asdict(cfg))
+    changed = [f"{k}={after[k]} (command line: {before.get(k)})" for k in sorted(after) if before.get(k) != after[k]]
+    if changed:
+        target.notes.append("using the checkpoint's training config for " + ", ".join(changed[:12])
+                            + (f" and {len(changed) - 12} more" if len(changed) > 12 else ""))
+    return cfg
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def evaluation_key(cfg, chosen: list[str], checkpoint_sha: str) -> str:
+    """What an evaluation's result depends on: the weights, the data, the settings."""
+    from lzn.evaluate import manifest_checksum
+    from orchestration.evaluation import eval_settings
+
+    parts = {"checkpoint": checkpoint_sha, "manifest": manifest_checksum(cfg.data.dataset_dir),
+             "settings": eval_settings(cfg, chosen), "image": [cfg.data.image_size, cfg.data.channels]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _device(name: str):
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _plots(cfg, model, data, target: Target, folder: Path) -> list[Path]:
+    from lzn.data.reader import ImageSplit
+    from orchestration.artifacts import write_run_artifacts
+    from orchestration.training import JsonlLogger
+
+    n = min(cfg.eval.batch_size, data.size("test"))
+    test_images, test_labels = data.rows("test", 0, n)
+    split = ImageSplit(test_images[:0], test_labels[:0], test_images, test_labels)
+    rows = JsonlLogger(target.run_dir / "train_metrics.jsonl").rows() if target.run_dir else []
+    return write_run_artifacts(cfg, model, split, rows, folder)
+
+
+def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) -> tuple[dict, Path]:
+    """Evaluate `target` as `cfg` says; returns (metrics, the evaluation's folder)."""
+    from lzn.evaluate import ShardData, evaluate_here, load_model, select_metrics
+    from orchestration.evaluation import eval_settings, evaluate_on_ray, log_evaluation
+    from pipelines.prepare import ensure_prepared
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend={cfg.backend!r} is not known; expected one of {list(BACKENDS)}")
+    chosen = select_metrics(cfg, cfg.metrics)
+    ensure_prepared(cfg.data)
+    device = _device(cfg.device)
+    model, target.step = load_model(cfg, target.checkpoint, device)
+    sha = file_sha256(target.checkpoint)
+    key = evaluation_key(cfg, chosen, sha)
+    base = target.run_dir / "eval" if target.run_dir else Path(cfg.output_dir) / cfg.name / "eval"
+    folder = base / f"step-{target.step}-{key[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / ".complete"
+    if done.is_file() and (folder / "metrics.json").is_file():
+        print(f"{folder} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
+        return json.loads((folder / "metrics.json").read_text()), folder
+    cache_dir = Path(cfg.output_dir) / ".cache"
+    data = ShardData(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    if cfg.backend == "ray":
+        result = evaluate_on_ray(cfg, target.checkpoint, chosen=chosen, parts_dir=folder / "parts",
+                                 cache_dir=cache_dir, trainer=cfg.trainer, progress=progress)
+    else:
+        result = evaluate_here(cfg, model, data, cache_dir=cache_dir, parts_dir=folder / "parts", chosen=chosen,
+                               progress=progress)
+    result["eval/checkpoint_step"] = float(target.step)
+    pngs = _plots(cfg, model, data, target, folder / "plots")
+    (folder / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (folder / "settings.json").write_text(json.dumps({**eval_settings(cfg, chosen), "checkpoint": str(target.checkpoint),
+                                                      "checkpoint_sha256": sha}, indent=2, default=str) + "\n")
+    if target.run_dir is not None and _latest_in(target.run_dir) == target.checkpoint:
+        run_metrics = target.run_dir / "metrics.json"
+        merged = json.loads(run_metrics.read_text()) if run_metrics.is_file() else {}
+        merged = {k: v for k, v in merged.items() if not k.startswith("eval/")}
+        run_metrics.write_text(json.dumps({**merged, **result}, indent=2, sort_keys=True) + "\n")
+    if cfg.tracking.enabled:
+        from orchestration.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.tracking, cfg.output_dir)
+        logged = log_evaluation(
+            uri, experiment=cfg.tracking.experiment or cfg.name, run_id=target.run_id, step=target.step,
+            metrics=result, settings=eval_settings(cfg, chosen), artifacts=[*pngs, folder / "metrics.json"],
+            tags={"lzn.task": cfg.name, "lzn.checkpoint": str(target.checkpoint), "lzn.checkpoint_sha256": sha})
+        if logged and target.run_id is None:
+            print(f"logged to the new MLflow run {logged} (the checkpoint has no training run)", file=sys.stderr)
+    done.write_text(key + "\n")  # last: its presence means the evaluation is complete and recorded
+    return result, folder
+
+
+def print_metrics(metrics: dict) -> None:
+    width = max(len(k) for k in metrics)
+    for key in sorted(metrics):
+        value = metrics[key]
+        print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+
+
+def main_guarded(fn):
+    """Bad data or settings: one line, no traceback (HYDRA_FULL_ERROR=1 shows it)."""
+    from lzn.checkpoint import CheckpointError
+    from lzn.data.shards import ShardError
+    from lzn.data.sources import SourceError
+
+    try:
+        return fn()
+    except (SourceError, ShardError, CheckpointError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"error: {e}") from None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(dcfg: DictConfig) -> None:
+    def run():
+        cli = to_run_config(dcfg)
+        target = resolve_target(cli.checkpoint, cli)
+        cfg = with_training_config(dcfg, target)
+        from lzn.task import validate_task
+
+        validate_task(cfg)
+        for note in target.notes:
+            print(note, file=sys.stderr)
+        print(f"evaluating {target.checkpoint}", file=sys.stderr, flush=True)
+        return evaluate_checkpoint(cfg, target)
+
+    metrics, folder = main_guarded(run)
+    print_metrics(metrics)
+    print(f"evaluation folder: {folder}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
