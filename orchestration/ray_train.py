@@ -144,7 +144,8 @@ def _worker_loop(config: dict) -> None:
         shard = ray.train.get_dataset_shard("train")
         source = lambda batcher: StreamedBatches(shard, batcher, seed=cfg.train.seed)  # noqa: E731
     train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"],
-                       checkpoints=RayCheckpoints(run_dir / STORAGE_NAME), batch_source=source)
+                       checkpoints=RayCheckpoints(run_dir / STORAGE_NAME), batch_source=source,
+                       evaluate=config.get("evaluate", True))
 
 
 def _init_ray() -> bool:
@@ -195,8 +196,10 @@ def has_ray_checkpoints(run_dir: str | Path) -> bool:
     return any((Path(run_dir) / STORAGE_NAME).glob("ckpt-*"))
 
 
-def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: RunMeta) -> dict:
-    """Train and evaluate task `cfg` on Ray workers; returns rank 0's metrics.json."""
+def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: RunMeta, *,
+               evaluate: bool = True) -> dict:
+    """Train and evaluate task `cfg` on Ray workers; returns rank 0's metrics.json
+    (evaluate=False: training only, the evaluation is a later stage)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -220,7 +223,7 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"cfg": _absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
-                               "meta": meta, "stream": stream},
+                               "meta": meta, "stream": stream, "evaluate": evaluate},
             datasets=datasets or None,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=trainer_cfg.num_workers, use_gpu=trainer_cfg.use_gpu,

@@ -35,7 +35,7 @@ register()
 
 # What the command line decides in an evaluation; everything else comes from the training run.
 EVAL_KEYS = ("eval", "backend", "trainer", "tracking", "device", "output_dir", "run_name", "resume",
-             "checkpoint", "metrics", "scale")
+             "checkpoint", "metrics", "scale", "stages")
 DATA_EVAL_KEYS = ("shards_dir", "loader", "prepare", "root")
 
 

@@ -64,6 +64,11 @@ def _remote(address: str | None) -> bool:
     return host not in ("127.0.0.1", "localhost", socket.gethostname())
 
 
+def _entry_point() -> str:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None and spec.name.startswith("pipelines.") else "pipelines.train"
+
+
 def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
     """Where and as what the run is tracked; starts the local MLflow server when needed."""
     from orchestration.mlflow_runs import check_resumable
@@ -86,7 +91,7 @@ def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
         run_name=f"{cfg.run_name}",
         config_yaml=OmegaConf.to_yaml(dcfg, resolve=True),
         tags={"mlflow.source.git.commit": commit, "lzn.git_commit": commit,
-              "lzn.command": shlex.join([sys.executable, "-m", "pipelines.train", *sys.argv[1:]]),
+              "lzn.command": shlex.join([sys.executable, "-m", _entry_point(), *sys.argv[1:]]),
               "lzn.task": cfg.name, "lzn.scale": cfg.scale, "lzn.backend": cfg.backend,
               "lzn.run_dir": str(run_dir.resolve())},
         system_metrics=t.system_metrics, system_metrics_every_s=t.system_metrics_every_s,
@@ -103,7 +108,8 @@ def _refuse_existing(cfg: RunConfig, run_dir: Path) -> None:
                          "choose another run_name= or delete the folder")
 
 
-def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig) -> dict:
+def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = True) -> dict:
+    """Prepare, train and (unless evaluate=False) evaluate `cfg` in `run_dir`; rank 0's metrics."""
     from lzn.task import validate_task
     from orchestration.training import train_and_evaluate
     from pipelines.prepare import ensure_prepared
@@ -117,7 +123,7 @@ def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig) -> dict:
 
         validate_trainer(cfg.trainer, cfg.train.batch_size)
         ensure_prepared(cfg.data)  # on the driver, before any worker starts
-        return fit_on_ray(cfg, run_dir, cfg.trainer, run_meta(cfg, dcfg, run_dir))
+        return fit_on_ray(cfg, run_dir, cfg.trainer, run_meta(cfg, dcfg, run_dir), evaluate=evaluate)
     device = _device(cfg.device)
     rank, _ = _init_distributed(device)
     if device.type == "cuda":
@@ -128,7 +134,7 @@ def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig) -> dict:
         meta = run_meta(cfg, dcfg, run_dir)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the shards rank 0 prepared
-    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta)
+    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta, evaluate=evaluate)
     if dist.is_initialized():  # not on failure: the other ranks may sit in another collective
         dist.barrier()
         dist.destroy_process_group()
