@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 INSTALL_LOG := $(VENV)/install.log
 
-.PHONY: setup test bench sweep clean
+.PHONY: setup test bench sweep train eval clean
+
+TASK ?= gen_digits
 
 setup: $(STAMP)
 
@@ -24,6 +26,15 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# The task's stage DAG: prepare -> train -> evaluate -> report (done stages are skipped).
+train: setup
+	$(PY) -m pipelines.run task=$(TASK) $(ARGS)
+
+# The evaluation stage alone, on any checkpoint: a file, a run folder or an MLflow run id.
+eval: setup
+	@test -n "$(CHECKPOINT)" || { echo "usage: make eval TASK=<task> CHECKPOINT=<checkpoint file, run folder or MLflow run id> [ARGS='metrics=[fid] backend=ray trainer.num_workers=4']" >&2; exit 2; }
+	$(PY) -m pipelines.evaluate task=$(TASK) checkpoint=$(CHECKPOINT) $(ARGS)
 
 sweep: setup
 	@echo "make sweep does not exist yet: Ray Tune sweeps arrive with issue [6/8]." >&2

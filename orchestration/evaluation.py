@@ -50,17 +50,12 @@ class EvalWorker:
         self.evaluator = Evaluator(spec.cfg, model, data, cache_dir=spec.cache_dir)
         self.store = PartStore(spec.parts_dir)
 
-    def run(self, unit: Unit) -> str:
+    def run(self, unit: Unit) -> tuple[str, int]:
         self.store.save(unit, self.evaluator.run(unit))
-        return unit.name
+        return unit.name, os.getpid()
 
     def probe(self, train_units: list[Unit], test_units: list[Unit]) -> dict:
         return train_probe(self.spec.cfg, self.store, train_units, test_units, device=self.device)
-
-    def node(self) -> dict:
-        import ray
-
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
 
 def evaluate_on_ray(cfg, checkpoint: str | Path, *, chosen: list[str], parts_dir: str | Path,
@@ -94,9 +89,11 @@ def evaluate_on_ray(cfg, checkpoint: str | Path, *, chosen: list[str], parts_dir
             start(min(trainer.num_workers, len(units)))
             pool = ActorPool(actors)
             done = pool.map_unordered(lambda actor, unit: actor.run.remote(unit), units)
-            for _ in tqdm(done, total=len(units), desc=f"evaluate ({len(actors)} Ray workers)", unit="shard",
-                          disable=not progress, file=sys.stderr):
-                pass
+            workers = dict(tqdm(done, total=len(units), desc=f"evaluate ({len(actors)} Ray workers)",
+                                unit="shard", disable=not progress, file=sys.stderr))
+            log = parts_dir / "workers.json"  # which worker process computed each part
+            known = json.loads(log.read_text()) if log.is_file() else {}
+            log.write_text(json.dumps({**known, **workers}, indent=1, sort_keys=True) + "\n")
 
         def probe(store, train_units, test_units) -> dict:
             start(1)

@@ -42,21 +42,6 @@ def test_ray_tasks_write_the_same_shards_and_ray_data_reads_them(local_ray, tmp_
         assert row["label"] == ds[i][1]
 
 
-def test_square_resizes_the_shorter_side_and_crops_the_centre():
-    from lzn.data.reader import square_pixels as _square
-
-    flat = np.full((20, 40, 3), 77, np.uint8)
-    out = _square(flat, 10)
-    assert out.shape == (10, 10, 3) and (out == 77).all()
-    # Left half dark, right half bright: the centre crop of a 2:1 image keeps both halves' middle.
-    halves = np.zeros((20, 40, 1), np.uint8)
-    halves[:, 20:] = 200
-    out = _square(halves, 10)
-    assert out[:, :4].max() == 0 and out[:, 6:].min() == 200
-    exact = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
-    assert _square(exact, 4) is exact  # the right size already: untouched
-
-
 def test_read_shards_makes_mixed_sizes_and_channels_square(local_ray, tmp_path):
     from orchestration.data import read_shards
 

@@ -1,0 +1,172 @@
+"""lzn.evaluate: sharded evaluation gives the numbers of the unsharded one, parts resume,
+the FID reference statistics are cached by manifest and extractor."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lzn import evaluate as ev
+from lzn.data.prepare import PrepareConfig, prepare_dataset
+from lzn.data.shards import MANIFEST
+from lzn.inference import LZNModel
+from lzn.metrics import FeatureMoments, feature_moments, feature_stats
+from lzn.objectives import AlignConfig, LatentConfig
+from lzn.task import DataConfig, EvalConfig, ModelConfig as TaskModel, TaskConfig, build_objective
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "digits"
+    prepare_dataset("digits", None, folder, PrepareConfig(executor="serial"), progress=False)
+    return folder
+
+
+def joint_cfg(digits: Path, **eval_overrides) -> TaskConfig:
+    return TaskConfig(
+        name="joint_digits", objective="joint",
+        data=DataConfig(name="digits", shards_dir=str(digits.parent)),
+        model=TaskModel(encoder="digits_cnn", decoder="unet_digits"),
+        latent=LatentConfig(dim=16, steps=3), align=AlignConfig(steps=3, log=False),
+        eval=EvalConfig(**{"batch_size": 8, "sampler_steps": 2, "fid_samples": 40, "per_class": 3, "alpha": 0.0,
+                           **eval_overrides}))
+
+
+def model_of(cfg) -> LZNModel:
+    torch.manual_seed(0)
+    return LZNModel(build_objective(cfg), (1, 8, 8))
+
+
+class Recorder:
+    """An executor that runs units here and remembers which it was given."""
+
+    def __init__(self, evaluator, store):
+        self.evaluator, self.store, self.calls = evaluator, store, []
+
+    def __call__(self, units):
+        self.calls.append([u.name for u in units])
+        for u in units:
+            self.store.save(u, self.evaluator.run(u))
+
+
+def run(cfg, data, parts: Path, model=None):
+    model = model or model_of(cfg)
+    evaluator = ev.Evaluator(cfg, model, data, cache_dir=parts.parent / "cache")
+    store = ev.PartStore(parts)
+    execute = Recorder(evaluator, store)
+    out = ev.evaluate(cfg, chosen=ev.select_metrics(cfg, None), data=data, store=store, execute=execute,
+                      extractor=lambda: evaluator.extractor)
+    return out, execute.calls
+
+
+class Features64(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(16, 5, dtype=torch.float64) + 3.0)
+
+    def forward(self, x):
+        return x.flatten(1).double() @ self.weight
+
+
+def test_moments_of_parts_merge_into_the_statistics_of_the_whole():
+    torch.manual_seed(0)
+    images = torch.rand(53, 1, 4, 4) * 2 - 1
+    extractor = Features64()  # float64 features: what is compared is the merge, not float32 GEMMs
+    whole = feature_stats(images, extractor, batch_size=7)
+    parts = [feature_moments(images[lo:hi], extractor, batch_size=7) for lo, hi in ((0, 1), (1, 20), (20, 53))]
+    merged = FeatureMoments.merge_all(parts).stats()
+    assert merged.num_samples == 53
+    torch.testing.assert_close(merged.mean, whole.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(merged.cov, whole.cov, rtol=0, atol=1e-12)
+
+
+def test_a_shard_of_generation_is_the_same_slice_of_the_whole(digits):
+    cfg = joint_cfg(digits)
+    model = model_of(cfg)
+    labels = torch.arange(24) % 10
+    whole = model.generate(24, labels, steps=2, batch_size=8, seed=3)
+    part = model.generate(8, labels[16:], steps=2, batch_size=8, seed=3, first_batch=2)
+    torch.testing.assert_close(part, whole[16:], rtol=0, atol=0)
+    images = torch.rand(24, 1, 8, 8) * 2 - 1
+    full = model.classify(images, batch_size=8)
+    assert torch.equal(model.classify(images[8:], batch_size=8, first_batch=1), full[8:])
+
+
+def test_many_shards_give_the_metrics_of_one(digits, tmp_path):
+    data = ev.ShardData(digits, image_size=8, channels=1)
+    one, _ = run(joint_cfg(digits), data, tmp_path / "one")
+    for cached in (digits / "fid_stats").glob("*.pt"):  # the reference, too, is computed in shards now
+        cached.unlink()
+    many, calls = run(joint_cfg(digits, chunk_size=16), data, tmp_path / "many")
+    assert sum(name.startswith("reference") for name in calls[0]) == 79  # 1257 rows in shards of 16
+    assert set(one) == set(many) >= {"eval/fid", "eval/classification_accuracy", "eval/conditional_accuracy"}
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert many[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        else:
+            assert many[key] == value
+
+
+def test_an_interrupted_evaluation_resumes_from_its_parts(digits, tmp_path):
+    cfg, data = joint_cfg(digits, chunk_size=16), ev.ShardData(digits, image_size=8, channels=1)
+    first, calls = run(cfg, data, tmp_path / "parts")
+    done = sorted((tmp_path / "parts").glob("*.pt"))
+    lost = [p for p in done if p.name.startswith(("samples", "classify"))][:2]
+    for p in lost:
+        p.unlink()
+    again, calls = run(cfg, data, tmp_path / "parts")
+    assert calls == [sorted(p.stem for p in lost)]  # only what was lost is recomputed
+    assert again == first
+
+
+def test_reference_statistics_are_cached_and_follow_the_manifest(digits, tmp_path):
+    cfg, data = joint_cfg(digits, chunk_size=512), ev.ShardData(digits, image_size=8, channels=1)
+    stats = digits / "fid_stats"
+    for p in stats.glob("*"):
+        p.unlink()
+    first, calls = run(cfg, data, tmp_path / "a")
+    assert [n for n in calls[0] if n.startswith("reference")] == ["reference-00000", "reference-00001",
+                                                                  "reference-00002"]
+    cached = sorted(stats.glob("digits_cnn-8x8x1-*.pt"))
+    assert len(cached) == 1
+    again, calls = run(cfg, data, tmp_path / "b")  # a new evaluation: the reference comes from the cache
+    assert not [n for n in calls[0] if n.startswith("reference")]
+    assert again["eval/fid"] == first["eval/fid"]
+    # The dataset is prepared differently (here: a shard's checksum changes): a new key.
+    manifest = json.loads((digits / MANIFEST).read_text())
+    before = ev.manifest_checksum(digits)
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    (digits / MANIFEST).write_text(json.dumps(manifest))
+    try:
+        assert ev.manifest_checksum(digits) != before
+        _, calls = run(cfg, data, tmp_path / "c")
+        assert [n for n in calls[0] if n.startswith("reference")]  # recomputed for the new manifest
+        now = sorted(stats.glob("digits_cnn-8x8x1-*.pt"))
+        assert len(now) == 1 and now != cached  # the stale statistics are gone
+    finally:
+        prepare_dataset("digits", None, digits, PrepareConfig(executor="serial"), progress=False)
+
+
+def test_the_same_data_prepared_again_keeps_its_checksum(digits):
+    manifest = json.loads((digits / MANIFEST).read_text())
+    before = ev.manifest_checksum(digits)
+    manifest["created"] = "1999-01-01T00:00:00+0000"
+    (digits / MANIFEST).write_text(json.dumps(manifest))
+    assert ev.manifest_checksum(digits) == before
+
+
+def test_metrics_are_checked_against_the_objective(digits):
+    cfg = joint_cfg(digits)
+    assert ev.select_metrics(cfg, None) == ["fid", "classification", "conditional"]
+    with pytest.raises(ValueError, match=r"linear_probe.*do not apply to objective 'joint'.*classification"):
+        ev.select_metrics(cfg, ["linear_probe"])
+    with pytest.raises(ValueError, match=r"\['fdi'\] are not known"):
+        ev.select_metrics(cfg, ["fdi"])
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(digits, tmp_path):
+    cfg = joint_cfg(digits)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"ema": {"nothing": torch.zeros(1)}, "step": 3}, path)
+    with pytest.raises(ValueError, match="does not fit task 'joint_digits'"):
+        ev.load_model(cfg, path, "cpu")
