@@ -106,17 +106,17 @@ class InMemoryData:
 
 
 class ShardData:
-    """A prepared dataset's shards: held in memory when they fit at the task's size, else read
-    by row range (mixed sizes resized and centre-cropped, as the training stream does)."""
+    """A prepared dataset's shards, read by row range at the task's size (mixed sizes resized
+    and centre-cropped, as the training stream does): a worker holds only the rows of the
+    unit it computes."""
 
     def __init__(self, dataset_dir: str | Path, *, image_size: int, channels: int):
-        from lzn.data.reader import _held_out, in_memory_problem
+        from lzn.data.reader import _held_out
         from lzn.data.shards import read_manifest
 
         self._dir, self.image_size, self.channels = Path(dataset_dir), image_size, channels
         self.names = {"train": "train", "test": _held_out(self._dir, read_manifest(self._dir)["splits"])}
-        self.fits = in_memory_problem(self._dir, image_size=image_size, channels=channels) is None
-        self._memory, self._readers = None, {}
+        self._readers = {}
 
     @property
     def dataset_dir(self) -> Path:
@@ -133,13 +133,6 @@ class ShardData:
         return len(self._reader(split))
 
     def rows(self, split: str, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        if self.fits:
-            if self._memory is None:
-                from lzn.data.reader import load_training_split
-
-                self._memory = InMemoryData(load_training_split(self._dir, image_size=self.image_size,
-                                                                channels=self.channels))
-            return self._memory.rows(split, lo, hi)
         return self._reader(split).squared(lo, hi, image_size=self.image_size, channels=self.channels)
 
 
@@ -277,7 +270,11 @@ class PartStore:
         write_atomically(self.path(unit), lambda f: torch.save({"unit": asdict(unit), "part": part}, f))
 
     def load(self, unit: Unit) -> dict:
-        saved = load_checkpoint(self.path(unit))
+        try:
+            saved = torch.load(self.path(unit), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises several types for a broken file
+            raise ValueError(f"evaluation part {self.path(unit)} is unreadable ({type(err).__name__}): delete it "
+                             "and run the evaluation again to recompute it") from None
         if saved.get("unit") != asdict(unit):
             raise ValueError(f"{self.path(unit)} holds unit {saved.get('unit')}, not {asdict(unit)}: "
                              "delete the parts folder to recompute it")
@@ -306,15 +303,15 @@ def weights_digest(module: nn.Module) -> str:
 
 class ReferenceCache:
     """FID statistics of a dataset's train split, in <dataset>/fid_stats/:
-    <extractor>-<size>x<size>x<channels>-<key>.pt, where the key hashes the manifest's
-    checksum and the extractor's weights. A changed manifest (the data was prepared again
-    differently) gets a new key; statistics of older manifests are removed when it is written."""
+    <extractor>-<weights digest>-<size>x<size>x<channels>-<manifest checksum>.pt. A changed
+    manifest (the data was prepared again differently) gets a new file; the statistics of
+    older manifests (same extractor weights and size) are removed when it is written. A
+    folder that cannot be written (read-only shared storage) only costs the cache."""
 
     def __init__(self, dataset_dir: str | Path, extractor: nn.Module, *, image_size: int, channels: int):
         self.folder = Path(dataset_dir) / "fid_stats"
-        self.prefix = f"{extractor_name(extractor)}-{image_size}x{image_size}x{channels}"
-        key = hashlib.sha256(f"{manifest_checksum(dataset_dir)}:{weights_digest(extractor)}".encode()).hexdigest()
-        self.path = self.folder / f"{self.prefix}-{key[:16]}.pt"
+        self.prefix = f"{extractor_name(extractor)}-{weights_digest(extractor)[:8]}-{image_size}x{image_size}x{channels}"
+        self.path = self.folder / f"{self.prefix}-{manifest_checksum(dataset_dir)[:16]}.pt"
 
     def load(self) -> FeatureStats | None:
         if not self.path.is_file():
@@ -327,11 +324,15 @@ class ReferenceCache:
             return None
 
     def save(self, stats: FeatureStats) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, lambda f: torch.save(stats.state_dict(), f))
-        for stale in self.folder.glob(f"{self.prefix}-*.pt"):
-            if stale != self.path:
-                stale.unlink(missing_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, lambda f: torch.save(stats.state_dict(), f))
+            for stale in self.folder.glob(f"{self.prefix}-*.pt"):
+                if stale != self.path:
+                    stale.unlink(missing_ok=True)
+        except OSError as err:
+            print(f"could not cache the FID reference statistics in {self.folder} ({err}); they will be "
+                  "computed again next time", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------- the reduction
@@ -348,7 +349,7 @@ def train_probe(cfg, store: PartStore, train_units: list[Unit], test_units: list
     ev = cfg.eval
     (xtr, ytr), (xte, yte) = gather(train_units), gather(test_units)
     return metrics.linear_probe(xtr, ytr, xte, yte, epochs=ev.probe_epochs, lr=ev.probe_lr, seed=ev.seed,
-                                batch_size=ev.batch_size)
+                                batch_size=ev.probe_batch_size)
 
 
 def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execute: Execute,

@@ -71,6 +71,7 @@ class EvalConfig:
     inception_weights: Optional[str] = None
     probe_epochs: int = 300
     probe_lr: float = 3e-4  # the paper's; small datasets need more (digits: 3e-3)
+    probe_batch_size: int = 256  # the probe's SGD batch (the probe trains on the evaluating worker's device)
     per_class: int = 100  # conditional generation: samples per class
     seed: int = 0
     # Samples per evaluation shard (0: lzn.evaluate.DEFAULT_CHUNK), rounded up to whole
@@ -160,7 +161,7 @@ def validate_task(cfg: TaskConfig) -> None:
     one_of("eval.sampler", cfg.eval.sampler, METHODS)
     one_of("eval.fid_features", cfg.eval.fid_features, ("digits_cnn", "inception"))
     for what in ("latent.dim", "latent.steps", "align.steps", "train.iterations", "train.batch_size",
-                 "train.checkpoint_every", "train.log_every", "eval.batch_size", "data.image_size",
+                 "train.checkpoint_every", "train.log_every", "eval.batch_size", "eval.probe_batch_size", "data.image_size",
                  "data.channels", "data.num_classes"):
         section, key = what.split(".")
         positive(what, getattr(getattr(cfg, section), key))

@@ -75,8 +75,12 @@ def evaluate_on_ray(cfg, checkpoint: str | Path, *, chosen: list[str], parts_dir
     started = _init_ray()
     actors = []
     try:
-        _check_cpus(trainer, ray.cluster_resources().get("CPU", 0), stream=False,
-                    autoscaling=bool(os.environ.get("RAY_ADDRESS")))
+        autoscaling = bool(os.environ.get("RAY_ADDRESS"))
+        _check_cpus(trainer, ray.cluster_resources().get("CPU", 0), stream=False, autoscaling=autoscaling)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if trainer.use_gpu and gpus < trainer.num_workers and not autoscaling:
+            raise ValueError(f"trainer.use_gpu=true with trainer.num_workers={trainer.num_workers} needs a GPU per "
+                             f"worker; this Ray has {gpus:g}. Lower trainer.num_workers, or trainer.use_gpu=false")
         worker = ray.remote(EvalWorker).options(
             num_cpus=trainer.cpus_per_worker, num_gpus=1 if trainer.use_gpu else 0,
             max_restarts=trainer.max_failures, max_task_retries=trainer.max_failures)
@@ -110,11 +114,12 @@ def evaluate_on_ray(cfg, checkpoint: str | Path, *, chosen: list[str], parts_dir
 
 
 # ------------------------------------------------------------------------------- MLflow
-def log_evaluation(uri: str, *, experiment: str, run_id: str | None, step: int, metrics: dict,
+def log_evaluation(uri: str, *, experiment: str, run_id: str | None, step: int, name: str, metrics: dict,
                    settings: dict, artifacts: list[Path], tags: dict[str, str]) -> str | None:
     """Log an evaluation to MLflow run `run_id` (the training run), or to a new run in
     `experiment` when the checkpoint has none. Numbers become metrics at `step` (the
-    checkpoint's), the rest tags; settings and artifacts go under eval/step-<step>/.
+    checkpoint's), the rest tags; the settings (tag lzn.eval.<name>) and the artifacts
+    (eval/<name>/) are kept apart per evaluation `name` (step-<step>-<key>).
     Returns the run id, or None (with a warning) when the server cannot take it."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
@@ -133,10 +138,10 @@ def log_evaluation(uri: str, *, experiment: str, run_id: str | None, step: int, 
         numbers = [Metric(k, float(v), now, step) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         texts = [RunTag(k, str(v)) for k, v in metrics.items() if isinstance(v, str)]
-        texts.append(RunTag(f"lzn.eval.step{step}", json.dumps(settings, sort_keys=True)[:5000]))
+        texts.append(RunTag(f"lzn.eval.{name}", json.dumps(settings, sort_keys=True)[:5000]))
         client.log_batch(run_id, metrics=numbers, tags=texts)
         for path in artifacts:
-            client.log_artifact(run_id, str(path), f"eval/step-{step}")
+            client.log_artifact(run_id, str(path), f"eval/{name}")
         if new:
             client.set_terminated(run_id)
         return run_id

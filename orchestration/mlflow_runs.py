@@ -24,7 +24,7 @@ RESUMABLE_PARAMS = ("train.iterations", "train.progress", "train.log_every", "tr
                     "output_dir", "data.shards_dir", "data.loader", "data.prepare.", "eval.")
 
 
-def _resumable(key: str) -> bool:
+def resumable(key: str) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_PARAMS)
 
 
@@ -32,7 +32,7 @@ def resume_changes(run, params: dict[str, str], run_file: Path) -> dict[str, str
     """Changed params of a resumed run: {key: new value} for RESUMABLE_PARAMS (logged as tags);
     a ValueError naming every other changed key, since that would be another experiment."""
     changed = {k: v for k, v in params.items() if k in run.data.params and run.data.params[k] != v}
-    refused = [f"{k}: {run.data.params[k]!r} -> {v!r}" for k, v in changed.items() if not _resumable(k)]
+    refused = [f"{k}: {run.data.params[k]!r} -> {v!r}" for k, v in changed.items() if not resumable(k)]
     if refused:
         raise ValueError(f"resuming MLflow run {run.info.run_id} from {run_file.parent} with changed settings "
                          f"(MLflow keeps a run's params fixed): {'; '.join(refused)}. Restore them, or choose "

@@ -139,22 +139,22 @@ class Pipeline:
             if missing:
                 raise ValueError(f"stage {name!r} needs {missing}, which have not run with this config (or their "
                                  f"outputs changed): add them to stages=, or leave stages= out")
-            if self.current(name) is not None:
-                self.log(f"[pipeline] {name}: up to date, skipped")
-                status[name] = "skipped"
-                continue
-            key = self.key(name)
-            self._record_path(name).unlink(missing_ok=True)
-            self.log(f"[pipeline] {name}: running")
-            start = time.perf_counter()
-            try:
+            try:  # the stage's key reads its inputs, which can fail too (a missing weights file)
+                if self.current(name) is not None:
+                    self.log(f"[pipeline] {name}: up to date, skipped")
+                    status[name] = "skipped"
+                    continue
+                key = self.key(name)
+                self._record_path(name).unlink(missing_ok=True)
+                self.log(f"[pipeline] {name}: running")
+                start = time.perf_counter()
                 outputs = stage.run()
             except (Exception, SystemExit) as e:  # an interrupt propagates as it is
                 raise StageFailed(name, e) from e
-            recorded = self._outputs(stage, outputs)
-            if recorded is None:
-                missing_out = [k for k, p in outputs.items() if not Path(p).is_file()]
+            missing_out = [k for k, p in outputs.items() if p is None or not Path(p).is_file()]
+            if missing_out:
                 raise StageFailed(name, FileNotFoundError(f"it did not write its outputs {missing_out}"))
+            recorded = self._outputs(stage, outputs)
             record = {"stage": name, "key": key, "inputs": stage.inputs(), "outputs": recorded,
                       "seconds": round(time.perf_counter() - start, 3),
                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -64,8 +64,14 @@ def _latest_in(run_dir: Path) -> Path | None:
     from lzn.checkpoint import list_checkpoints
 
     found = list_checkpoints(run_dir / "checkpoints")
-    found += [(int(p.parent.name.split("-")[1]), p) for p in (run_dir / "ray").glob("ckpt-*/ckpt.pt")]
+    found += [(_step_of(p), p) for p in (run_dir / "ray").glob("ckpt-*/ckpt.pt")]
     return max(found)[1] if found else None
+
+
+def _step_of(path: Path) -> int:
+    """The step in a checkpoint's name (ckpt-<step>.pt, or ckpt-<step>/ckpt.pt); -1 if none."""
+    m = re.search(r"ckpt-(\d+)", f"{path.parent.name}/{path.name}")
+    return int(m.group(1)) if m else -1
 
 
 def _run_folder_of(checkpoint: Path) -> Path | None:
@@ -102,7 +108,7 @@ def _from_mlflow(run_id: str, uri: str, cache: Path) -> Target:
     dst.mkdir(parents=True, exist_ok=True)
     folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dst),
                                                       tracking_uri=uri))
-    files = sorted(folder.rglob("*.pt")) if folder.is_dir() else [folder]
+    files = sorted(folder.rglob("*.pt") if folder.is_dir() else [folder], key=_step_of)
     if not files:
         raise ValueError(f"MLflow run {run_id} on {uri} logged no checkpoint (artifact checkpoint/)")
     target = Target(files[-1], run_id=run_id)
@@ -165,13 +171,35 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def evaluation_key(cfg, chosen: list[str], checkpoint_sha: str) -> str:
-    """What an evaluation's result depends on: the weights, the data, the settings."""
-    from lzn.evaluate import manifest_checksum
-    from orchestration.evaluation import eval_settings
+# What an evaluation's numbers depend on besides the weights and the data: the model's
+# definition and inference settings (the length of training, where and how it runs do not).
+RESULT_KEYS = ("name", "objective", "symmetric", "model.", "latent.", "align.", "data.name", "data.source",
+               "data.image_size", "data.channels", "data.num_classes", "eval.")
 
-    parts = {"checkpoint": checkpoint_sha, "manifest": manifest_checksum(cfg.data.dataset_dir),
-             "settings": eval_settings(cfg, chosen), "image": [cfg.data.image_size, cfg.data.channels]}
+
+def extractor_digest(cfg, chosen: list[str]) -> str | None:
+    """Which feature extractor / classifier the metrics read, by content; None if none."""
+    if not {"fid", "conditional"} & set(chosen):
+        return None
+    if cfg.eval.fid_features == "inception":
+        from lzn.metrics.fid import inception_weights_path
+
+        return file_sha256(inception_weights_path(cfg.eval.inception_weights))  # fails early when missing
+    from lzn.metrics.digits_classifier import cache_key
+
+    return f"digits_cnn:{cache_key()}"
+
+
+def evaluation_key(cfg, chosen: list[str], checkpoint_sha: str) -> str:
+    """What an evaluation's result depends on: the weights, the data, the settings, the extractor."""
+    from lzn.evaluate import manifest_checksum
+    from orchestration.tracking import flatten_params
+
+    settings = {k: v for k, v in flatten_params(dataclasses.asdict(cfg)).items()
+                if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESULT_KEYS)
+                and k != "eval.inception_weights"}
+    parts = {"checkpoint": checkpoint_sha, "manifest": manifest_checksum(cfg.data.dataset_dir), "metrics": chosen,
+             "settings": settings, "extractor": extractor_digest(cfg, chosen)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -194,9 +222,11 @@ def _plots(cfg, model, data, target: Target, folder: Path) -> list[Path]:
 
 
 def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) -> tuple[dict, Path]:
-    """Evaluate `target` as `cfg` says; returns (metrics, the evaluation's folder)."""
+    """Evaluate `target` as `cfg` says; returns (metrics, the evaluation's folder). An
+    evaluation already complete in its folder is not computed again, only recorded where it
+    is missing (the run's metrics.json, MLflow)."""
     from lzn.evaluate import ShardData, evaluate_here, load_model, select_metrics
-    from orchestration.evaluation import eval_settings, evaluate_on_ray, log_evaluation
+    from orchestration.evaluation import eval_settings, evaluate_on_ray
     from pipelines.prepare import ensure_prepared
 
     if cfg.backend not in BACKENDS:
@@ -210,40 +240,53 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
     base = target.run_dir / "eval" if target.run_dir else Path(cfg.output_dir) / cfg.name / "eval"
     folder = base / f"step-{target.step}-{key[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
-    done = folder / ".complete"
-    if done.is_file() and (folder / "metrics.json").is_file():
+    if (folder / ".complete").is_file() and (folder / "metrics.json").is_file():
         print(f"{folder} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
-        return json.loads((folder / "metrics.json").read_text()), folder
-    cache_dir = Path(cfg.output_dir) / ".cache"
-    data = ShardData(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
-    if cfg.backend == "ray":
-        result = evaluate_on_ray(cfg, target.checkpoint, chosen=chosen, parts_dir=folder / "parts",
-                                 cache_dir=cache_dir, trainer=cfg.trainer, progress=progress)
     else:
-        result = evaluate_here(cfg, model, data, cache_dir=cache_dir, parts_dir=folder / "parts", chosen=chosen,
-                               progress=progress)
-    result["eval/checkpoint_step"] = float(target.step)
-    pngs = _plots(cfg, model, data, target, folder / "plots")
-    (folder / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    (folder / "settings.json").write_text(json.dumps({**eval_settings(cfg, chosen), "checkpoint": str(target.checkpoint),
-                                                      "checkpoint_sha256": sha}, indent=2, default=str) + "\n")
-    if target.run_dir is not None and _latest_in(target.run_dir) == target.checkpoint:
+        cache_dir = Path(cfg.output_dir) / ".cache"
+        data = ShardData(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
+        if cfg.backend == "ray":
+            result = evaluate_on_ray(cfg, target.checkpoint, chosen=chosen, parts_dir=folder / "parts",
+                                     cache_dir=cache_dir, trainer=cfg.trainer, progress=progress)
+        else:
+            result = evaluate_here(cfg, model, data, cache_dir=cache_dir, parts_dir=folder / "parts",
+                                   chosen=chosen, progress=progress)
+        result["eval/checkpoint_step"] = float(target.step)
+        _plots(cfg, model, data, target, folder / "plots")
+        (folder / "settings.json").write_text(json.dumps(
+            {**eval_settings(cfg, chosen), "checkpoint": str(target.checkpoint), "checkpoint_sha256": sha},
+            indent=2, default=str) + "\n")
+        (folder / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        (folder / ".complete").write_text(key + "\n")  # the evaluation is whole; recording follows
+    result = json.loads((folder / "metrics.json").read_text())
+    _record(cfg, target, folder, result, chosen, sha)
+    return result, folder
+
+
+def _record(cfg, target: Target, folder: Path, result: dict, chosen: list[str], sha: str) -> None:
+    """Into the run folder's metrics.json (when the checkpoint is the run's latest) and MLflow
+    (once: `.logged` remembers it; an unreachable server is tried again on the next call)."""
+    from orchestration.evaluation import eval_settings, log_evaluation
+
+    if target.run_dir is not None and _latest_in(target.run_dir.resolve()) == target.checkpoint.resolve():
         run_metrics = target.run_dir / "metrics.json"
         merged = json.loads(run_metrics.read_text()) if run_metrics.is_file() else {}
         merged = {k: v for k, v in merged.items() if not k.startswith("eval/")}
         run_metrics.write_text(json.dumps({**merged, **result}, indent=2, sort_keys=True) + "\n")
-    if cfg.tracking.enabled:
-        from orchestration.tracking import resolve_tracking_uri
+    if not cfg.tracking.enabled or (folder / ".logged").is_file():
+        return
+    from orchestration.tracking import resolve_tracking_uri
 
-        uri = resolve_tracking_uri(cfg.tracking, cfg.output_dir)
-        logged = log_evaluation(
-            uri, experiment=cfg.tracking.experiment or cfg.name, run_id=target.run_id, step=target.step,
-            metrics=result, settings=eval_settings(cfg, chosen), artifacts=[*pngs, folder / "metrics.json"],
-            tags={"lzn.task": cfg.name, "lzn.checkpoint": str(target.checkpoint), "lzn.checkpoint_sha256": sha})
-        if logged and target.run_id is None:
+    uri = resolve_tracking_uri(cfg.tracking, cfg.output_dir)
+    logged = log_evaluation(
+        uri, experiment=cfg.tracking.experiment or cfg.name, run_id=target.run_id, step=target.step,
+        name=folder.name, metrics=result, settings=eval_settings(cfg, chosen),
+        artifacts=[*sorted((folder / "plots").glob("*.png")), folder / "metrics.json"],
+        tags={"lzn.task": cfg.name, "lzn.checkpoint": str(target.checkpoint), "lzn.checkpoint_sha256": sha})
+    if logged:
+        (folder / ".logged").write_text(json.dumps({"run_id": logged, "uri": uri}) + "\n")
+        if target.run_id is None:
             print(f"logged to the new MLflow run {logged} (the checkpoint has no training run)", file=sys.stderr)
-    done.write_text(key + "\n")  # last: its presence means the evaluation is complete and recorded
-    return result, folder
 
 
 def print_metrics(metrics: dict) -> None:

@@ -32,15 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.config import RunConfig, to_run_config
 from pipelines.dag import Pipeline, Stage, StageFailed
-from pipelines.evaluate import EvalRun, Target, evaluate_checkpoint, main_guarded, print_metrics
+from pipelines.evaluate import EvalRun, Target, evaluate_checkpoint, extractor_digest, main_guarded, print_metrics
 
 STAGES = ("prepare", "train", "evaluate", "report")
-# Keys that say how or where a run goes, not what it computes (RESUMABLE_PARAMS less the
-# length of training): they do not make the train stage run again.
-NOT_TRAINING = ("train.progress", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                "trainer.", "tracking.", "backend", "device", "resume", "output_dir", "data.shards_dir",
-                "data.loader", "data.prepare.", "data.root", "eval.", "stages", "metrics", "checkpoint",
-                "run_name")
+# Beyond RESUMABLE_PARAMS (how or where a run goes), the length of training is an input of
+# the train stage (more iterations train on); where the raw data lies is not.
+TRAIN_LENGTH, NOT_TRAINING = "train.iterations", ("data.root", "run_name")
 PREPARE_KEYS = ("shard_mb", "shard_rows", "raw_max_side")
 
 
@@ -58,12 +55,12 @@ def as_run_config(cfg: RunConfig) -> RunConfig:
 
 
 def _training_inputs(cfg: RunConfig) -> dict:
+    from orchestration.mlflow_runs import resumable
     from orchestration.tracking import flatten_params
 
-    def how(key: str) -> bool:
-        return any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_TRAINING)
-
-    return {k: v for k, v in flatten_params(dataclasses.asdict(as_run_config(cfg))).items() if not how(k)}
+    params = flatten_params(dataclasses.asdict(as_run_config(cfg)))
+    return {k: v for k, v in params.items()
+            if k == TRAIN_LENGTH or not (resumable(k) or k in NOT_TRAINING)}
 
 
 def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline:
@@ -109,7 +106,8 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
             digests={"manifest": lambda p: manifest_checksum(p.parent)}),
         Stage("train", do_train, inputs=lambda: _training_inputs(cfg), needs=("prepare",)),
         Stage("evaluate", do_evaluate, needs=("prepare", "train"),
-              inputs=lambda: eval_settings(cfg, select_metrics(cfg, cfg.metrics))),
+              inputs=lambda: {**eval_settings(cfg, select_metrics(cfg, cfg.metrics)),
+                              "extractor": extractor_digest(cfg, select_metrics(cfg, cfg.metrics))}),
         Stage("report", do_report, inputs=lambda: {"format": 1}, needs=("train", "evaluate")),
     ], run_dir / "pipeline")
     return pipeline

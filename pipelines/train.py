@@ -13,6 +13,7 @@ turns tracking off).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import socket
@@ -108,6 +109,31 @@ def _refuse_existing(cfg: RunConfig, run_dir: Path) -> None:
                          "choose another run_name= or delete the folder")
 
 
+TRAINED_WITH = "trained_with.json"  # the flattened config a run folder's checkpoints were trained with
+
+
+def check_same_training(cfg: RunConfig, run_dir: Path) -> None:
+    """A run folder continues only the training it holds: settings that change what is trained
+    (not how long, where or how it runs: RESUMABLE_PARAMS) are refused, with or without MLflow."""
+    from lzn.checkpoint import latest_checkpoint
+    from lzn.atomic import write_atomically
+    from orchestration.mlflow_runs import resumable
+    from orchestration.ray_train import has_ray_checkpoints
+    from orchestration.tracking import flatten_params
+
+    params = flatten_params(dataclasses.asdict(cfg))
+    record = run_dir / TRAINED_WITH
+    trained = latest_checkpoint(run_dir / "checkpoints") is not None or has_ray_checkpoints(run_dir)
+    if trained and record.is_file():
+        old = json.loads(record.read_text())
+        refused = [f"{k}: {old[k]!r} -> {v!r}" for k, v in params.items() if k in old and old[k] != v
+                   and not resumable(k)]
+        if refused:
+            raise ValueError(f"{run_dir} holds a model trained with other settings ({'; '.join(refused)}): restore "
+                             "them, or choose another run_name= (or delete the folder) to train anew")
+    write_atomically(record, lambda f: f.write(json.dumps(params, indent=1, sort_keys=True).encode() + b"\n"))
+
+
 def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = True) -> dict:
     """Prepare, train and (unless evaluate=False) evaluate `cfg` in `run_dir`; rank 0's metrics."""
     from lzn.task import validate_task
@@ -118,6 +144,8 @@ def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = Tru
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend={cfg.backend!r} is not known; expected one of {list(BACKENDS)}")
     _refuse_existing(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_same_training(cfg, run_dir)
     if cfg.backend == "ray":
         from orchestration.ray_train import fit_on_ray, validate_trainer
 

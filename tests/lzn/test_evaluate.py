@@ -127,7 +127,7 @@ def test_reference_statistics_are_cached_and_follow_the_manifest(digits, tmp_pat
     first, calls = run(cfg, data, tmp_path / "a")
     assert [n for n in calls[0] if n.startswith("reference")] == ["reference-00000", "reference-00001",
                                                                   "reference-00002"]
-    cached = sorted(stats.glob("digits_cnn-8x8x1-*.pt"))
+    cached = sorted(stats.glob("digits_cnn-*-8x8x1-*.pt"))
     assert len(cached) == 1
     again, calls = run(cfg, data, tmp_path / "b")  # a new evaluation: the reference comes from the cache
     assert not [n for n in calls[0] if n.startswith("reference")]
@@ -141,7 +141,7 @@ def test_reference_statistics_are_cached_and_follow_the_manifest(digits, tmp_pat
         assert ev.manifest_checksum(digits) != before
         _, calls = run(cfg, data, tmp_path / "c")
         assert [n for n in calls[0] if n.startswith("reference")]  # recomputed for the new manifest
-        now = sorted(stats.glob("digits_cnn-8x8x1-*.pt"))
+        now = sorted(stats.glob("digits_cnn-*-8x8x1-*.pt"))
         assert len(now) == 1 and now != cached  # the stale statistics are gone
     finally:
         prepare_dataset("digits", None, digits, PrepareConfig(executor="serial"), progress=False)

@@ -47,8 +47,10 @@ def test_evaluating_a_saved_checkpoint_reproduces_what_the_training_run_logged(t
     assert result["eval/checkpoint_step"] == 4
     history = client.get_metric_history(run_id, "eval/fid")  # logged into the training run, at its step
     assert [m.step for m in history] == [4, 4] and history[0].value == pytest.approx(history[1].value, rel=1e-6)
-    assert {f.path for f in client.list_artifacts(run_id, "eval/step-4")} >= {
-        "eval/step-4/metrics.json", "eval/step-4/samples.png", "eval/step-4/latent_zones.png"}
+    folder = f"eval/{folder_of(done).name}"  # eval/step-4-<key>: one folder per evaluation
+    assert folder.startswith("eval/step-4-")
+    assert {f.path for f in client.list_artifacts(run_id, folder)} >= {
+        f"{folder}/metrics.json", f"{folder}/samples.png", f"{folder}/latent_zones.png"}
 
     # By MLflow run id, with the run folder gone: checkpoint and config come from the server.
     shutil.move(run_dir, tmp_path / "moved")

@@ -64,3 +64,15 @@ def test_only_the_selected_stages_run(tmp_path):
     assert not (tmp_path / "gen_digits" / "smoke-seed0" / "eval").exists()
     refused = pipeline("stages=[report]", "tracking.enabled=false", out=tmp_path, check=False)
     assert refused.returncode != 0 and "stage 'report' needs ['evaluate']" in refused.stderr
+
+
+def test_a_change_to_what_is_trained_is_refused_in_the_same_run_folder(tmp_path):
+    pipeline("stages=[prepare,train]", "tracking.enabled=false", out=tmp_path)
+    refused = pipeline("stages=[prepare,train]", "tracking.enabled=false", "optim.lr.decoder=0.5", out=tmp_path,
+                       check=False)
+    assert refused.returncode != 0 and "stage 'train' failed" in refused.stderr
+    assert "trained with other settings (optim.lr.decoder" in refused.stderr and "run_name=" in refused.stderr
+    elsewhere = pipeline("stages=[prepare,train]", "tracking.enabled=false", "optim.lr.decoder=0.5",
+                         "run_name=lr05", out=tmp_path)
+    # A new run folder keeps its own records (prepare finds its shards in place and rewrites none).
+    assert stages(elsewhere) == {"prepare": "ran", "train": "ran"} and "digits: up to date" in elsewhere.stderr
