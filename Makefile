@@ -36,10 +36,9 @@ eval: setup
 	@test -n "$(CHECKPOINT)" || { echo "usage: make eval TASK=<task> CHECKPOINT=<checkpoint file, run folder or MLflow run id> [ARGS='metrics=[fid] backend=ray trainer.num_workers=4']" >&2; exit 2; }
 	$(PY) -m pipelines.evaluate task=$(TASK) checkpoint=$(CHECKPOINT) $(ARGS)
 
+# The main job: a Ray Tune sweep of TASK (default: a digits task, minutes on a laptop).
 sweep: setup
-	@echo "make sweep does not exist yet: Ray Tune sweeps arrive with issue [6/8]." >&2
-	@echo "Today the platform has the LZN core (lzn.zoning): run 'make test' and 'make bench'." >&2
-	@exit 2
+	$(PY) -m pipelines.sweep task=$(TASK) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench-results

@@ -45,6 +45,19 @@ METRICS = ("fid", "linear_probe", "classification", "conditional", "reconstructi
 DEFAULT_CHUNK = 10_000  # samples per unit (rounded up to whole inference batches)
 
 
+# metrics.json key -> the metric that computes it
+METRIC_OF_KEY = {"eval/fid": "fid", "eval/linear_probe_top1": "linear_probe", "eval/linear_probe_top5": "linear_probe",
+                 "eval/classification_accuracy": "classification", "eval/conditional_accuracy": "conditional",
+                 "eval/reconstruction_l2": "reconstruction"}
+
+
+def metric_for_key(cfg, key: str) -> str:
+    """The metric that produces metrics.json key `key` for task `cfg`, checked against its objective."""
+    if key not in METRIC_OF_KEY:
+        raise ValueError(f"{key!r} is not an evaluation metric; expected one of {sorted(METRIC_OF_KEY)}")
+    return select_metrics(cfg, [METRIC_OF_KEY[key]])[0]
+
+
 def applicable_metrics(cfg) -> list[str]:
     """The metrics task `cfg` (lzn.task.TaskConfig) can be evaluated on, in METRICS order."""
     out = {"representation": ["linear_probe"], "simclr": ["linear_probe"], "rf": ["fid"],

@@ -55,6 +55,8 @@ class RayCheckpoints:
 
     def __init__(self, storage_dir: Path):
         self.storage_dir = Path(storage_dir)
+        self.report_metrics = None  # rank 0: step -> extra metrics for the report (a sweep's metric)
+        self.last_report: dict = {}
 
     def latest(self, map_location="cpu") -> dict | None:
         import ray.train
@@ -78,9 +80,11 @@ class RayCheckpoints:
         if rank != 0:  # report is a barrier: every rank calls it, only rank 0 brings a checkpoint
             ray.train.report({"step": step})
             return None
+        metrics = {"step": step, **(self.report_metrics(step) if self.report_metrics else {})}
+        self.last_report = metrics
         with tempfile.TemporaryDirectory(prefix="lzn-ckpt-") as folder:
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
-            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name)
         return self.storage_dir / name / CHECKPOINT_FILE
 
@@ -143,9 +147,17 @@ def _worker_loop(config: dict) -> None:
     if config["stream"]:
         shard = ray.train.get_dataset_shard("train")
         source = lambda batcher: StreamedBatches(shard, batcher, seed=cfg.train.seed)  # noqa: E731
-    train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"],
-                       checkpoints=RayCheckpoints(run_dir / STORAGE_NAME), batch_source=source,
-                       evaluate=config.get("evaluate", True))
+    checkpoints = RayCheckpoints(run_dir / STORAGE_NAME)
+    key = config.get("report_metric")
+    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"], checkpoints=checkpoints,
+                                 batch_source=source, evaluate=config.get("evaluate", True), report_metric=key)
+    if key:  # a sweep's last result, once the run is evaluated and recorded (a scheduler may end it here)
+        final = {"step": int(metrics["train/steps"]), "final": 1}
+        if rank == 0:  # the run's evaluation, else (streamed data: none in the run) the last checkpoint's
+            value = metrics.get(key, checkpoints.last_report.get(tune_key(key)))
+            if value is not None:
+                final[tune_key(key)] = float(value)
+        ray.train.report(final)
 
 
 def _init_ray() -> bool:
@@ -194,14 +206,21 @@ def _check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autosc
                          f"(fractions work, e.g. {max(0.25, (have - 1) / trainer_cfg.num_workers):g}) or num_workers")
 
 
+def tune_key(metric: str) -> str:
+    """The name a metrics.json key is reported under to Tune (no '/': Tune nests on it)."""
+    return metric.replace("/", "_")
+
+
 def has_ray_checkpoints(run_dir: str | Path) -> bool:
     return any((Path(run_dir) / STORAGE_NAME).glob("ckpt-*"))
 
 
 def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: RunMeta, *,
-               evaluate: bool = True) -> dict:
+               evaluate: bool = True, report_metric: str | None = None, callbacks: list | None = None) -> dict:
     """Train and evaluate task `cfg` on Ray workers; returns rank 0's metrics.json
-    (evaluate=False: training only, the evaluation is a later stage)."""
+    (evaluate=False: training only, the evaluation is a later stage). report_metric: a
+    metrics.json key evaluated at every checkpoint and reported with it (as `tune_key`), for
+    a Tune scheduler that `callbacks` (TuneReportCallback) feeds."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -225,7 +244,8 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"cfg": _absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
-                               "meta": meta, "stream": stream, "evaluate": evaluate},
+                               "meta": meta, "stream": stream, "evaluate": evaluate,
+                               "report_metric": report_metric},
             datasets=datasets or None,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=trainer_cfg.num_workers, use_gpu=trainer_cfg.use_gpu,
@@ -235,7 +255,7 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
                 name=STORAGE_NAME, storage_path=str(run_dir),
                 failure_config=ray.train.FailureConfig(max_failures=trainer_cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=callbacks or None),
         )
         trainer.fit()
     finally:

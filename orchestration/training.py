@@ -152,7 +152,8 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
 
 
 def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
-                       checkpoints=None, batch_source: Callable | None = None, evaluate: bool = True) -> dict:
+                       checkpoints=None, batch_source: Callable | None = None, evaluate: bool = True,
+                       report_metric: str | None = None) -> dict:
     """Train task `cfg` (lzn.task.TaskConfig) in `run_dir`, resuming from its latest
     checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary).
 
@@ -160,7 +161,9 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     step)); else a callable that takes this rank's `StepBatcher` and returns `step -> batch`
     (the Ray Data stream). Evaluation needs the splits in memory: when they do not fit, the
     run says so and leaves evaluation to a separate stage. evaluate=False leaves it to the
-    pipeline's evaluate stage (`pipelines.evaluate`) in any case.
+    pipeline's evaluate stage (`pipelines.evaluate`) in any case. report_metric: a metrics.json
+    key that rank 0 evaluates on the EMA model at every checkpoint and hands to the checkpoint
+    store's report (a sweep's early-stopping signal).
     """
     from lzn.data.batches import StepBatcher, make_batches
     from lzn.data.reader import in_memory_problem, load_training_split
@@ -201,6 +204,8 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     try:
         trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir,
                           callbacks=[timed] if r == 0 else [], device=device, checkpoints=checkpoints)
+        if r == 0 and report_metric:
+            checkpoints.report_metrics = _checkpoint_evaluation(cfg, trainer, device, report_metric)
         if r == 0 and meta.tracking_uri:  # after everything that can refuse the config
             tracker = _open_tracker(cfg, run_dir, meta)
             if tracker is not None:
@@ -221,6 +226,25 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
         if lock is not None:
             lock.close()  # releases the flock
     return metrics
+
+
+def _checkpoint_evaluation(cfg, trainer, device, key: str) -> Callable[[int], dict]:
+    """step -> {tune_key(key): value} of the EMA model now: the metric alone, read from the shards."""
+    from lzn.evaluate import ShardData, evaluate_here, metric_for_key
+    from lzn.inference import LZNModel
+    from orchestration.ray_train import tune_key
+
+    metric, d = metric_for_key(cfg, key), cfg.data
+    data = ShardData(d.dataset_dir, image_size=d.image_size, channels=d.channels)
+
+    def evaluate_now(step: int) -> dict:
+        model = LZNModel(trainer.ema, (d.channels, d.image_size, d.image_size), device)
+        with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
+            value = evaluate_here(cfg, model, data, cache_dir=Path(cfg.output_dir) / ".cache", parts_dir=parts,
+                                  chosen=[metric], progress=False)[key]
+        return {tune_key(key): float(value)}
+
+    return evaluate_now
 
 
 def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMeta, jsonl, tracker,

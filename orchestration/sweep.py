@@ -1,0 +1,314 @@
+"""Hyperparameter sweeps on Ray Tune: every trial a Ray Train run of the training pipeline.
+
+The pattern the installed Ray (Train V2) documents for Train inside Tune: a Tune function
+trainable per trial builds a `TorchTrainer` (`orchestration.ray_train.fit_on_ray`) whose
+`RunConfig` carries `ray.tune.integration.ray_train.TuneReportCallback`, so what the
+workers `ray.train.report` at each checkpoint (here: the sweep's metric, evaluated on rank 0
+on the EMA model) reaches Tune's scheduler. ASHA stops poor trials at checkpoints; Optuna
+(`sweep.search=optuna`) proposes configs instead of random sampling.
+`max_concurrent_trials` is derived from the cluster's CPUs (and GPUs) and each trial's
+workers, so a trial never starts before its workers can, and none waits holding resources.
+
+MLflow: the sweep is a parent run (its config, the leaderboard, the best config as a
+ready-to-run task YAML); every trial's training run is nested under it (`mlflow.parentRunId`)
+with its params, metrics and artifacts as a single run has them. Everything lives in
+<output_dir>/<task>/sweeps/<sweep.name>/: Tune's state (tune/), one run folder per trial
+(trials/<trial id>/), the leaderboard. Re-running the same command after the driver died
+restores the Tuner there: finished trials are kept, unfinished ones resume from their last
+checkpoint, and the parent run continues.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+KINDS = ("choice", "uniform", "loguniform", "grid", "randint")
+SEARCHES = ("random", "optuna")
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class ParamSpec:
+    """One dimension of the search space: choice/grid over `values`, uniform/loguniform over
+    [low, high], randint over [low, high)."""
+
+    kind: str = "choice"
+    values: Optional[list[Any]] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+
+@dataclass
+class SweepConfig:
+    name: str = "default"  # the sweep's folder and MLflow parent run name (the same name resumes it)
+    metric: str = "eval/fid"  # a key of metrics.json
+    mode: str = "min"  # min or max
+    num_samples: int = 8  # trials (with grid dimensions: repeats of the grid)
+    search: str = "random"  # random, or optuna (TPE)
+    scheduler: str = "asha"  # asha (early stopping at checkpoints) or fifo (every trial to the end)
+    grace_period: int = 1  # checkpoints a trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0  # 0: as many as the cluster fits (trainer.* per trial)
+    seed: int = 0  # of the search
+    space: dict[str, ParamSpec] = field(default_factory=dict)  # config key -> how it varies
+
+
+def validate_sweep(sweep: SweepConfig, base_params: dict[str, str]) -> None:
+    """Every name and range, and every swept key a key of the task's config."""
+    def one_of(what, value, known):
+        if value not in known:
+            raise ValueError(f"{what}={value!r} is not known; expected one of {list(known)}")
+
+    one_of("sweep.search", sweep.search, SEARCHES)
+    one_of("sweep.scheduler", sweep.scheduler, SCHEDULERS)
+    one_of("sweep.mode", sweep.mode, ("min", "max"))
+    if sweep.num_samples < 1 or sweep.grace_period < 1 or sweep.reduction_factor < 2 or sweep.max_concurrent_trials < 0:
+        raise ValueError(f"need sweep.num_samples >= 1, grace_period >= 1, reduction_factor >= 2 and "
+                         f"max_concurrent_trials >= 0; got {sweep.num_samples}, {sweep.grace_period}, "
+                         f"{sweep.reduction_factor}, {sweep.max_concurrent_trials}")
+    if not sweep.space:
+        raise ValueError("sweep.space is empty: nothing to search (pipelines/conf/sweep/<task>.yaml)")
+    for key, spec in sweep.space.items():
+        where = f"sweep.space.{key}"
+        if key not in base_params:
+            near = sorted(k for k in base_params if k.split(".")[-1] == key.split(".")[-1])
+            raise ValueError(f"{where}: {key!r} is not a key of the task's config" + (f" (did you mean {near}?)"
+                                                                                    if near else ""))
+        one_of(f"{where}.kind", spec.kind, KINDS)
+        if spec.kind in ("choice", "grid"):
+            if not spec.values:
+                raise ValueError(f"{where}: kind {spec.kind} needs a non-empty `values` list")
+        else:
+            if spec.low is None or spec.high is None or not spec.low < spec.high:
+                raise ValueError(f"{where}: kind {spec.kind} needs low < high, got low={spec.low}, high={spec.high}")
+            if spec.kind == "loguniform" and spec.low <= 0:
+                raise ValueError(f"{where}: loguniform needs low > 0, got {spec.low}")
+    if sweep.search == "optuna" and any(s.kind == "grid" for s in sweep.space.values()):
+        raise ValueError("sweep.search=optuna cannot take grid dimensions; use choice instead")
+
+
+def search_space(sweep: SweepConfig) -> dict[str, Any]:
+    """The Tune search space: one entry per swept key (dots kept in the names)."""
+    from ray import tune
+
+    out = {}
+    for key, s in sweep.space.items():
+        out[key] = {"choice": lambda: tune.choice(list(s.values)), "grid": lambda: tune.grid_search(list(s.values)),
+                    "uniform": lambda: tune.uniform(s.low, s.high),
+                    "loguniform": lambda: tune.loguniform(s.low, s.high),
+                    "randint": lambda: tune.randint(int(s.low), int(s.high))}[s.kind]()
+    return out
+
+
+def trial_config(cfg, overrides: dict[str, Any]):
+    """A copy of the task config `cfg` with a trial's values set at their dotted keys
+    (dict fields such as optim.lr take new keys' values too)."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        if isinstance(node, dict):
+            node[last] = value
+            continue
+        current = getattr(node, last)
+        if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) \
+                and value.is_integer():
+            value = int(value)
+        setattr(node, last, value)
+    return cfg
+
+
+def concurrent_trials(sweep: SweepConfig, trainer, resources: dict[str, float], stream: bool) -> int:
+    """How many trials fit at once: each takes num_workers x cpus_per_worker CPUs (and a GPU
+    per worker), plus a CPU for Ray Data when it streams. Refuses a trial that cannot fit."""
+    cpus = trainer.num_workers * trainer.cpus_per_worker + (1 if stream else 0)
+    fit = math.floor(resources.get("CPU", 0) / cpus + 1e-9)
+    if trainer.use_gpu:
+        fit = min(fit, math.floor(resources.get("GPU", 0) / trainer.num_workers + 1e-9))
+    if fit < 1:
+        raise ValueError(f"one trial needs {cpus:g} CPUs{' and ' + str(trainer.num_workers) + ' GPUs' if trainer.use_gpu else ''} "
+                         f"(trainer.num_workers={trainer.num_workers}, trainer.cpus_per_worker="
+                         f"{trainer.cpus_per_worker:g}); this Ray has {resources.get('CPU', 0):g} CPUs, "
+                         f"{resources.get('GPU', 0):g} GPUs")
+    return min(fit, sweep.max_concurrent_trials) if sweep.max_concurrent_trials else fit
+
+
+# ---------------------------------------------------------------------------- a trial
+def run_trial(config: dict, spec: dict) -> None:
+    """The Tune trainable: one Ray Train run of the task with this trial's values."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestration.ray_train import fit_on_ray, tune_key
+
+    # A trial's workers may wait for those of a stopped trial to go: Ray Train's 60 s default
+    # is too short for that on a busy machine (an autoscaling cluster waits longer anyway).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(spec["cfg"], config)
+    run_dir = Path(spec["sweep_dir"]) / "trials" / trial_id
+    meta = copy.deepcopy(spec["meta"])
+    if meta is not None:
+        meta.run_name = f"{spec['name']}-{trial_id}"
+        meta.register_model = False  # the sweep's best config is trained (and registered) on its own
+        meta.tags = {**meta.tags, "mlflow.parentRunId": spec["parent_run_id"], "lzn.sweep": spec["name"],
+                     "lzn.trial": trial_id, "lzn.run_dir": str(run_dir)}
+    key = spec["metric"]
+    done = run_dir / "metrics.json"
+    if done.is_file():  # trained and evaluated before the sweep's driver died: report, do not retrain
+        result = json.loads(done.read_text())
+        if key in result and result.get("train/steps", 0) >= cfg.train.iterations:
+            ray.tune.report({"step": int(result["train/steps"]), "final": 1, tune_key(key): float(result[key])})
+            return
+    fit_on_ray(cfg, run_dir, cfg.trainer, meta, report_metric=key, callbacks=[TuneReportCallback()])
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class TrialRow:
+    trial: str
+    status: str  # finished, stopped early, error
+    value: Optional[float]
+    steps: int
+    params: dict[str, Any]
+    run_id: Optional[str]
+
+
+def leaderboard(sweep: SweepConfig, rows: list[TrialRow]) -> list[TrialRow]:
+    """Finished trials by the metric (best first), then stopped ones by their last value, then errors."""
+    sign = 1 if sweep.mode == "min" else -1
+    rank = {"finished": 0, "stopped early": 1, "error": 2}
+
+    def key(r):
+        value = r.value if r.value is not None and math.isfinite(r.value) else math.inf
+        return rank[r.status], sign * value if value != math.inf else math.inf
+
+    return sorted(rows, key=key)
+
+
+def leaderboard_markdown(sweep: SweepConfig, rows: list[TrialRow]) -> str:
+    keys = list(sweep.space)
+    head = ["rank", "trial", "status", sweep.metric, "steps", *keys, "MLflow run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for i, r in enumerate(rows, 1):
+        value = "" if r.value is None else f"{r.value:.6g}"
+        params = [f"{r.params.get(k):.4g}" if isinstance(r.params.get(k), float) else str(r.params.get(k))
+                  for k in keys]
+        lines.append("| " + " | ".join([str(i), r.trial, r.status, value, str(r.steps), *params,
+                                        r.run_id or ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ the sweep
+def _search(sweep: SweepConfig, concurrency: int):
+    """The search algorithm, limited to `concurrency` trials at once (Tune applies
+    max_concurrent_trials to Searchers only, not to its random/grid generator)."""
+    if sweep.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as err:  # pragma: no cover - optuna is a dependency
+            raise ValueError(f"sweep.search=optuna needs the optuna package ({err})") from None
+        from ray.tune.search import ConcurrencyLimiter
+
+        return ConcurrencyLimiter(OptunaSearch(seed=sweep.seed), max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
+
+
+def _scheduler(sweep: SweepConfig, cfg):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.scheduler == "fifo":
+        return FIFOScheduler()
+    # One result per checkpoint, and a last one once the trial is evaluated and recorded: ASHA
+    # ends a trial at max_t, so only that last result may reach it.
+    reports = math.ceil(cfg.train.iterations / cfg.train.checkpoint_every) + 1
+    return ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                         grace_period=min(sweep.grace_period, reports - 1) or 1,
+                         reduction_factor=sweep.reduction_factor)
+
+
+def _rows(grid, cfg, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
+    from orchestration.mlflow_runs import RUN_FILE
+    from orchestration.ray_train import tune_key
+
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial = metrics.get("trial_id") or Path(result.path).name
+        params = {k: v for k, v in (result.config or {}).items()}
+        steps = int(metrics.get("step", 0))
+        target = trial_config(cfg, params).train.iterations
+        status = "error" if result.error else ("finished" if steps >= target else "stopped early")
+        run_file = sweep_dir / "trials" / str(trial) / RUN_FILE
+        run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+        value = metrics.get(tune_key(sweep.metric))
+        rows.append(TrialRow(str(trial), status, None if value is None else float(value), steps, params, run_id))
+    return leaderboard(sweep, rows)
+
+
+def run_sweep(cfg, sweep: SweepConfig, sweep_dir: str | Path, *, meta=None, parent_run_id: str | None = None,
+              verbose: int = 1) -> list[TrialRow]:
+    """Run (or resume) the sweep in `sweep_dir`; returns the leaderboard rows, best first.
+
+    cfg: the task's RunConfig (backend, trainer.* per trial); meta: the trials' RunMeta
+    (None: untracked), nested under MLflow run `parent_run_id`."""
+    import ray
+    from ray import tune
+
+    from orchestration.ray_train import _absolute_paths, _init_ray, streams, tune_key, validate_trainer
+
+    validate_trainer(cfg.trainer, cfg.train.batch_size)
+    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"cfg": _absolute_paths(cfg), "sweep_dir": str(sweep_dir), "meta": meta, "name": sweep.name,
+            "parent_run_id": parent_run_id, "metric": sweep.metric}
+    started = _init_ray()
+    try:
+        concurrency = concurrent_trials(sweep, cfg.trainer, ray.cluster_resources(), streams(cfg.data))
+        print(f"{concurrency} trial(s) at a time: each takes {cfg.trainer.num_workers} worker(s) x "
+              f"{cfg.trainer.cpus_per_worker:g} CPU{' + 1 GPU' if cfg.trainer.use_gpu else ''}", file=sys.stderr)
+        # The trial's driver only waits on its Ray Train run: its workers hold the resources.
+        trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": 0, "memory": 2**20})
+        storage = str(sweep_dir / "tune")
+        if tune.Tuner.can_restore(storage):
+            print(f"resuming the sweep in {storage}", file=sys.stderr, flush=True)
+            tuner = tune.Tuner.restore(storage, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=search_space(sweep),
+                tune_config=tune.TuneConfig(metric=tune_key(sweep.metric), mode=sweep.mode,
+                                            num_samples=sweep.num_samples, search_alg=_search(sweep, concurrency),
+                                            scheduler=_scheduler(sweep, cfg),
+                                            trial_dirname_creator=lambda trial: trial.trial_id),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=verbose,
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        grid = tuner.fit()
+        return _rows(grid, cfg, sweep, sweep_dir)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def close_stopped_runs(uri: str, rows: list[TrialRow]) -> None:
+    """Child runs of trials ASHA stopped (their process was killed mid-run) end as KILLED,
+    tagged lzn.sweep.status; finished ones are tagged too."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for row in rows:
+        if row.run_id is None:
+            continue
+        client.set_tag(row.run_id, "lzn.sweep.status", row.status)
+        if row.status != "finished" and client.get_run(row.run_id).info.status == "RUNNING":
+            client.set_terminated(row.run_id, "KILLED" if row.status == "stopped early" else "FAILED")

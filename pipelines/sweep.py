@@ -1,0 +1,174 @@
+"""`python -m pipelines.sweep task=<name> [scale=smoke] [sweep.num_samples=N] [sweep.search=optuna]
+[sweep.scheduler=fifo] [trainer.num_workers=N] [key=value ...]` (and `make sweep TASK=...`):
+a Ray Tune sweep of a task, every trial a Ray Train run, nested in MLflow.
+
+The search space and the sweep's metric come from pipelines/conf/sweep/<task>.yaml
+(orchestration.sweep.SweepConfig; choice, uniform, loguniform, grid, randint). Everything
+lands in <output_dir>/<task>/sweeps/<sweep.name>/ (<scale> unless named); the same command
+continues an interrupted sweep. At the end the leaderboard is printed and saved
+(leaderboard.md, leaderboard.csv), and the best trial's config is written as a task file:
+`python -m pipelines.train --config-dir <sweep folder> task=best_<task>` trains it.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from orchestration.sweep import SweepConfig
+from pipelines.config import RunConfig, register, to_run_config
+
+register()
+
+
+@dataclass
+class SweepRun(RunConfig):
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+ConfigStore.instance().store(name="sweep_schema", node=SweepRun)
+
+
+def check_data(cfg: RunConfig) -> None:
+    """The task's data is prepared (or can be, here): else say which dataset, where it was
+    looked for and how to prepare it, before any trial starts."""
+    from lzn.data.shards import MANIFEST
+    from lzn.data.sources import SourceError
+    from pipelines.prepare import ensure_prepared
+
+    d = cfg.data
+    try:
+        ensure_prepared(d)
+    except SourceError as e:
+        raise ValueError(f"dataset {d.name!r} is not prepared: no {d.dataset_dir.resolve() / MANIFEST}. Prepare it "
+                         f"with `python -m pipelines.prepare data={d.source_name} data.root=<folder>` (or pass "
+                         f"data.root= to this command; LZN_DATA_DIR moves {Path(d.shards_dir).resolve()}). {e}") from None
+
+
+def smoke_space(cfg: "SweepRun") -> list[str]:
+    """scale=smoke keeps the search space but not the paper's batch sizes: they are fixed at
+    the smoke batch, so a smoke sweep stays a CPU job. Returns notes for the user."""
+    space = cfg.sweep.space
+    if cfg.scale != "smoke" or "train.batch_size" not in space:
+        return []
+    space["train.batch_size"] = dataclasses.replace(space["train.batch_size"], kind="choice",
+                                                    values=[cfg.train.batch_size], low=None, high=None)
+    return [f"scale=smoke: train.batch_size fixed at {cfg.train.batch_size} (the space's sizes are full-scale)"]
+
+
+def write_results(cfg: "SweepRun", rows, sweep_dir: Path) -> dict[str, Path]:
+    from orchestration.sweep import leaderboard_markdown
+
+    out = {"leaderboard.md": sweep_dir / "leaderboard.md", "leaderboard.csv": sweep_dir / "leaderboard.csv"}
+    title = f"# Sweep {cfg.sweep.name!r} of {cfg.name}: {cfg.sweep.metric} ({cfg.sweep.mode})\n\n"
+    out["leaderboard.md"].write_text(title + leaderboard_markdown(cfg.sweep, rows))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = list(cfg.sweep.space)
+    writer.writerow(["rank", "trial", "status", cfg.sweep.metric, "steps", *keys, "mlflow_run_id"])
+    for i, r in enumerate(rows, 1):
+        writer.writerow([i, r.trial, r.status, r.value, r.steps, *[r.params.get(k) for k in keys], r.run_id or ""])
+    out["leaderboard.csv"].write_text(buffer.getvalue())
+    best = next((r for r in rows if r.status == "finished" and r.value is not None), None)
+    if best is not None:
+        path = sweep_dir / "task" / f"best_{cfg.name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(best_task_yaml(cfg, best))
+        out["best_task.yaml"] = path
+    return out
+
+
+def best_task_yaml(cfg: "SweepRun", row) -> str:
+    """The best trial as a task file (pipelines/conf/task/ format): every value of the task."""
+    from lzn.task import TaskConfig
+    from orchestration.sweep import trial_config
+
+    best = trial_config(cfg, row.params)
+    task = TaskConfig(**{f.name: getattr(best, f.name) for f in dataclasses.fields(TaskConfig)})
+    task.name = cfg.name
+    values = OmegaConf.to_container(OmegaConf.structured(task))
+    for machine_specific in ("shards_dir", "root", "prepare"):  # where the data lies is the user's
+        values["data"].pop(machine_specific)
+    changed = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.params.items())
+    return (f"# @package _global_\n# Best finished trial {row.trial} of sweep {cfg.sweep.name!r}: "
+            f"{cfg.sweep.metric} = {row.value:.6g} ({changed}).\n"
+            f"# Train it: python -m pipelines.train --config-dir <this file's folder>/.. task=best_{cfg.name}\n"
+            + OmegaConf.to_yaml(values))
+
+
+def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[str, Path]]:
+    """Check, run (or resume) and record the sweep; returns (leaderboard rows, files written)."""
+    from lzn.evaluate import metric_for_key
+    from lzn.task import validate_task
+    from orchestration.sweep import close_stopped_runs, run_sweep, validate_sweep
+    from orchestration.tracking import RunTracker, flatten_params
+    from pipelines.train import run_meta
+
+    validate_task(cfg)
+    task_cfg = RunConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
+    task_cfg.backend = "ray"
+    validate_sweep(cfg.sweep, flatten_params(dataclasses.asdict(task_cfg)))
+    metric_for_key(task_cfg, cfg.sweep.metric)  # one the task's objective has
+    for note in smoke_space(cfg):
+        print(note, file=sys.stderr)
+    check_data(task_cfg)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    parent, meta = None, None
+    if cfg.tracking.enabled:
+        task_dcfg = OmegaConf.masked_copy(dcfg, [f.name for f in dataclasses.fields(RunConfig)])
+        meta = run_meta(task_cfg, task_dcfg, sweep_dir / "trials" / "_")
+        parent = RunTracker.open(meta.tracking_uri, meta.experiment, sweep_dir, run_name=f"sweep-{cfg.sweep.name}",
+                                 params=flatten_params(dataclasses.asdict(cfg)),
+                                 config_yaml=OmegaConf.to_yaml(dcfg, resolve=True),
+                                 tags={**meta.tags, "lzn.sweep": cfg.sweep.name, "lzn.run_dir": str(sweep_dir)},
+                                 system_metrics=False)
+        print(f"MLflow parent run {parent.run_id} on {meta.tracking_uri}", file=sys.stderr, flush=True)
+    status = "FAILED"
+    try:
+        rows = run_sweep(task_cfg, cfg.sweep, sweep_dir, meta=meta, parent_run_id=parent and parent.run_id)
+        files = write_results(cfg, rows, sweep_dir)
+        if parent is not None:
+            close_stopped_runs(meta.tracking_uri, rows)
+            best = next((r for r in rows if r.status == "finished" and r.value is not None), None)
+            counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "error")}
+            parent.log_metrics({"sweep/trials": float(len(rows)), "sweep/finished": float(counts["finished"]),
+                                "sweep/stopped_early": float(counts["stopped early"]),
+                                "sweep/errors": float(counts["error"]),
+                                **({f"best/{cfg.sweep.metric}": best.value} if best else {})}, step=len(rows))
+            for path in files.values():
+                parent.log_artifact(path)
+        status = "FINISHED"
+        return rows, files
+    finally:
+        if parent is not None:
+            parent.close(status)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sweep")
+def main(dcfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipelines.evaluate import main_guarded
+
+    sweep_dir = Path(HydraConfig.get().runtime.output_dir)
+    cfg = main_guarded(lambda: to_run_config(dcfg))
+    rows, files = main_guarded(lambda: run(cfg, sweep_dir, dcfg))
+    print(files["leaderboard.md"].read_text())
+    if "best_task.yaml" in files:
+        print(f"best config: {files['best_task.yaml']}\n  train it: {sys.executable} -m pipelines.train "
+              f"--config-dir {sweep_dir} task=best_{cfg.name}")
+    else:
+        print("no trial finished: no best config", file=sys.stderr)
+    print(f"sweep folder: {sweep_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""orchestration.sweep without a cluster: the search space, trial configs, concurrency, ranking."""
+import dataclasses
+
+import pytest
+
+from orchestration.ray_train import RayTrainerConfig
+from orchestration.sweep import (
+    ParamSpec,
+    SweepConfig,
+    TrialRow,
+    concurrent_trials,
+    leaderboard,
+    leaderboard_markdown,
+    search_space,
+    trial_config,
+    validate_sweep,
+)
+from orchestration.tracking import flatten_params
+from pipelines.config import RunConfig
+
+def base() -> RunConfig:
+    cfg = RunConfig()
+    cfg.optim.lr = {"encoder": 1e-4, "decoder": 1e-3}
+    return cfg
+
+
+PARAMS = flatten_params(dataclasses.asdict(base()))
+
+
+def sweep(**space) -> SweepConfig:
+    return SweepConfig(space={k: ParamSpec(**v) for k, v in space.items()})
+
+
+def test_every_kind_becomes_a_tune_domain():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = search_space(sweep(**{"optim.lr.encoder": {"kind": "loguniform", "low": 1e-5, "high": 1e-3},
+                                  "latent.alpha": {"kind": "uniform", "low": 0.3, "high": 0.6},
+                                  "latent.dim": {"kind": "choice", "values": [8, 16]},
+                                  "latent.steps": {"kind": "randint", "low": 5, "high": 10},
+                                  "align.cutoff": {"kind": "grid", "values": [0.1, 0.2]}}))
+    assert isinstance(space["optim.lr.encoder"], Float) and isinstance(space["latent.alpha"], Float)
+    assert isinstance(space["latent.dim"], Categorical) and isinstance(space["latent.steps"], Integer)
+    assert space["align.cutoff"] == {"grid_search": [0.1, 0.2]}
+    assert space["optim.lr.encoder"].lower == 1e-5 and space["latent.dim"].categories == [8, 16]
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"latent.dimm": {"kind": "choice", "values": [1]}}, r"'latent.dimm' is not a key of the task's config"),
+    ({"latent.dim": {"kind": "normal", "values": [1]}}, r"kind='normal' is not known"),
+    ({"latent.alpha": {"kind": "uniform", "low": 0.6, "high": 0.3}}, "needs low < high"),
+    ({"optim.lr.encoder": {"kind": "loguniform", "low": 0.0, "high": 1e-3}}, "loguniform needs low > 0"),
+    ({"latent.dim": {"kind": "choice", "values": []}}, "non-empty `values`"),
+    ({}, "sweep.space is empty"),
+])
+def test_a_bad_space_is_named(space, message):
+    with pytest.raises(ValueError, match=message):
+        validate_sweep(sweep(**space), PARAMS)
+
+
+def test_a_misspelt_key_gets_a_suggestion():
+    with pytest.raises(ValueError, match=r"did you mean \['align.cutoff'\]"):
+        validate_sweep(sweep(**{"latent.cutoff": {"kind": "choice", "values": [0.1]}}), PARAMS)
+
+
+def test_optuna_takes_no_grid():
+    s = sweep(**{"latent.dim": {"kind": "grid", "values": [8, 16]}})
+    s.search = "optuna"
+    with pytest.raises(ValueError, match="optuna cannot take grid"):
+        validate_sweep(s, PARAMS)
+
+
+def test_a_trial_config_sets_nested_and_dict_keys_and_keeps_the_base():
+    cfg = base()
+    trial = trial_config(cfg, {"latent.dim": 32.0, "optim.lr.encoder": 0.5, "align.cutoff": 0.3})
+    assert trial.latent.dim == 32 and isinstance(trial.latent.dim, int)  # a float from Tune, an int field
+    assert trial.optim.lr == {"encoder": 0.5, "decoder": 1e-3} and trial.align.cutoff == 0.3
+    assert cfg.latent.dim != 32 and cfg.optim.lr["encoder"] == 1e-4  # a copy
+
+
+def test_concurrency_follows_the_cluster_and_each_trials_workers():
+    s = SweepConfig()
+    two_workers = RayTrainerConfig(num_workers=2, cpus_per_worker=1.0)
+    assert concurrent_trials(s, two_workers, {"CPU": 8}, stream=False) == 4
+    assert concurrent_trials(s, two_workers, {"CPU": 8}, stream=True) == 2  # a CPU for Ray Data each
+    gpu = RayTrainerConfig(num_workers=2, cpus_per_worker=1.0, use_gpu=True)
+    assert concurrent_trials(s, gpu, {"CPU": 64, "GPU": 4}, stream=False) == 2
+    s.max_concurrent_trials = 1
+    assert concurrent_trials(s, two_workers, {"CPU": 8}, stream=False) == 1
+    with pytest.raises(ValueError, match="one trial needs 2 CPUs.*this Ray has 1 CPUs"):
+        concurrent_trials(SweepConfig(), two_workers, {"CPU": 1}, stream=False)
+
+
+def test_the_leaderboard_ranks_finished_trials_first_then_stopped_then_errors():
+    s = sweep(**{"latent.dim": {"kind": "choice", "values": [8]}})
+    s.mode = "max"
+    rows = [TrialRow("a", "stopped early", 0.99, 2, {"latent.dim": 8}, None),
+            TrialRow("b", "finished", 0.5, 6, {"latent.dim": 8}, "r1"),
+            TrialRow("c", "error", None, 0, {"latent.dim": 8}, None),
+            TrialRow("d", "finished", 0.7, 6, {"latent.dim": 16}, "r2")]
+    assert [r.trial for r in leaderboard(s, rows)] == ["d", "b", "a", "c"]
+    table = leaderboard_markdown(s, leaderboard(s, rows))
+    assert table.splitlines()[2] == "| 1 | d | finished | 0.7 | 6 | 16 | r2 |"
