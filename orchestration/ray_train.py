@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import tempfile
@@ -56,7 +57,6 @@ class RayCheckpoints:
     def __init__(self, storage_dir: Path):
         self.storage_dir = Path(storage_dir)
         self.report_metrics = None  # rank 0: step -> extra metrics for the report (a sweep's metric)
-        self.last_report: dict = {}
 
     def latest(self, map_location="cpu") -> dict | None:
         import ray.train
@@ -81,7 +81,6 @@ class RayCheckpoints:
             ray.train.report({"step": step})
             return None
         metrics = {"step": step, **(self.report_metrics(step) if self.report_metrics else {})}
-        self.last_report = metrics
         with tempfile.TemporaryDirectory(prefix="lzn-ckpt-") as folder:
             torch.save(state, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -150,11 +149,18 @@ def _worker_loop(config: dict) -> None:
     checkpoints = RayCheckpoints(run_dir / STORAGE_NAME)
     key = config.get("report_metric")
     metrics = train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"], checkpoints=checkpoints,
-                                 batch_source=source, evaluate=config.get("evaluate", True), report_metric=key)
+                                 batch_source=source, evaluate=config.get("evaluate", True), report_metric=key,
+                                 report_mode=config.get("report_mode", "min"))
     if key:  # a sweep's last result, once the run is evaluated and recorded (a scheduler may end it here)
-        final = {"step": int(metrics["train/steps"]), "final": 1}
+        final = {"step": int(metrics["train/steps"]), "final": 1,
+                 "report": math.ceil(cfg.train.iterations / cfg.train.checkpoint_every) + 1}
         if rank == 0:  # the run's evaluation, else (streamed data: none in the run) the last checkpoint's
-            value = metrics.get(key, checkpoints.last_report.get(tune_key(key)))
+            from orchestration.sweep import finished_result
+
+            value = metrics.get(key)
+            if value is None:
+                found = finished_result(run_dir, key, cfg.train.iterations)
+                value = None if found is None else found[1]
             if value is not None:
                 final[tune_key(key)] = float(value)
         ray.train.report(final)
@@ -216,7 +222,8 @@ def has_ray_checkpoints(run_dir: str | Path) -> bool:
 
 
 def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: RunMeta, *,
-               evaluate: bool = True, report_metric: str | None = None, callbacks: list | None = None) -> dict:
+               evaluate: bool = True, report_metric: str | None = None, report_mode: str = "min",
+               callbacks: list | None = None) -> dict:
     """Train and evaluate task `cfg` on Ray workers; returns rank 0's metrics.json
     (evaluate=False: training only, the evaluation is a later stage). report_metric: a
     metrics.json key evaluated at every checkpoint and reported with it (as `tune_key`), for
@@ -245,7 +252,7 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
             _worker_loop,
             train_loop_config={"cfg": _absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
                                "meta": meta, "stream": stream, "evaluate": evaluate,
-                               "report_metric": report_metric},
+                               "report_metric": report_metric, "report_mode": report_mode},
             datasets=datasets or None,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=trainer_cfg.num_workers, use_gpu=trainer_cfg.use_gpu,

@@ -30,6 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 KINDS = ("choice", "uniform", "loguniform", "grid", "randint")
+# Keys a sweep cannot vary: they decide where trials run, how long they are and what the
+# metric means, which the sweep's concurrency, ASHA's budget and the leaderboard rely on.
+FIXED = ("trainer.", "tracking.", "data.", "eval.", "train.iterations", "train.checkpoint_every", "backend",
+         "device", "output_dir", "run_name", "resume", "name", "objective")
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
 
@@ -81,6 +85,9 @@ def validate_sweep(sweep: SweepConfig, base_params: dict[str, str]) -> None:
             near = sorted(k for k in base_params if k.split(".")[-1] == key.split(".")[-1])
             raise ValueError(f"{where}: {key!r} is not a key of the task's config" + (f" (did you mean {near}?)"
                                                                                     if near else ""))
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in FIXED):
+            raise ValueError(f"{where}: {key!r} cannot be swept (it sets where trials run, how long they are or "
+                             "what the metric means); set it for the whole sweep instead (ARGS=\"{key}=...\")")
         one_of(f"{where}.kind", spec.kind, KINDS)
         if spec.kind in ("choice", "grid"):
             if not spec.values:
@@ -127,18 +134,23 @@ def trial_config(cfg, overrides: dict[str, Any]):
     return cfg
 
 
-def concurrent_trials(sweep: SweepConfig, trainer, resources: dict[str, float], stream: bool) -> int:
+def concurrent_trials(sweep: SweepConfig, trainer, resources: dict[str, float], stream: bool,
+                      autoscaling: bool = False) -> int:
     """How many trials fit at once: each takes num_workers x cpus_per_worker CPUs (and a GPU
-    per worker), plus a CPU for Ray Data when it streams. Refuses a trial that cannot fit."""
+    per worker), plus a CPU for Ray Data when it streams. Refuses a trial that cannot fit,
+    unless the cluster autoscales (then sweep.max_concurrent_trials, or 1, until it grows)."""
     cpus = trainer.num_workers * trainer.cpus_per_worker + (1 if stream else 0)
     fit = math.floor(resources.get("CPU", 0) / cpus + 1e-9)
     if trainer.use_gpu:
         fit = min(fit, math.floor(resources.get("GPU", 0) / trainer.num_workers + 1e-9))
     if fit < 1:
-        raise ValueError(f"one trial needs {cpus:g} CPUs{' and ' + str(trainer.num_workers) + ' GPUs' if trainer.use_gpu else ''} "
-                         f"(trainer.num_workers={trainer.num_workers}, trainer.cpus_per_worker="
-                         f"{trainer.cpus_per_worker:g}); this Ray has {resources.get('CPU', 0):g} CPUs, "
-                         f"{resources.get('GPU', 0):g} GPUs")
+        if autoscaling:
+            return sweep.max_concurrent_trials or 1
+        needs = (f"{trainer.num_workers} worker(s) x {trainer.cpus_per_worker:g} CPU"
+                 + (" + 1 CPU for Ray Data's reads" if stream else "")
+                 + (f" and {trainer.num_workers} GPU(s)" if trainer.use_gpu else ""))
+        raise ValueError(f"one trial needs {cpus:g} CPUs ({needs}); this Ray has {resources.get('CPU', 0):g} CPUs, "
+                         f"{resources.get('GPU', 0):g} GPUs. Lower trainer.num_workers or trainer.cpus_per_worker")
     return min(fit, sweep.max_concurrent_trials) if sweep.max_concurrent_trials else fit
 
 
@@ -163,13 +175,34 @@ def run_trial(config: dict, spec: dict) -> None:
         meta.tags = {**meta.tags, "mlflow.parentRunId": spec["parent_run_id"], "lzn.sweep": spec["name"],
                      "lzn.trial": trial_id, "lzn.run_dir": str(run_dir)}
     key = spec["metric"]
+    done = finished_result(run_dir, key, cfg.train.iterations)
+    if done is not None:  # trained and evaluated before the sweep's driver died: report, do not retrain
+        step, value = done
+        ray.tune.report({"step": step, "report": checkpoints_of(cfg) + 1, "final": 1, tune_key(key): value})
+        return
+    fit_on_ray(cfg, run_dir, cfg.trainer, meta, report_metric=key, report_mode=spec["mode"],
+               callbacks=[TuneReportCallback()])
+
+
+def finished_result(run_dir: Path, key: str, iterations: int) -> tuple[int, float] | None:
+    """(steps, value of `key`) of a trial run that trained to the end and was recorded: its
+    metrics.json, or for a run without in-run evaluation (streamed data) its last checkpoint's
+    evaluation (CHECKPOINT_METRICS); None otherwise."""
+    from orchestration.training import CHECKPOINT_METRICS
+
     done = run_dir / "metrics.json"
-    if done.is_file():  # trained and evaluated before the sweep's driver died: report, do not retrain
-        result = json.loads(done.read_text())
-        if key in result and result.get("train/steps", 0) >= cfg.train.iterations:
-            ray.tune.report({"step": int(result["train/steps"]), "final": 1, tune_key(key): float(result[key])})
-            return
-    fit_on_ray(cfg, run_dir, cfg.trainer, meta, report_metric=key, callbacks=[TuneReportCallback()])
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    steps = int(result.get("train/steps", 0))
+    if steps < iterations:
+        return None
+    if key in result:
+        return steps, float(result[key])
+    log = run_dir / CHECKPOINT_METRICS
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    last = [r for r in rows if r.get("step") == steps and key in r]
+    return (steps, float(last[-1][key])) if last else None
 
 
 # ------------------------------------------------------------------------------ results
@@ -225,17 +258,22 @@ def _search(sweep: SweepConfig, concurrency: int):
     return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
 
 
+def checkpoints_of(cfg) -> int:
+    return math.ceil(cfg.train.iterations / cfg.train.checkpoint_every)
+
+
 def _scheduler(sweep: SweepConfig, cfg):
+    """ASHA on the checkpoint index a trial reports (`report`: 1..n, n + 1 for the final
+    result), which a resumed trial continues. Its rungs lie before the last checkpoint and it
+    never stops a trial that reaches it (stop_last_trials=False): a trial that trained to the
+    end is always evaluated and recorded."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if sweep.scheduler == "fifo":
+    n = checkpoints_of(cfg)
+    if sweep.scheduler == "fifo" or n < 2:
         return FIFOScheduler()
-    # One result per checkpoint, and a last one once the trial is evaluated and recorded: ASHA
-    # ends a trial at max_t, so only that last result may reach it.
-    reports = math.ceil(cfg.train.iterations / cfg.train.checkpoint_every) + 1
-    return ASHAScheduler(time_attr="training_iteration", max_t=reports,
-                         grace_period=min(sweep.grace_period, reports - 1) or 1,
-                         reduction_factor=sweep.reduction_factor)
+    return ASHAScheduler(time_attr="report", max_t=n, grace_period=min(sweep.grace_period, n - 1),
+                         reduction_factor=sweep.reduction_factor, stop_last_trials=False)
 
 
 def _rows(grid, cfg, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
@@ -248,8 +286,7 @@ def _rows(grid, cfg, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
         trial = metrics.get("trial_id") or Path(result.path).name
         params = {k: v for k, v in (result.config or {}).items()}
         steps = int(metrics.get("step", 0))
-        target = trial_config(cfg, params).train.iterations
-        status = "error" if result.error else ("finished" if steps >= target else "stopped early")
+        status = "error" if result.error else ("finished" if metrics.get("final") == 1 else "stopped early")
         run_file = sweep_dir / "trials" / str(trial) / RUN_FILE
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
         value = metrics.get(tune_key(sweep.metric))
@@ -272,10 +309,11 @@ def run_sweep(cfg, sweep: SweepConfig, sweep_dir: str | Path, *, meta=None, pare
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     spec = {"cfg": _absolute_paths(cfg), "sweep_dir": str(sweep_dir), "meta": meta, "name": sweep.name,
-            "parent_run_id": parent_run_id, "metric": sweep.metric}
+            "parent_run_id": parent_run_id, "metric": sweep.metric, "mode": sweep.mode}
     started = _init_ray()
     try:
-        concurrency = concurrent_trials(sweep, cfg.trainer, ray.cluster_resources(), streams(cfg.data))
+        concurrency = concurrent_trials(sweep, cfg.trainer, ray.cluster_resources(), streams(cfg.data),
+                                        autoscaling=bool(os.environ.get("RAY_ADDRESS")))
         print(f"{concurrency} trial(s) at a time: each takes {cfg.trainer.num_workers} worker(s) x "
               f"{cfg.trainer.cpus_per_worker:g} CPU{' + 1 GPU' if cfg.trainer.use_gpu else ''}", file=sys.stderr)
         # The trial's driver only waits on its Ray Train run: its workers hold the resources.
@@ -300,15 +338,16 @@ def run_sweep(cfg, sweep: SweepConfig, sweep_dir: str | Path, *, meta=None, pare
             ray.shutdown()
 
 
-def close_stopped_runs(uri: str, rows: list[TrialRow]) -> None:
-    """Child runs of trials ASHA stopped (their process was killed mid-run) end as KILLED,
-    tagged lzn.sweep.status; finished ones are tagged too."""
+def close_trial_runs(uri: str, parent_run_id: str, rows: list[TrialRow] | None) -> None:
+    """Tag every child run with its trial's status, and end those a stopped or crashed trial
+    left RUNNING (KILLED: stopped early or the sweep was interrupted; FAILED: an error)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    for row in rows:
-        if row.run_id is None:
-            continue
-        client.set_tag(row.run_id, "lzn.sweep.status", row.status)
-        if row.status != "finished" and client.get_run(row.run_id).info.status == "RUNNING":
-            client.set_terminated(row.run_id, "KILLED" if row.status == "stopped early" else "FAILED")
+    status = {r.run_id: r.status for r in rows or [] if r.run_id}
+    parent = client.get_run(parent_run_id)
+    for child in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        run_id, state = child.info.run_id, status.get(child.info.run_id, "interrupted")
+        client.set_tag(run_id, "lzn.sweep.status", state)
+        if child.info.status == "RUNNING" and state != "finished":
+            client.set_terminated(run_id, "FAILED" if state == "error" else "KILLED")

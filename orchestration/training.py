@@ -153,7 +153,7 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
 
 def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
                        checkpoints=None, batch_source: Callable | None = None, evaluate: bool = True,
-                       report_metric: str | None = None) -> dict:
+                       report_metric: str | None = None, report_mode: str = "min") -> dict:
     """Train task `cfg` (lzn.task.TaskConfig) in `run_dir`, resuming from its latest
     checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary).
 
@@ -205,7 +205,8 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
         trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir,
                           callbacks=[timed] if r == 0 else [], device=device, checkpoints=checkpoints)
         if r == 0 and report_metric:
-            checkpoints.report_metrics = _checkpoint_evaluation(cfg, trainer, device, report_metric)
+            checkpoints.report_metrics = _checkpoint_evaluation(cfg, trainer, device, run_dir, report_metric,
+                                                                report_mode)
         if r == 0 and meta.tracking_uri:  # after everything that can refuse the config
             tracker = _open_tracker(cfg, run_dir, meta)
             if tracker is not None:
@@ -228,8 +229,16 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     return metrics
 
 
-def _checkpoint_evaluation(cfg, trainer, device, key: str) -> Callable[[int], dict]:
-    """step -> {tune_key(key): value} of the EMA model now: the metric alone, read from the shards."""
+CHECKPOINT_METRICS = "checkpoint_metrics.jsonl"  # a sweep's metric at each checkpoint (rank 0)
+
+
+def _checkpoint_evaluation(cfg, trainer, device, run_dir: Path, key: str, mode: str) -> Callable[[int], dict]:
+    """step -> {tune_key(key): value, "report": checkpoint index} of the EMA model now: the
+    metric alone, read from the shards, also appended to <run_dir>/CHECKPOINT_METRICS. An
+    evaluation that fails (NaN samples of a diverged trial) reports the worst value for `mode`
+    instead of failing the run, so the scheduler stops the trial rather than Ray retrying it."""
+    import math
+
     from lzn.evaluate import ShardData, evaluate_here, metric_for_key
     from lzn.inference import LZNModel
     from orchestration.ray_train import tune_key
@@ -239,10 +248,17 @@ def _checkpoint_evaluation(cfg, trainer, device, key: str) -> Callable[[int], di
 
     def evaluate_now(step: int) -> dict:
         model = LZNModel(trainer.ema, (d.channels, d.image_size, d.image_size), device)
-        with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
-            value = evaluate_here(cfg, model, data, cache_dir=Path(cfg.output_dir) / ".cache", parts_dir=parts,
-                                  chosen=[metric], progress=False)[key]
-        return {tune_key(key): float(value)}
+        try:
+            with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
+                value = float(evaluate_here(cfg, model, data, cache_dir=Path(cfg.output_dir) / ".cache",
+                                            parts_dir=parts, chosen=[metric], progress=False)[key])
+        except (ValueError, RuntimeError) as e:
+            value = math.inf if mode == "min" else -math.inf
+            print(f"[sweep] evaluating {key} at step {step} failed ({type(e).__name__}: {e}); reporting {value}",
+                  file=sys.stderr, flush=True)
+        with (run_dir / CHECKPOINT_METRICS).open("a") as f:
+            f.write(json.dumps({"step": step, key: value}) + "\n")
+        return {tune_key(key): value, "report": math.ceil(step / cfg.train.checkpoint_every)}
 
     return evaluate_now
 

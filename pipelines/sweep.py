@@ -53,6 +53,25 @@ def check_data(cfg: RunConfig) -> None:
                          f"data.root= to this command; LZN_DATA_DIR moves {Path(d.shards_dir).resolve()}). {e}") from None
 
 
+def check_values(cfg: RunConfig, sweep) -> None:
+    """Every listed value (choice, grid) and range end, set alone on the task, is a valid
+    config: a bad one fails here, not as errored trials."""
+    from lzn.task import validate_task
+    from orchestration.ray_train import validate_trainer
+    from orchestration.sweep import trial_config
+
+    validate_trainer(cfg.trainer, cfg.train.batch_size)  # the task itself first
+    for key, spec in sweep.space.items():
+        values = spec.values if spec.kind in ("choice", "grid") else [spec.low, spec.high]
+        for value in values:
+            trial = trial_config(cfg, {key: value})
+            try:
+                validate_task(trial)
+                validate_trainer(trial.trainer, trial.train.batch_size)
+            except ValueError as e:
+                raise ValueError(f"sweep.space.{key}: the value {value!r} makes an invalid trial: {e}") from None
+
+
 def smoke_space(cfg: "SweepRun") -> list[str]:
     """scale=smoke keeps the search space but not the paper's batch sizes: they are fixed at
     the smoke batch, so a smoke sweep stays a CPU job. Returns notes for the user."""
@@ -108,7 +127,7 @@ def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[
     """Check, run (or resume) and record the sweep; returns (leaderboard rows, files written)."""
     from lzn.evaluate import metric_for_key
     from lzn.task import validate_task
-    from orchestration.sweep import close_stopped_runs, run_sweep, validate_sweep
+    from orchestration.sweep import close_trial_runs, run_sweep, validate_sweep
     from orchestration.tracking import RunTracker, flatten_params
     from pipelines.train import run_meta
 
@@ -117,6 +136,7 @@ def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[
     task_cfg.backend = "ray"
     validate_sweep(cfg.sweep, flatten_params(dataclasses.asdict(task_cfg)))
     metric_for_key(task_cfg, cfg.sweep.metric)  # one the task's objective has
+    check_values(task_cfg, cfg.sweep)
     for note in smoke_space(cfg):
         print(note, file=sys.stderr)
     check_data(task_cfg)
@@ -125,18 +145,20 @@ def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[
     if cfg.tracking.enabled:
         task_dcfg = OmegaConf.masked_copy(dcfg, [f.name for f in dataclasses.fields(RunConfig)])
         meta = run_meta(task_cfg, task_dcfg, sweep_dir / "trials" / "_")
-        parent = RunTracker.open(meta.tracking_uri, meta.experiment, sweep_dir, run_name=f"sweep-{cfg.sweep.name}",
-                                 params=flatten_params(dataclasses.asdict(cfg)),
-                                 config_yaml=OmegaConf.to_yaml(dcfg, resolve=True),
-                                 tags={**meta.tags, "lzn.sweep": cfg.sweep.name, "lzn.run_dir": str(sweep_dir)},
-                                 system_metrics=False)
+        try:
+            parent = RunTracker.open(meta.tracking_uri, meta.experiment, sweep_dir,
+                                     run_name=f"sweep-{cfg.sweep.name}", params=flatten_params(dataclasses.asdict(cfg)),
+                                     config_yaml=OmegaConf.to_yaml(dcfg, resolve=True),
+                                     tags={**meta.tags, "lzn.sweep": cfg.sweep.name, "lzn.run_dir": str(sweep_dir)},
+                                     system_metrics=False)
+        except ValueError as e:  # a resumed sweep with other settings
+            raise ValueError(f"{e} (for a sweep: choose another sweep.name= to start a new one)") from None
         print(f"MLflow parent run {parent.run_id} on {meta.tracking_uri}", file=sys.stderr, flush=True)
-    status = "FAILED"
+    status, rows = "FAILED", None
     try:
         rows = run_sweep(task_cfg, cfg.sweep, sweep_dir, meta=meta, parent_run_id=parent and parent.run_id)
         files = write_results(cfg, rows, sweep_dir)
         if parent is not None:
-            close_stopped_runs(meta.tracking_uri, rows)
             best = next((r for r in rows if r.status == "finished" and r.value is not None), None)
             counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "error")}
             parent.log_metrics({"sweep/trials": float(len(rows)), "sweep/finished": float(counts["finished"]),
@@ -149,7 +171,10 @@ def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[
         return rows, files
     finally:
         if parent is not None:
-            parent.close(status)
+            try:
+                close_trial_runs(meta.tracking_uri, parent.run_id, rows)
+            finally:
+                parent.close(status)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sweep")

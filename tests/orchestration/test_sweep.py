@@ -101,3 +101,9 @@ def test_the_leaderboard_ranks_finished_trials_first_then_stopped_then_errors():
     assert [r.trial for r in leaderboard(s, rows)] == ["d", "b", "a", "c"]
     table = leaderboard_markdown(s, leaderboard(s, rows))
     assert table.splitlines()[2] == "| 1 | d | finished | 0.7 | 6 | 16 | r2 |"
+
+
+def test_what_the_sweep_relies_on_cannot_be_swept():
+    for key in ("trainer.num_workers", "train.iterations", "eval.fid_samples", "data.image_size"):
+        with pytest.raises(ValueError, match=f"'{key}' cannot be swept"):
+            validate_sweep(sweep(**{key: {"kind": "choice", "values": [1, 2]}}), PARAMS)

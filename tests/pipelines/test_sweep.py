@@ -55,3 +55,13 @@ def test_smoke_keeps_the_space_but_not_the_papers_batch_sizes():
     notes = smoke_space(cfg)
     assert cfg.sweep.space["train.batch_size"].values == [8] and "fixed at 8" in notes[0]
     assert cfg.sweep.space["latent.alpha"].kind == "uniform"
+
+
+def test_a_value_that_makes_an_invalid_trial_is_refused_before_the_sweep():
+    from pipelines.sweep import check_values
+
+    cfg = load("task=gen_cifar10", "trainer.num_workers=5")  # 2000 splits over 5 workers, 1024 does not
+    with pytest.raises(ValueError, match=r"sweep.space.train.batch_size: the value 1024 makes an invalid trial"):
+        check_values(cfg, cfg.sweep)
+    ok = load("task=gen_cifar10")
+    check_values(ok, ok.sweep)
