@@ -264,15 +264,15 @@ def checkpoints_of(cfg) -> int:
 
 def _scheduler(sweep: SweepConfig, cfg):
     """ASHA on the checkpoint index a trial reports (`report`: 1..n, n + 1 for the final
-    result), which a resumed trial continues. Its rungs lie before the last checkpoint and it
-    never stops a trial that reaches it (stop_last_trials=False): a trial that trained to the
-    end is always evaluated and recorded."""
+    result), which a resumed trial continues. ASHA puts rungs up to and including max_t, so
+    max_t = n - 1 keeps every rung before the last checkpoint, and stop_last_trials=False lets
+    a trial past max_t run on: a trial that trains to the end is always evaluated and recorded."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     n = checkpoints_of(cfg)
     if sweep.scheduler == "fifo" or n < 2:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="report", max_t=n, grace_period=min(sweep.grace_period, n - 1),
+    return ASHAScheduler(time_attr="report", max_t=n - 1, grace_period=min(sweep.grace_period, n - 1),
                          reduction_factor=sweep.reduction_factor, stop_last_trials=False)
 
 

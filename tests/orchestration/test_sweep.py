@@ -107,3 +107,26 @@ def test_what_the_sweep_relies_on_cannot_be_swept():
     for key in ("trainer.num_workers", "train.iterations", "eval.fid_samples", "data.image_size"):
         with pytest.raises(ValueError, match=f"'{key}' cannot be swept"):
             validate_sweep(sweep(**{key: {"kind": "choice", "values": [1, 2]}}), PARAMS)
+
+
+def test_asha_never_stops_a_trial_at_or_after_its_last_checkpoint():
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestration.sweep import _scheduler
+
+    cfg = base()
+    cfg.train.iterations, cfg.train.checkpoint_every = 400, 100  # 4 checkpoints, a final result as 5
+    asha = _scheduler(SweepConfig(metric="eval/fid", mode="min", grace_period=1, reduction_factor=2), cfg)
+    asha.set_search_properties("eval_fid", "min")
+    milestones = [m for m, _ in asha._brackets[0]._rungs]
+    assert max(milestones) < 4
+    good, bad = Trial("run_trial", stub=True), Trial("run_trial", stub=True)
+    for trial in (good, bad):
+        asha.on_trial_add(None, trial)
+    decisions = {}
+    for report in range(1, 6):  # bad is worse at every checkpoint, yet survives past the last rung
+        for trial, value in ((good, 1.0), (bad, 2.0 if report < max(milestones) + 1 else 9.0)):
+            decisions[trial, report] = asha.on_trial_result(None, trial, {"report": report, "eval_fid": value})
+    assert all(decisions[good, r] == TrialScheduler.CONTINUE for r in range(1, 6))
+    assert all(decisions[bad, r] == TrialScheduler.CONTINUE for r in range(max(milestones) + 1, 6))
