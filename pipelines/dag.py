@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from lzn.atomic import write_atomically
+from lzn.data.shards import sha256_file
 
 
 class StageFailed(RuntimeError):
@@ -40,14 +41,6 @@ class Stage:
     inputs: Callable[[], dict] = dict  # what it reads of the config (JSON-able)
     needs: tuple[str, ...] = ()
     digests: dict[str, Callable[[Path], str]] = field(default_factory=dict)  # custom content digests
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hash(obj) -> str:

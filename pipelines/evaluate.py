@@ -29,6 +29,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from lzn.data.shards import sha256_file
 from pipelines.config import BACKENDS, RunConfig, register, to_run_config
 
 register()
@@ -163,14 +164,6 @@ def with_training_config(dcfg: DictConfig, target: Target) -> EvalRun:
     return cfg
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # What an evaluation's numbers depend on besides the weights and the data: the model's
 # definition and inference settings (the length of training, where and how it runs do not).
 RESULT_KEYS = ("name", "objective", "symmetric", "model.", "latent.", "align.", "data.name", "data.source",
@@ -184,7 +177,7 @@ def extractor_digest(cfg, chosen: list[str]) -> str | None:
     if cfg.eval.fid_features == "inception":
         from lzn.metrics.fid import inception_weights_path
 
-        return file_sha256(inception_weights_path(cfg.eval.inception_weights))  # fails early when missing
+        return sha256_file(inception_weights_path(cfg.eval.inception_weights))  # fails early when missing
     from lzn.metrics.digits_classifier import cache_key
 
     return f"digits_cnn:{cache_key()}"
@@ -235,7 +228,7 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
     ensure_prepared(cfg.data)
     device = _device(cfg.device)
     model, target.step = load_model(cfg, target.checkpoint, device)
-    sha = file_sha256(target.checkpoint)
+    sha = sha256_file(target.checkpoint)
     key = evaluation_key(cfg, chosen, sha)
     base = target.run_dir / "eval" if target.run_dir else Path(cfg.output_dir) / cfg.name / "eval"
     folder = base / f"step-{target.step}-{key[:12]}"
