@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 INSTALL_LOG := $(VENV)/install.log
 
-.PHONY: setup test bench sweep train eval clean
+.PHONY: setup test bench sweep train eval ui report clean
 
 TASK ?= gen_digits
 
@@ -39,6 +39,16 @@ eval: setup
 # The main job: a Ray Tune sweep of TASK (default: a digits task, minutes on a laptop).
 sweep: setup
 	$(PY) -m pipelines.sweep task=$(TASK) $(ARGS)
+
+# The MLflow UI on the project's tracking store ($$MLFLOW_TRACKING_URI, else the local server
+# under $(OUTPUT_DIR)/mlflow, started if needed): prints its URL and each experiment's page.
+OUTPUT_DIR ?= outputs
+ui: setup
+	$(PY) -m dashboards.ui --output-dir $(OUTPUT_DIR)
+
+# A self-contained HTML report of a sweep (default: the latest sweep's experiment).
+report: setup
+	$(PY) -m dashboards.report --output-dir $(OUTPUT_DIR) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench-results

@@ -20,7 +20,9 @@ checkpoint, and the parent run continues.
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -239,6 +241,20 @@ def leaderboard_markdown(sweep: SweepConfig, rows: list[TrialRow]) -> str:
         lines.append("| " + " | ".join([str(i), r.trial, r.status, value, str(r.steps), *params,
                                         r.run_id or ""]) + " |")
     return "\n".join(lines) + "\n"
+
+
+LEADERBOARD_RUN_ID = "mlflow_run_id"  # the leaderboard.csv column dashboards.report joins on
+
+
+def leaderboard_csv(sweep: SweepConfig, rows: list[TrialRow]) -> str:
+    """The leaderboard as CSV: rank, trial, status, <metric>, steps, <swept keys>, mlflow_run_id."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = list(sweep.space)
+    writer.writerow(["rank", "trial", "status", sweep.metric, "steps", *keys, LEADERBOARD_RUN_ID])
+    for i, r in enumerate(rows, 1):
+        writer.writerow([i, r.trial, r.status, r.value, r.steps, *[r.params.get(k) for k in keys], r.run_id or ""])
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------ the sweep

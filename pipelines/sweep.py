@@ -11,9 +11,7 @@ continues an interrupted sweep. At the end the leaderboard is printed and saved
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import sys
 from dataclasses import dataclass, field
@@ -84,18 +82,12 @@ def smoke_space(cfg: "SweepRun") -> list[str]:
 
 
 def write_results(cfg: "SweepRun", rows, sweep_dir: Path) -> dict[str, Path]:
-    from orchestration.sweep import leaderboard_markdown
+    from orchestration.sweep import leaderboard_csv, leaderboard_markdown
 
     out = {"leaderboard.md": sweep_dir / "leaderboard.md", "leaderboard.csv": sweep_dir / "leaderboard.csv"}
     title = f"# Sweep {cfg.sweep.name!r} of {cfg.name}: {cfg.sweep.metric} ({cfg.sweep.mode})\n\n"
     out["leaderboard.md"].write_text(title + leaderboard_markdown(cfg.sweep, rows))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    keys = list(cfg.sweep.space)
-    writer.writerow(["rank", "trial", "status", cfg.sweep.metric, "steps", *keys, "mlflow_run_id"])
-    for i, r in enumerate(rows, 1):
-        writer.writerow([i, r.trial, r.status, r.value, r.steps, *[r.params.get(k) for k in keys], r.run_id or ""])
-    out["leaderboard.csv"].write_text(buffer.getvalue())
+    out["leaderboard.csv"].write_text(leaderboard_csv(cfg.sweep, rows))
     best = next((r for r in rows if r.status == "finished" and r.value is not None), None)
     if best is not None:
         path = sweep_dir / "task" / f"best_{cfg.name}.yaml"
@@ -192,6 +184,9 @@ def main(dcfg: DictConfig) -> None:
               f"--config-dir {sweep_dir} task=best_{cfg.name}")
     else:
         print("no trial finished: no best config", file=sys.stderr)
+    if cfg.tracking.enabled:
+        print(f"report: make report EXPERIMENT={cfg.tracking.experiment or cfg.name} ARGS='--sweep {cfg.sweep.name}'"
+              " (or browse: make ui)")
     print(f"sweep folder: {sweep_dir}", flush=True)
 
 
