@@ -38,6 +38,7 @@ TOP_TRIALS = 5  # training curves drawn
 PLOTS = ("samples.png", "latent_zones.png")  # the best trial's images, as the training run logs them
 GENERATION_OBJECTIVES = {"rf": "RF", "generation": "RF + LZN"}
 GENERATION_METRIC = "eval/fid"
+FID_SAMPLES = "eval/fid_samples"
 
 
 class ReportError(ValueError):
@@ -84,11 +85,20 @@ def _float(text) -> Optional[float]:
 # ------------------------------------------------------------------------------ reading MLflow
 
 
+def sweep_parents(client, experiment_ids: list[str], sweep: str | None = None) -> list:
+    """Sweep parent runs, newest first: tagged `lzn.sweep` like their trials, but no trial's
+    child (MLflow's search cannot ask for a missing tag, so trials are dropped here)."""
+    if not experiment_ids:
+        return []
+    query = f"tags.`{SWEEP_TAG}` = '{sweep}'" if sweep else f"tags.`{SWEEP_TAG}` LIKE '%'"
+    runs = client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"], max_results=5000)
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+
+
 def latest_sweep_experiment(client) -> str:
     """The experiment of the most recently started sweep."""
     experiments = client.search_experiments()
-    runs = client.search_runs([e.experiment_id for e in experiments], f"tags.`{SWEEP_TAG}` LIKE '%'",
-                              max_results=1, order_by=["attributes.start_time DESC"]) if experiments else []
+    runs = sweep_parents(client, [e.experiment_id for e in experiments])
     if not runs:
         names = sorted(e.name for e in experiments)
         raise ReportError(f"no sweep in the MLflow store (experiments: {names or 'none'}): run `make sweep` first, "
@@ -108,12 +118,10 @@ def load_sweep(client, experiment: str, sweep: str | None = None) -> Optional[Sw
     """The latest sweep of `experiment` (or the one named), its trials in leaderboard order;
     None when the experiment holds no sweep."""
     exp = _experiment(client, experiment)
-    query = f"tags.`{SWEEP_TAG}` = '{sweep}'" if sweep else f"tags.`{SWEEP_TAG}` LIKE '%'"
-    parents = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    parents = sweep_parents(client, [exp.experiment_id], sweep)
     if not parents:
         if sweep:
-            names = sorted({r.data.tags[SWEEP_TAG] for r in client.search_runs(
-                [exp.experiment_id], f"tags.`{SWEEP_TAG}` LIKE '%'")})
+            names = sorted({r.data.tags[SWEEP_TAG] for r in sweep_parents(client, [exp.experiment_id])})
             raise ReportError(f"no sweep {sweep!r} in experiment {experiment!r}; its sweeps: {names or 'none'}")
         return None
     parent = parents[0]
@@ -390,7 +398,7 @@ def _pair_html(uri: str, experiment_id: str, pair: dict[str, Optional[Baseline]]
         hint = {"RF": "objective=rf", "RF + LZN": "objective=generation"}
         return _note(f"no finished {' or '.join(missing)} run with {GENERATION_METRIC} in {experiment!r}: train one "
                      f"with `make train TASK={experiment} ARGS='{' '.join(hint[m] for m in missing)}'` to compare")
-    keys = sorted(set().union(*(b.metrics for b in pair.values())))
+    keys = sorted(set.intersection(*(set(b.metrics) for b in pair.values())))  # what both runs measured
     rows = ["<tr><th class=\"left\">metric</th>" + "".join(f"<th>{html.escape(b.label)}</th>" for b in pair.values())
             + "</tr>"]
     for k in keys:
@@ -402,7 +410,13 @@ def _pair_html(uri: str, experiment_id: str, pair: dict[str, Optional[Baseline]]
         link = f'<a href="{html.escape(run_url(uri, experiment_id, b.run_id))}">{html.escape(b.run_name)}</a>'
         images.append(f"<div><h3>{html.escape(b.label)}: {link}</h3>"
                       + _img(b.samples, f"{b.label} samples", f"samples-{slug}") + "</div>")
-    return f'<table id="rf-vs-lzn-table">{"".join(rows)}</table><div class="images">{"".join(images)}</div>'
+    counts = {b.metrics.get(FID_SAMPLES) for b in pair.values()}
+    caveat = "" if len(counts) == 1 else _note(
+        "the two FIDs come from different sample counts (" + " vs ".join(
+            f"{b.label}: {_fmt(b.metrics.get(FID_SAMPLES))}" for b in pair.values())
+        + "), and FID depends on the count: evaluate both alike (`make eval ... ARGS='eval.fid_samples=N'`) to compare")
+    return (f'<table id="rf-vs-lzn-table">{"".join(rows)}</table>{caveat}'
+            f'<div class="images">{"".join(images)}</div>')
 
 
 def build_report(uri: str, experiment: str | None = None, sweep: str | None = None,

@@ -83,8 +83,9 @@ def make_sweep_store(uri: str, experiment: str | None = None, *, with_rf: bool =
             finished = status == "finished"
             rid = _run(client, eid, f"trial-{trial}", {"objective": "generation", "optim.lr.encoder": lr,
                                                        "latent.dim": dim},
-                       {"mlflow.parentRunId": pid, "lzn.trial": trial, "lzn.sweep.status": status}, i, steps,
-                       {"eval/fid": fid} if finished else {},
+                       {"mlflow.parentRunId": pid, "lzn.sweep": "smoke", "lzn.trial": trial,
+                        "lzn.sweep.status": status}, i, steps,
+                       {"eval/fid": fid, "eval/fid_samples": 500.0} if finished else {},
                        ["samples.png", "latent_zones.png", "loss_curves.png"] if finished else [],
                        {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED"), tmp)
             out.runs[trial] = rid
@@ -94,6 +95,6 @@ def make_sweep_store(uri: str, experiment: str | None = None, *, with_rf: bool =
             client.log_artifact(pid, str(tmp / "leaderboard.csv"))
             client.set_terminated(pid, "FINISHED")
         if with_rf:
-            out.rf_run_id = _run(client, eid, "rf-seed0", {"objective": "rf"}, {}, 7, 400, {"eval/fid": 52.0},
+            out.rf_run_id = _run(client, eid, "rf-seed0", {"objective": "rf"}, {}, 7, 400, {"eval/fid": 52.0, "eval/fid_samples": 500.0},
                                  ["samples.png"], "FINISHED", tmp)
     return out

@@ -67,6 +67,7 @@ def test_report_renders_every_section_offline(store, tmp_path, page):
         assert pg.evaluate(f"() => document.getElementById('{img}').naturalWidth") > 0, img
     table = pg.inner_text("#rf-vs-lzn-table")
     assert "52" in table and "35.5" in table
+    assert "different sample counts" not in pg.content()
     pg.screenshot(path=str(tmp_path / "report.png"), full_page=True)
 
 
@@ -100,3 +101,21 @@ def test_report_errors_name_what_exists(store, tmp_path):
     assert "no experiment 'no-such-experiment'" in done.stderr and store.experiment in done.stderr
     done = make_report(tmp_path, "--sweep nope", experiment=store.experiment)
     assert done.returncode != 0 and "no sweep 'nope'" in done.stderr and "['smoke']" in done.stderr
+
+
+def test_fids_from_different_sample_counts_are_flagged(store, tmp_path):
+    """A better RF run evaluated on another number of samples becomes the RF side, and the
+    report says its FID is not comparable as it stands."""
+    from mlflow import MlflowClient
+
+    from dashboards.report import build_report
+
+    client = MlflowClient(store.uri)
+    run = client.create_run(store.experiment_id, run_name="rf-more-samples")
+    client.log_param(run.info.run_id, "objective", "rf")
+    client.log_metric(run.info.run_id, "eval/fid", 20.0, step=400)
+    client.log_metric(run.info.run_id, "eval/fid_samples", 1257.0, step=400)
+    client.set_terminated(run.info.run_id)
+    text = build_report(store.uri, store.experiment, out=tmp_path / "r.html").read_text()
+    assert "rf-more-samples" in text and "RF samples: not logged" in text
+    assert "the two FIDs come from different sample counts (RF: 1257 vs RF + LZN: 500)" in text

@@ -53,13 +53,19 @@ def test_missing_runs_are_trained_with_the_seed_and_run_name(tmp_path, monkeypat
 
 def test_every_experiment_command_trains(tmp_path):
     """The report's commands as a user runs them, shrunk to a smoke run: a baseline whose
-    overrides do not compose (say, a learning rate for a module it lacks) fails here."""
+    overrides do not compose (say, a learning rate for a module it lacks) fails here. The LZN
+    commands are the plain task commands, which tests/pipelines/test_train.py's smoke runs
+    train for every digits task; only the baselines' overrides are new here."""
     import os
     import subprocess
 
+    plain = [exp for exp in dr.EXPERIMENTS if not exp.overrides]
+    assert {exp.task for exp in plain} == {"repr_digits", "joint_digits", "gen_digits"}
+    assert all(dr.command(exp, 0, "o")[3:] == [f"task={exp.task}", "train.seed=0", f"run_name={exp.prefix}-seed0",
+                                               "output_dir=o"] for exp in plain)
     env = {**os.environ, "LZN_CACHE_DIR": str(tmp_path / "cache"), "LZN_DATA_DIR": str(tmp_path / "data"),
            "OMP_NUM_THREADS": "1"}
-    for exp in dr.EXPERIMENTS:
+    for exp in [exp for exp in dr.EXPERIMENTS if exp.overrides]:
         done = subprocess.run([*dr.command(exp, 0, str(tmp_path)), "scale=smoke"], capture_output=True, text=True,
                               env=env, timeout=600, cwd=dr.Path(__file__).resolve().parents[2])
         assert done.returncode == 0, f"{exp.label}: {done.stderr[-2000:]}"
