@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 INSTALL_LOG := $(VENV)/install.log
 
-.PHONY: setup test bench sweep train eval ui report clean
+.PHONY: setup test bench sweep train eval submit ui report clean
 
 TASK ?= gen_digits
 
@@ -39,6 +39,10 @@ eval: setup
 # The main job: a Ray Tune sweep of TASK (default: a digits task, minutes on a laptop).
 sweep: setup
 	$(PY) -m pipelines.sweep task=$(TASK) $(ARGS)
+
+# The task as a Ray job on $$RAY_ADDRESS (a cluster from infra/ray/, or `ray start --head` here).
+submit: setup
+	$(PY) -m pipelines.submit task=$(TASK) $(ARGS)
 
 # The MLflow UI on the project's tracking store ($$MLFLOW_TRACKING_URI, else the local server
 # under $(OUTPUT_DIR)/mlflow, started if needed): prints its URL and each experiment's page.

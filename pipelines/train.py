@@ -47,6 +47,10 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def git_commit() -> str:
+    """HEAD of this checkout (-dirty with uncommitted changes); a Ray job's uploaded copy has
+    no .git, so `pipelines.submit` sends the submitter's commit as $LZN_GIT_COMMIT."""
+    if os.environ.get("LZN_GIT_COMMIT"):
+        return os.environ["LZN_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)

@@ -35,7 +35,7 @@ def ray_head():
     log = (temp / "head.log").open("w")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--num-cpus=2", f"--dashboard-agent-listen-port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **auth})
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 120
