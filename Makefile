@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 INSTALL_LOG := $(VENV)/install.log
 
-.PHONY: setup test bench sweep train eval submit ui report clean
+.PHONY: setup test bench sweep train eval slurm submit ui report clean
 
 TASK ?= gen_digits
 
@@ -39,6 +39,11 @@ eval: setup
 # The main job: a Ray Tune sweep of TASK (default: a digits task, minutes on a laptop).
 sweep: setup
 	$(PY) -m pipelines.sweep task=$(TASK) $(ARGS)
+
+# The pipeline as a Slurm job (submitit): training, or the sweep with SWEEP=1; where and how from
+# the `slurm` config (pipelines/conf/slurm/; local: the cluster of infra/slurm/up.sh).
+slurm: setup
+	$(PY) -m pipelines.slurm task=$(TASK) $(if $(SWEEP),mode=sweep) $(ARGS)
 
 # The task as a Ray job on $$RAY_ADDRESS (a cluster from infra/ray/, or `ray start --head` here).
 submit: setup

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Stop the single-node Slurm that infra/slurm/up.sh started: exactly the PIDs it recorded in
+# STATE_DIR/pids (slurmd, slurmctld, munged), never by name. Jobs still running on the node
+# are cancelled first so none is left orphaned. The state folder stays (logs, job state);
+# delete it for a clean slate.
+#
+#   infra/slurm/down.sh [STATE_DIR]   # default: $LZN_SLURM_DIR, else /tmp/lzn-slurm
+set -euo pipefail
+
+STATE="${1:-${LZN_SLURM_DIR:-/tmp/lzn-slurm}}"
+PIDS="$STATE/pids"
+export PATH="$PATH:/usr/sbin:/sbin"
+
+if [[ ! -f "$PIDS" ]]; then
+  echo "[slurm-down] nothing to stop: no $PIDS" >&2
+  exit 0
+fi
+# A recorded PID is ours only while it still runs the program it was recorded for (PIDs get reused).
+alive() { [[ -n "${1:-}" && "$(cat "/proc/$1/comm" 2>/dev/null)" == "$2" ]]; }
+pid_of() { awk -v n="$1" '$1 == n {print $2}' "$PIDS"; }
+
+# Jobs first, and wait for them to end: slurmstepd outlives a stopped slurmd by design, so a
+# job still running when the daemons go would be left behind with nothing to end it.
+if [[ -f "$STATE/slurm.conf" ]] && alive "$(pid_of slurmctld)" slurmctld; then
+  export SLURM_CONF="$STATE/slurm.conf"
+  scancel --quiet --user="$(id -un)" || true
+  for _ in $(seq 120); do
+    [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break
+    sleep 0.5
+  done
+  if [[ -n "$(squeue -h -o %i 2>/dev/null)" ]]; then
+    echo "[slurm-down] warning: jobs $(squeue -h -o %i | paste -sd,) did not end in 60 s; stopping anyway" >&2
+  fi
+fi
+for name in slurmd slurmctld munged; do  # the reverse of the start order
+  pid="$(pid_of "$name")"
+  alive "$pid" "$name" || continue
+  kill -TERM "$pid"
+  for _ in $(seq 100); do alive "$pid" "$name" || break; sleep 0.1; done
+  if alive "$pid" "$name"; then
+    kill -KILL "$pid"
+  fi
+  echo "[slurm-down] stopped $name ($pid)" >&2
+done
+rm -f "$PIDS"

@@ -1,0 +1,414 @@
+"""Slurm through submitit: one allocation runs the same pipeline command a user runs by hand.
+
+`SlurmSettings` is the `slurm:` config (partition, nodes, GPUs, time, account, QoS, and the
+launcher). `preflight` checks the submit host and the partition before anything is
+submitted; `submit` hands a `PipelineJob` to submitit, which runs it on every task of the
+allocation:
+
+- launcher=ray: one task per node. Task 0 starts a Ray head (`ray start --head --block`,
+  every port free on its node, a temp folder keyed by job id and restart, token
+  authentication), the other tasks join it as workers, and task 0 runs the pipeline with
+  RAY_ADDRESS set. The Ray processes are stopped by their process group, never `ray stop`
+  (which would stop every Ray of this user on the node, another job's included).
+- launcher=ddp: plain multi-task PyTorch (`TorchDistributedEnvironment`): every task runs
+  the pipeline with RANK / WORLD_SIZE / MASTER_ADDR exported, backend=local.
+
+The pipeline runs as a subprocess (`python -m pipelines.train ...`), so no Hydra here and
+the job is exactly the command a user could type. Its run folder is fixed by the command,
+which is what makes preemption work: `PipelineJob` is `Checkpointable`, so on a time limit
+or preemption signal submitit pickles the same submission and requeues it, and the requeued
+job (the same job id, also after a plain `scontrol requeue`) runs the same command, which
+resumes from the folder's last checkpoint (or the sweep's Tune state) and continues the same
+MLflow run(s).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import submitit
+
+LAUNCHERS = ("ray", "ddp")
+RAY_STARTED = "Ray runtime started"  # what `ray start` prints once every process of the node is up
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED")
+
+
+class SlurmError(ValueError):
+    """The submit host or the settings cannot run the job: said before anything is submitted."""
+
+
+@dataclass
+class SlurmSettings:
+    """The `slurm:` section (pipelines/conf/slurm/<name>.yaml)."""
+    partition: Optional[str] = None  # None: the cluster's default partition
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    # ddp: processes per node (None: one per GPU, else 1); ray: always one per node.
+    tasks_per_node: Optional[int] = None
+    mem_gb: Optional[float] = None  # per node; None: the partition's default
+    time_min: int = 60
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    launcher: str = "ray"  # ray: a Ray cluster on the allocation; ddp: torch.distributed, one process per task
+    folder: Optional[str] = None  # submitit's files (%j: the job id); None: <run folder>/slurm/%j
+    job_name: str = "lzn"
+    signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = 3  # time-limit requeues before the job gives up (preemptions do not count)
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, ...)
+    ray_start_timeout_s: float = 120.0
+
+
+def tasks_per_node(s: SlurmSettings) -> int:
+    if s.launcher == "ray":
+        return 1
+    return s.tasks_per_node or max(1, s.gpus_per_node)
+
+
+def validate_settings(s: SlurmSettings) -> None:
+    """Values that cannot make a job, each named with what was expected."""
+    if s.launcher not in LAUNCHERS:
+        raise SlurmError(f"slurm.launcher={s.launcher!r} is not known; expected one of {list(LAUNCHERS)}")
+    checks = [("nodes", s.nodes, 1), ("gpus_per_node", s.gpus_per_node, 0), ("cpus_per_task", s.cpus_per_task, 1),
+              ("time_min", s.time_min, 1), ("signal_delay_s", s.signal_delay_s, 0), ("max_requeues", s.max_requeues, 0)]
+    for name, value, low in checks:
+        if not isinstance(value, int) or value < low:
+            raise SlurmError(f"slurm.{name} must be an integer >= {low}, got {value!r}")
+    if s.tasks_per_node is not None and s.tasks_per_node < 1:
+        raise SlurmError(f"slurm.tasks_per_node must be >= 1 (or null: one per GPU), got {s.tasks_per_node}")
+    if s.launcher == "ray" and s.tasks_per_node not in (None, 1):
+        raise SlurmError(f"slurm.tasks_per_node={s.tasks_per_node} with slurm.launcher=ray: Ray runs one task per "
+                         "node and schedules its workers itself; leave it null (or use slurm.launcher=ddp)")
+    if s.mem_gb is not None and not s.mem_gb > 0:
+        raise SlurmError(f"slurm.mem_gb must be > 0 (or null: the partition's default), got {s.mem_gb}")
+    if s.signal_delay_s >= s.time_min * 60:
+        raise SlurmError(f"slurm.signal_delay_s={s.signal_delay_s} must be shorter than the time limit "
+                         f"(slurm.time_min={s.time_min} = {s.time_min * 60} s)")
+    if not s.job_name or any(c.isspace() for c in s.job_name):
+        raise SlurmError(f"slurm.job_name must be a non-empty word, got {s.job_name!r}")
+
+
+def _slurm_command(args: list[str]) -> str:
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"`{' '.join(args)}` did not answer in 60 s: is slurmctld reachable?") from None
+    if done.returncode != 0:
+        hint = f"SLURM_CONF={os.environ['SLURM_CONF']}" if os.environ.get("SLURM_CONF") else (
+            "SLURM_CONF is unset; for the cluster of infra/slurm/up.sh export the line it prints, "
+            "`export SLURM_CONF=<its state folder>/slurm.conf`")
+        raise SlurmError(f"`{' '.join(args)}` failed (exit {done.returncode}): {done.stderr.strip()[-500:]} ({hint})")
+    return done.stdout
+
+
+def partitions() -> dict[str, dict]:
+    """{name: {"default": bool, "nodes": int, "state": str}} from `sinfo`."""
+    found: dict[str, dict] = {}
+    for line in _slurm_command(["sinfo", "-h", "-o", "%P|%D|%a"]).splitlines():
+        name, nodes, state = line.strip().split("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        entry = found.setdefault(name, {"default": default, "nodes": 0, "state": state})
+        entry["nodes"] += int(nodes)
+    return found
+
+
+def preflight(s: SlurmSettings) -> str:
+    """Checks the submit host can submit `s`: `sbatch` on PATH, the partition known and up,
+    enough nodes in it. Returns the partition the job goes to. Nothing is submitted."""
+    validate_settings(s)
+    missing = [tool for tool in ("sbatch", "sinfo", "scontrol") if shutil.which(tool) is None]
+    if missing:
+        raise SlurmError(f"{' and '.join(f'`{t}`' for t in missing)} not found on PATH: this machine is not a Slurm "
+                         "submit host. Run on a login node of your cluster (its Slurm client installed), or start "
+                         "a one-node Slurm here: `eval \"$(infra/slurm/up.sh | tail -n 1)\"` (root, Debian)")
+    known = partitions()
+    if not known:
+        raise SlurmError("`sinfo` lists no partition: this Slurm has no nodes configured")
+    name = s.partition or next((p for p, v in known.items() if v["default"]), None)
+    if name is None:
+        raise SlurmError(f"slurm.partition is not set and the cluster has no default partition; "
+                         f"known partitions: {sorted(known)}")
+    if name not in known:
+        raise SlurmError(f"slurm.partition={name!r} is not a partition of this cluster; known partitions: "
+                         f"{sorted(known)}")
+    part = known[name]
+    if part["state"] != "up":
+        raise SlurmError(f"partition {name!r} is {part['state']}, not up: jobs would wait; choose another of "
+                         f"{sorted(known)}")
+    if s.nodes > part["nodes"]:
+        raise SlurmError(f"slurm.nodes={s.nodes} but partition {name!r} has {part['nodes']} node(s)")
+    return name
+
+
+def partition_hosts(partition: str) -> list[str]:
+    """The host names of a partition's nodes."""
+    nodelist = ",".join(_slurm_command(["sinfo", "-h", "-p", partition, "-o", "%N"]).split())
+    return _slurm_command(["scontrol", "show", "hostnames", nodelist]).split() if nodelist else []
+
+
+def check_reachable_tracking(uri: str, partition: str) -> None:
+    """A tracking server on this machine's loopback is reachable from the job only when the
+    partition's nodes are this machine (the local cluster of infra/slurm/up.sh)."""
+    host = uri.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        return
+    here = {socket.gethostname(), socket.gethostname().split(".")[0], "localhost"}
+    elsewhere = sorted(set(partition_hosts(partition)) - here)
+    if elsewhere:
+        raise SlurmError(f"the MLflow server {uri} listens on this machine's loopback, which the nodes of partition "
+                         f"{partition!r} ({', '.join(elsewhere[:5])}{', ...' if len(elsewhere) > 5 else ''}) cannot "
+                         "reach: set MLFLOW_TRACKING_URI (or tracking.uri=) to a server they reach (infra/mlflow/), "
+                         "or tracking.enabled=false")
+
+
+def executor_parameters(s: SlurmSettings, partition: str) -> dict:
+    """What submitit's SlurmExecutor gets (its names for sbatch's options)."""
+    params = {"job_name": s.job_name, "partition": partition, "nodes": s.nodes,
+              "ntasks_per_node": tasks_per_node(s), "cpus_per_task": s.cpus_per_task, "time": s.time_min,
+              "signal_delay_s": s.signal_delay_s,
+              # requeueable even where the site's JobRequeue=0: preemption and `scontrol requeue` need it
+              "additional_parameters": {"requeue": True}}
+    optional = {"gpus_per_node": s.gpus_per_node or None, "mem": f"{s.mem_gb:g}G" if s.mem_gb else None,
+                "account": s.account, "qos": s.qos, "constraint": s.constraint, "setup": list(s.setup) or None}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def submit(s: SlurmSettings, job: "PipelineJob", folder: str | Path):
+    """Preflight, then submit `job`; returns the submitit Job (job_id, paths.stdout, ...)."""
+    partition = preflight(s)
+    Path(str(folder).split("%j")[0]).mkdir(parents=True, exist_ok=True)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=s.max_requeues)
+    executor.update_parameters(**executor_parameters(s, partition))
+    return executor.submit(job)
+
+
+def job_state(job_id: str) -> str:
+    """The job's state (RUNNING, PENDING, COMPLETED, ...) from slurmctld, which keeps finished
+    jobs for MinJobAge; `sacct` after that. UNKNOWN when neither knows it."""
+    done = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=60)
+    for token in done.stdout.split() if done.returncode == 0 else []:
+        if token.startswith("JobState="):
+            return token.split("=", 1)[1]
+    if shutil.which("sacct"):
+        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)], capture_output=True,
+                              text=True, timeout=60)
+        if acct.returncode == 0 and acct.stdout.strip():
+            return acct.stdout.split()[0].split()[0]
+    return "UNKNOWN"
+
+
+# --------------------------------------------------------------------------- inside the job
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    """n distinct ports free on `host` now (held open together so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def node_ip(single_node: bool) -> str:
+    """127.0.0.1 for a one-node job (nothing leaves the node); else the address other nodes
+    reach this one at: the source address of the route out (no packet is sent)."""
+    if single_node:
+        return "127.0.0.1"
+    for target in os.environ.get("SLURM_LAUNCH_NODE_IPADDR", ""), "10.255.255.255":
+        if not target:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target, 1))
+                ip = s.getsockname()[0]
+            except OSError:
+                continue
+        if not ip.startswith("127."):
+            return ip
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _temp_root() -> Path:
+    """Ray's socket paths must stay under ~107 characters: a short base."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    return Path(base if len(base) <= 40 else "/tmp")
+
+
+def _ignore_usr2() -> None:
+    # The preemption signal is for submitit's handler in the job's main process; the pipeline
+    # and Ray would die of it (SIGUSR2's default action) before the checkpoint is pickled.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group `proc` leads (it was started in its own session), then SIGKILL."""
+    if proc.poll() is not None:
+        try:  # the leader is gone; its group may still hold children
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived the leader
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Terminated(BaseException):
+    """Slurm is ending this attempt (SIGTERM: requeue, preemption, cancel, time limit)."""
+
+
+class PipelineJob(submitit.helpers.Checkpointable):
+    """What every task of the allocation runs (see the module docstring). Picklable: submitit
+    stores it in the job folder, and a requeued job unpickles and runs it again."""
+
+    def __init__(self, command: list[str], *, launcher: str, cwd: str, env: dict[str, str] | None = None,
+                 gpus_per_node: int = 0, ray_start_timeout_s: float = 120.0):
+        if launcher not in LAUNCHERS:
+            raise SlurmError(f"launcher={launcher!r} is not known; expected one of {list(LAUNCHERS)}")
+        self.command, self.launcher, self.cwd = list(command), launcher, str(cwd)
+        self.env = dict(env or {})
+        self.gpus_per_node, self.ray_start_timeout_s = gpus_per_node, ray_start_timeout_s
+
+    def checkpoint(self, *args, **kwargs):
+        """Preemption or time limit: requeue this same job. The pipeline's own checkpoints (in
+        its fixed run folder) carry the state, so the submission needs nothing new."""
+        print("[slurm] preempted or at the time limit: requeueing; the next attempt resumes from the last "
+              "checkpoint", file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def __call__(self) -> int:
+        def terminated(signum, frame):
+            raise _Terminated(signal.Signals(signum).name)
+
+        # Slurm sends SIGTERM when it ends this attempt (`scontrol requeue`, preemption, scancel):
+        # leave without a result so submitit does not record a failure for a job that runs again.
+        signal.signal(signal.SIGTERM, terminated)
+        env = submitit.JobEnvironment()
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        print(f"[slurm] job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}, attempt "
+              f"{attempt + 1}, launcher={self.launcher}", file=sys.stderr, flush=True)
+        try:
+            if self.launcher == "ddp":
+                dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+                print(f"[slurm] torch.distributed rank {dist_env.rank}/{dist_env.world_size}, master "
+                      f"{dist_env.master_addr}:{dist_env.master_port}", file=sys.stderr, flush=True)
+                return self._run_pipeline({})
+            return self._run_on_ray(env, attempt)
+        except _Terminated as e:
+            print(f"[slurm] {e.args[0]}: this attempt ends here (requeued, preempted or cancelled)",
+                  file=sys.stderr, flush=True)
+            os._exit(143)  # no submitit result file: the job's next attempt, if any, writes it
+
+    # ------------------------------------------------------------------ the pipeline
+    def _run_pipeline(self, extra_env: dict[str, str]) -> int:
+        env = {**os.environ, **self.env, **extra_env}
+        proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, start_new_session=True,
+                                preexec_fn=_ignore_usr2)
+        try:
+            rc = proc.wait()
+        finally:
+            _stop_group(proc)
+        if rc != 0:  # when Slurm is ending this attempt, its SIGTERM reaches us a moment after the pipeline
+            time.sleep(5)  # died of it (or of another task's): leave as _Terminated then, not as a failure
+            raise RuntimeError(f"the pipeline exited with {rc}: {' '.join(self.command)}")
+        return rc
+
+    # ------------------------------------------------------------------ Ray
+    def _ray(self, args: list[str], log: Path, env: dict) -> subprocess.Popen:
+        ray_bin = Path(sys.executable).parent / "ray"
+        with log.open("a") as out:
+            return subprocess.Popen([str(ray_bin) if ray_bin.exists() else "ray", "start", "--block",
+                                     "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, cwd=self.cwd, start_new_session=True, preexec_fn=_ignore_usr2)
+
+    def _wait_started(self, proc: subprocess.Popen, log: Path, what: str) -> None:
+        deadline = time.monotonic() + self.ray_start_timeout_s
+        while RAY_STARTED not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop_group(proc)
+                raise RuntimeError(f"the Ray {what} did not start in {self.ray_start_timeout_s:g} s "
+                                   f"(log {log}):\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+
+    def _node_args(self, ip: str, temp: Path, head: bool) -> list[str]:
+        ports = dict(zip(["port", "ray-client-server-port", "dashboard-port", "node-manager-port",
+                          "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                          "metrics-export-port", "runtime-env-agent-port"], _free_ports(ip, 9)))
+        if not head:
+            for key in ("port", "ray-client-server-port", "dashboard-port"):
+                ports.pop(key)
+        cpus = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count())
+        args = [f"--node-ip-address={ip}", f"--num-cpus={cpus}", f"--num-gpus={self.gpus_per_node}",
+                f"--temp-dir={temp}", *[f"--{k}={v}" for k, v in ports.items()]]
+        return args + ([f"--dashboard-host={ip}"] if head else [])
+
+    def _run_on_ray(self, env, attempt: int) -> int | None:
+        folder = Path(env.paths.folder)
+        head_file = folder / f"ray_head.{attempt}.json"  # per attempt: a requeued job starts a new head
+        done_file = folder / f"ray_done.{attempt}"
+        temp = _temp_root() / f"lzn-ray-{env.job_id}.{attempt}.{env.global_rank}"
+        ip = node_ip(env.num_nodes == 1)
+        log = folder / f"ray_node.{attempt}.{env.global_rank}.log"
+        if env.global_rank == 0:
+            args = self._node_args(ip, temp, head=True)
+            address = f"{ip}:{next(a.split('=')[1] for a in args if a.startswith('--port='))}"
+            # RAY_ADDRESS in the nodes' environment too: Ray's own actors that look the cluster up
+            # (Ray Train's) would otherwise find every other Ray on the node and refuse to choose.
+            auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": address}
+            head = self._ray(["--head", *args], log, {**os.environ, **self.env, **auth})
+            try:
+                self._wait_started(head, log, "head")
+                fd = os.open(head_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the token is secret
+                with os.fdopen(fd, "w") as f:
+                    json.dump(auth, f)
+                print(f"[slurm] Ray head at {address} (temp {temp}, log {log})", file=sys.stderr, flush=True)
+                return self._run_pipeline(auth)
+            finally:
+                done_file.touch()
+                _stop_group(head, grace_s=1.0)  # nothing runs on it any more: no need to let it drain
+                shutil.rmtree(temp, ignore_errors=True)
+        deadline = time.monotonic() + self.ray_start_timeout_s
+        while not head_file.exists():
+            if done_file.exists() or time.monotonic() > deadline:
+                raise RuntimeError(f"no Ray head address in {head_file} after {self.ray_start_timeout_s:g} s: "
+                                   f"see task 0's log in {folder}")
+            time.sleep(0.5)
+        auth = json.loads(head_file.read_text())
+        worker = self._ray([f"--address={auth['RAY_ADDRESS']}", *self._node_args(ip, temp, head=False)], log,
+                           {**os.environ, **self.env, **auth})
+        try:
+            self._wait_started(worker, log, f"worker on {env.hostname}")
+            while not done_file.exists() and worker.poll() is None:  # until task 0's pipeline ends
+                time.sleep(1.0)
+        finally:
+            _stop_group(worker, grace_s=1.0)
+            shutil.rmtree(temp, ignore_errors=True)
+        return None
