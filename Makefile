@@ -43,7 +43,7 @@ sweep: setup
 # The pipeline as a Slurm job (submitit): training, or the sweep with SWEEP=1; where and how from
 # the `slurm` config (pipelines/conf/slurm/; local: the cluster of infra/slurm/up.sh).
 slurm: setup
-	$(PY) -m pipelines.slurm task=$(TASK) $(if $(SWEEP),mode=sweep) $(ARGS)
+	$(PY) -m pipelines.slurm task=$(TASK) $(if $(filter 1 true yes,$(SWEEP)),mode=sweep) $(ARGS)
 
 # The task as a Ray job on $$RAY_ADDRESS (a cluster from infra/ray/, or `ray start --head` here).
 submit: setup

@@ -106,9 +106,21 @@ def cluster_is_local(url: str) -> bool:
         with _api_server_address(url):
             heads = list_nodes(address=url, filters=[("is_head_node", "=", True)], raise_on_missing_output=False)
         ours = {get_node_ip_address(), *LOCAL_HOSTS}
-    except Exception:  # an older dashboard without the state API: the address decides
-        return True
+    except Exception as e:
+        # Only a dashboard without the state API (404) lets the loopback address decide: any
+        # other failure could be a tunnel to a remote head, which must not get this machine's
+        # interpreter and paths.
+        if "404" in str(e) or "Not Found" in str(e):
+            return True
+        raise SubmitError(f"could not ask the Ray cluster at {url} where its head node is ({type(e).__name__}: "
+                          f"{str(e)[:300]}): is it a Ray {_ray_version()} dashboard?") from None
     return not heads or any(n.node_ip in ours or n.node_ip.startswith("127.") for n in heads)
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
 
 
 def _split_host_port(address: str) -> tuple[str, int]:

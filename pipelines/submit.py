@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         environ = dict(os.environ)
         if not cfg.tracking.enabled:  # an untracked run needs no reachable server
             environ.pop("MLFLOW_TRACKING_URI", None)
-        elif cfg.tracking.uri:
+        elif cfg.tracking.uri:  # the job logs there: this shell's variable neither travels nor is checked
             ray_jobs.check_tracking_uri(cfg.tracking.uri, local=local, what="tracking.uri")
+            environ.pop("MLFLOW_TRACKING_URI", None)
         from pipelines.train import git_commit
 
         commit = git_commit()  # the job's copy of the project has no .git

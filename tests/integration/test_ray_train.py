@@ -16,9 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
-# 200 short steps with a checkpoint every 20: long enough to kill something mid-run.
+# 100 short steps with a checkpoint every 20: long enough to kill something mid-run.
 LONG = ["task=gen_digits", "scale=smoke", "backend=ray", "train.deterministic=true", "train.batch_size=16",
-        "train.iterations=200", "train.checkpoint_every=20", "train.keep_checkpoints=2"]
+        "train.iterations=100", "train.checkpoint_every=20", "train.keep_checkpoints=2"]
 
 
 def command(*overrides, out: Path) -> list[str]:
@@ -64,23 +64,6 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, f"the driver exited ({proc.returncode}) before step {step}"
         time.sleep(0.05)
     raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def wait_until_gone(run_dir: Path, timeout: float = 120) -> None:
-    pids = [json.loads(p.read_text())["pid"] for p in (run_dir / "workers").glob("rank-*.json")]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        if not alive:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"Ray did not stop the workers {alive} of the killed driver")
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -134,7 +117,7 @@ def test_one_worker_follows_the_loss_trajectory_of_two(uninterrupted, tmp_path):
     # No RAY_ADDRESS: the command starts (and stops) its own local Ray.
     train(*LONG, "run_name=one", "trainer.num_workers=1", out=tmp_path, head=None)
     one, two = losses(tmp_path / "gen_digits" / "one"), losses(uninterrupted)
-    assert len(one) == len(two) == 200
+    assert len(one) == len(two) == 100
     assert one == pytest.approx(two, rel=1e-4, abs=1e-6)
 
 
@@ -153,33 +136,12 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_finishes_the_same(unint
     # Restarted from a checkpoint, not from scratch (the newest one Ray Train's controller had
     # registered when the worker died: reports reach it on its polling period).
     resumed = metrics["train/resumed_from_step"]
-    assert 0 < resumed < 200 and resumed % 20 == 0, resumed
+    assert 0 < resumed < 100 and resumed % 20 == 0, resumed
     assert losses(run_dir) == pytest.approx(losses(uninterrupted), rel=1e-5, abs=1e-7)
     client, run_id = mlflow_run(run_dir)
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-    assert sorted(steps) == list(range(1, 201))  # no step lost, none twice
+    assert sorted(steps) == list(range(1, 101))  # no step lost, none twice
     assert client.get_run(run_id).info.status == "FINISHED"
-
-
-def test_rerun_after_the_driver_died_resumes_the_same_mlflow_run(tmp_path, ray_head):
-    proc = start(*LONG, "run_name=rerun", out=tmp_path, head=ray_head)
-    run_dir = tmp_path / "gen_digits" / "rerun"
-    try:
-        wait_for_step(run_dir, 50, proc)
-        first_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_until_gone(run_dir)  # Ray stops the dead driver's workers: let them go before the rerun
-    train(*LONG, "run_name=rerun", out=tmp_path, head=ray_head)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["train/resumed_from_step"] >= 20
-    client, run_id = mlflow_run(run_dir)
-    assert run_id == first_id
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 201))
-    runs = client.search_runs([client.get_run(run_id).info.experiment_id], "attributes.run_name = 'rerun'")
-    assert [r.info.run_id for r in runs] == [run_id]
-    assert len(losses(run_dir)) == 200
 
 
 def test_streamed_training_reads_the_shards_through_ray_data(tmp_path, ray_head):
