@@ -6,12 +6,17 @@ submitted; `submit` hands a `PipelineJob` to submitit, which runs it on every ta
 allocation:
 
 - launcher=ray: one task per node. Task 0 starts a Ray head (`ray start --head --block`,
-  every port free on its node, a temp folder keyed by job id and restart, token
+  every port free on its node, a private temp folder named by job id and restart, token
   authentication), the other tasks join it as workers, and task 0 runs the pipeline with
-  RAY_ADDRESS set. The Ray processes are stopped by their process group, never `ray stop`
+  RAY_ADDRESS set. The head's address and token reach the workers through a file in the job
+  folder named by job id and restart (two jobs sharing a slurm.folder never read each
+  other's). The Ray processes are stopped by their process group, never `ray stop`
   (which would stop every Ray of this user on the node, another job's included).
 - launcher=ddp: plain multi-task PyTorch (`TorchDistributedEnvironment`): every task runs
   the pipeline with RANK / WORLD_SIZE / MASTER_ADDR exported, backend=local.
+
+Every task runs under `srun --kill-on-bad-exit=1`: a task that fails ends the job, instead of
+the others waiting for it until the time limit.
 
 The pipeline runs as a subprocess (`python -m pipelines.train ...`), so no Hydra here and
 the job is exactly the command a user could type. Its run folder is fixed by the command,
@@ -23,7 +28,10 @@ MLflow run(s).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
 import os
 import secrets
 import shutil
@@ -31,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +51,10 @@ LAUNCHERS = ("ray", "ddp")
 RAY_STARTED = "Ray runtime started"  # what `ray start` prints once every process of the node is up
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED")
+# Final only if they last: a requeueable job (ours are) that is preempted or loses its node
+# passes through them on its way back to PENDING, which Slurm takes a few seconds to do.
+MAYBE_REQUEUED = ("PREEMPTED", "NODE_FAIL")
+REQUEUE_GRACE_S = 30.0
 
 
 class SlurmError(ValueError):
@@ -174,41 +187,73 @@ def check_reachable_tracking(uri: str, partition: str) -> None:
                          "or tracking.enabled=false")
 
 
+def sbatch_mem(mem_gb: float) -> str:
+    """sbatch's --mem takes whole units only (`--mem=1.5G` is refused): whole gigabytes as G,
+    anything else rounded up to whole megabytes."""
+    return f"{int(mem_gb)}G" if float(mem_gb).is_integer() else f"{math.ceil(mem_gb * 1024)}M"
+
+
 def executor_parameters(s: SlurmSettings, partition: str) -> dict:
     """What submitit's SlurmExecutor gets (its names for sbatch's options)."""
     params = {"job_name": s.job_name, "partition": partition, "nodes": s.nodes,
               "ntasks_per_node": tasks_per_node(s), "cpus_per_task": s.cpus_per_task, "time": s.time_min,
               "signal_delay_s": s.signal_delay_s,
+              # a task that fails ends the step: the others (Ray workers, DDP ranks waiting in a
+              # collective) would otherwise hold the allocation until the time limit
+              "srun_args": ["--kill-on-bad-exit=1"],
               # requeueable even where the site's JobRequeue=0: preemption and `scontrol requeue` need it
               "additional_parameters": {"requeue": True}}
-    optional = {"gpus_per_node": s.gpus_per_node or None, "mem": f"{s.mem_gb:g}G" if s.mem_gb else None,
+    optional = {"gpus_per_node": s.gpus_per_node or None, "mem": sbatch_mem(s.mem_gb) if s.mem_gb else None,
                 "account": s.account, "qos": s.qos, "constraint": s.constraint, "setup": list(s.setup) or None}
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
 
 
 def submit(s: SlurmSettings, job: "PipelineJob", folder: str | Path):
-    """Preflight, then submit `job`; returns the submitit Job (job_id, paths.stdout, ...)."""
+    """Preflight, then submit `job`; returns the submitit Job (job_id, paths.stdout, ...).
+    sbatch refusing the job (an account, QoS or constraint the preflight cannot check) is a
+    SlurmError with sbatch's own words, not submitit's traceback."""
     partition = preflight(s)
     Path(str(folder).split("%j")[0]).mkdir(parents=True, exist_ok=True)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=s.max_requeues)
     executor.update_parameters(**executor_parameters(s, partition))
-    return executor.submit(job)
+    printed = io.StringIO()  # submitit prints sbatch's complaint before raising it: said once, in the error
+    try:
+        with contextlib.redirect_stderr(printed):
+            return executor.submit(job)
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        printed = io.StringIO()
+        raise SlurmError(f"sbatch refused the job: {str(e).strip()[-1000:]} (partition={partition!r}, "
+                         f"account={s.account!r}, qos={s.qos!r}, constraint={s.constraint!r})") from None
+    finally:
+        sys.stderr.write(printed.getvalue())  # anything else submitit said
 
 
 def job_state(job_id: str) -> str:
     """The job's state (RUNNING, PENDING, COMPLETED, ...) from slurmctld, which keeps finished
-    jobs for MinJobAge; `sacct` after that. UNKNOWN when neither knows it."""
-    done = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=60)
-    for token in done.stdout.split() if done.returncode == 0 else []:
-        if token.startswith("JobState="):
-            return token.split("=", 1)[1]
-    if shutil.which("sacct"):
-        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)], capture_output=True,
-                              text=True, timeout=60)
-        if acct.returncode == 0 and acct.stdout.strip():
-            return acct.stdout.split()[0].split()[0]
+    jobs for MinJobAge; `sacct` after that. UNKNOWN when neither knows it, or neither answers
+    (a busy or restarting slurmctld): whoever follows the job asks again."""
+    try:
+        done = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                              timeout=60)
+        for token in done.stdout.split() if done.returncode == 0 else []:
+            if token.startswith("JobState="):
+                return token.split("=", 1)[1]
+        if shutil.which("sacct"):
+            acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)], capture_output=True,
+                                  text=True, timeout=60)
+            if acct.returncode == 0 and acct.stdout.strip():
+                return acct.stdout.split()[0].split()[0]
+    except (subprocess.TimeoutExpired, OSError):
+        pass
     return "UNKNOWN"
+
+
+def is_final(state: str, lasted_s: float, grace_s: float = REQUEUE_GRACE_S) -> bool:
+    """Whether the job is over, given a state that has lasted `lasted_s`: PREEMPTED and
+    NODE_FAIL only once they have lasted `grace_s`, since a requeueable job goes from them back
+    to PENDING (REQUEUED on the way) and runs again."""
+    return state in FINAL_STATES and (state not in MAYBE_REQUEUED or lasted_s >= grace_s)
 
 
 # --------------------------------------------------------------------------- inside the job
@@ -247,10 +292,38 @@ def node_ip(single_node: bool) -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-def _temp_root() -> Path:
-    """Ray's socket paths must stay under ~107 characters: a short base."""
+# What Ray appends to its temp folder for its sockets: /session_<date>_<time>_<µs>_<pid>/sockets/
+# dash_MetricsHead, up to ~68 characters; the whole path must fit a Unix socket's 107.
+RAY_SOCKET_SUFFIX = 70
+SOCKET_PATH_MAX = 107
+
+
+def _ray_temp(job_id: str, attempt: int, rank: int) -> Path:
+    """A new folder of this user's only (mode 0700, a random suffix): a predictable name in a
+    shared /tmp could be planted by another user before Ray trusts it. In $TMPDIR when Ray's
+    socket paths still fit under it, else in /tmp; `lzn-ray-<job>.` is what finds a job's
+    Ray processes."""
+    prefix = f"lzn-ray-{job_id}.{attempt}.{rank}-"
     base = os.environ.get("TMPDIR") or "/tmp"
-    return Path(base if len(base) <= 40 else "/tmp")
+    if len(base) + 1 + len(prefix) + 8 + RAY_SOCKET_SUFFIX > SOCKET_PATH_MAX:  # mkdtemp adds 8 characters
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a temp file of mode 0600 renamed over it): the workers
+    read it as soon as it exists, and it holds the cluster's token."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _ignore_usr2() -> None:
@@ -370,45 +443,66 @@ class PipelineJob(submitit.helpers.Checkpointable):
                 f"--temp-dir={temp}", *[f"--{k}={v}" for k, v in ports.items()]]
         return args + ([f"--dashboard-host={ip}"] if head else [])
 
+    def _head_address(self, head_file: Path, done_file: Path, folder: Path) -> dict:
+        """What task 0 wrote to `head_file`. Waited for twice the head's start timeout and a
+        margin (task 0 may start later than this task, then takes up to that timeout itself),
+        or until task 0 gives up (its done file)."""
+        wait_s = 2 * self.ray_start_timeout_s + 30
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return json.loads(head_file.read_text())
+            except (FileNotFoundError, ValueError):  # not there yet (or, on a shared file system, not whole yet)
+                pass
+            if done_file.exists() or time.monotonic() > deadline:
+                why = "task 0 ended first" if done_file.exists() else f"after {wait_s:g} s"
+                raise RuntimeError(f"no Ray head address in {head_file} ({why}): see task 0's log in {folder}")
+            time.sleep(0.5)
+
     def _run_on_ray(self, env, attempt: int) -> int | None:
         folder = Path(env.paths.folder)
-        head_file = folder / f"ray_head.{attempt}.json"  # per attempt: a requeued job starts a new head
-        done_file = folder / f"ray_done.{attempt}"
-        temp = _temp_root() / f"lzn-ray-{env.job_id}.{attempt}.{env.global_rank}"
+        # Named by job id (two jobs may share a slurm.folder without %j) and by attempt (a
+        # requeued job starts a new head).
+        key = f"{env.job_id}.{attempt}"
+        head_file = folder / f"ray_head.{key}.json"
+        done_file = folder / f"ray_done.{key}"
         ip = node_ip(env.num_nodes == 1)
-        log = folder / f"ray_node.{attempt}.{env.global_rank}.log"
-        if env.global_rank == 0:
-            args = self._node_args(ip, temp, head=True)
-            address = f"{ip}:{next(a.split('=')[1] for a in args if a.startswith('--port='))}"
-            # RAY_ADDRESS in the nodes' environment too: Ray's own actors that look the cluster up
-            # (Ray Train's) would otherwise find every other Ray on the node and refuse to choose.
-            auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": address}
-            head = self._ray(["--head", *args], log, {**os.environ, **self.env, **auth})
-            try:
-                self._wait_started(head, log, "head")
-                fd = os.open(head_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the token is secret
-                with os.fdopen(fd, "w") as f:
-                    json.dump(auth, f)
-                print(f"[slurm] Ray head at {address} (temp {temp}, log {log})", file=sys.stderr, flush=True)
-                return self._run_pipeline(auth)
-            finally:
-                done_file.touch()
-                _stop_group(head, grace_s=1.0)  # nothing runs on it any more: no need to let it drain
-                shutil.rmtree(temp, ignore_errors=True)
-        deadline = time.monotonic() + self.ray_start_timeout_s
-        while not head_file.exists():
-            if done_file.exists() or time.monotonic() > deadline:
-                raise RuntimeError(f"no Ray head address in {head_file} after {self.ray_start_timeout_s:g} s: "
-                                   f"see task 0's log in {folder}")
-            time.sleep(0.5)
-        auth = json.loads(head_file.read_text())
+        log = folder / f"ray_node.{key}.{env.global_rank}.log"
+        temp = _ray_temp(env.job_id, attempt, env.global_rank)
+        try:
+            if env.global_rank == 0:
+                return self._run_head(ip, temp, log, head_file, done_file)
+            return self._run_worker(ip, temp, log, head_file, done_file, folder, env.hostname)
+        finally:  # after the Ray processes are stopped: they write there until then
+            shutil.rmtree(temp, ignore_errors=True)
+
+    def _run_head(self, ip: str, temp: Path, log: Path, head_file: Path, done_file: Path) -> int:
+        args = self._node_args(ip, temp, head=True)
+        address = f"{ip}:{next(a.split('=')[1] for a in args if a.startswith('--port='))}"
+        # RAY_ADDRESS in the nodes' environment too: Ray's own actors that look the cluster up
+        # (Ray Train's) would otherwise find every other Ray on the node and refuse to choose.
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": address}
+        head = self._ray(["--head", *args], log, {**os.environ, **self.env, **auth})
+        try:
+            self._wait_started(head, log, "head")
+            _write_private(head_file, json.dumps(auth))  # the token is secret
+            print(f"[slurm] Ray head at {address} (temp {temp}, log {log})", file=sys.stderr, flush=True)
+            return self._run_pipeline(auth)
+        finally:
+            done_file.touch()
+            _stop_group(head, grace_s=1.0)  # nothing runs on it any more: no need to let it drain
+
+    def _run_worker(self, ip: str, temp: Path, log: Path, head_file: Path, done_file: Path, folder: Path,
+                    hostname: str) -> None:
+        auth = self._head_address(head_file, done_file, folder)
+        if done_file.exists():  # task 0's pipeline has already ended: nothing left to join
+            return None
         worker = self._ray([f"--address={auth['RAY_ADDRESS']}", *self._node_args(ip, temp, head=False)], log,
                            {**os.environ, **self.env, **auth})
         try:
-            self._wait_started(worker, log, f"worker on {env.hostname}")
+            self._wait_started(worker, log, f"worker on {hostname}")
             while not done_file.exists() and worker.poll() is None:  # until task 0's pipeline ends
                 time.sleep(1.0)
         finally:
             _stop_group(worker, grace_s=1.0)
-            shutil.rmtree(temp, ignore_errors=True)
         return None

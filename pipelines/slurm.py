@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestration.slurm import (
-    FINAL_STATES, PipelineJob, SlurmError, SlurmSettings, check_reachable_tracking, job_state, preflight, submit,
-    tasks_per_node, validate_settings,
+    REQUEUE_GRACE_S, PipelineJob, SlurmError, SlurmSettings, check_reachable_tracking, is_final, job_state, preflight,
+    submit, tasks_per_node, validate_settings,
 )
 from pipelines.config import register, to_run_config
 
@@ -163,16 +163,18 @@ class _LogFollower:
                 out.flush()
 
 
-def follow(job, poll_s: float) -> str:
-    """Stream the job's log until Slurm reports a final state; returns that state."""
-    logs, state, unknown = _LogFollower(job.paths), "PENDING", 0
+def follow(job, poll_s: float, requeue_grace_s: float = REQUEUE_GRACE_S) -> str:
+    """Stream the job's log until Slurm reports a final state; returns that state. PREEMPTED
+    and NODE_FAIL count only once they have lasted `requeue_grace_s`: the job is requeueable and
+    usually comes back to PENDING. UNKNOWN (slurmctld not answering) is asked again, 30 times."""
+    logs, state, unknown, since = _LogFollower(job.paths), "PENDING", 0, time.monotonic()
     while True:
         new = job_state(job.job_id)
         if new != state:
             print(f"[slurm] job {job.job_id}: {new}", file=sys.stderr, flush=True)
-            state = new
+            state, since = new, time.monotonic()
         unknown = unknown + 1 if state == "UNKNOWN" else 0
-        if state in FINAL_STATES or unknown > 30:
+        if is_final(state, time.monotonic() - since, requeue_grace_s) or unknown > 30:
             time.sleep(min(poll_s, 1.0))  # the last lines reach the shared file a moment after
             logs.poll()
             return state

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Stop the single-node Slurm that infra/slurm/up.sh started: exactly the PIDs it recorded in
-# STATE_DIR/pids (slurmd, slurmctld, munged), never by name. Jobs still running on the node
-# are cancelled first so none is left orphaned. The state folder stays (logs, job state);
+# STATE_DIR/pids (slurmd, slurmctld, munged), never by name. Every job still queued on this
+# cluster, whoever submitted it, is cancelled first so none is left orphaned. The state folder stays (logs, job state);
 # delete it for a clean slate.
 #
 #   infra/slurm/down.sh [STATE_DIR]   # default: $LZN_SLURM_DIR, else /tmp/lzn-slurm
 set -euo pipefail
 
 STATE="${1:-${LZN_SLURM_DIR:-/tmp/lzn-slurm}}"
+while [[ "$STATE" == */ && "$STATE" != / ]]; do STATE="${STATE%/}"; done
 PIDS="$STATE/pids"
 export PATH="$PATH:/usr/sbin:/sbin"
+
+# The PIDs to stop are only as trustworthy as the folder they are read from (see up.sh).
+if [[ -e "$STATE" || -L "$STATE" ]]; then
+  if [[ -L "$STATE" || "$(stat -c %u "$STATE")" != "$(id -u)" ]]; then
+    echo "[slurm-down] error: state folder $STATE is a symlink or not owned by uid $(id -u): not the one up.sh made" >&2
+    exit 1
+  fi
+fi
 
 if [[ ! -f "$PIDS" ]]; then
   echo "[slurm-down] nothing to stop: no $PIDS" >&2
@@ -23,7 +32,9 @@ pid_of() { awk -v n="$1" '$1 == n {print $2}' "$PIDS"; }
 # job still running when the daemons go would be left behind with nothing to end it.
 if [[ -f "$STATE/slurm.conf" ]] && alive "$(pid_of slurmctld)" slurmctld; then
   export SLURM_CONF="$STATE/slurm.conf"
-  scancel --quiet --user="$(id -un)" || true
+  # Every job, not only ours (`scancel --user` as root would leave other users' jobs running):
+  # this is a private cluster, and it is going away.
+  squeue -h -o %i 2>/dev/null | xargs -r scancel --quiet || true
   for _ in $(seq 120); do
     [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break
     sleep 0.5

@@ -8,6 +8,7 @@ and continues the same MLflow run (the session's server, $MLFLOW_TRACKING_URI). 
 sweep runs as a Slurm job. The DDP launcher trains as 2 Slurm tasks and is preempted the way
 Slurm warns of a time limit (USR2): the job checkpoints, requeues itself and resumes. Bad
 input fails before anything is submitted."""
+import contextlib
 import json
 import os
 import re
@@ -27,10 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ["task=gen_digits", "scale=smoke", "poll_s=1", "tracking.register_model=false", "tracking.system_metrics=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n ports free now, held open together so that they differ."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _alive(pid: int, name: str) -> bool:
@@ -59,38 +63,51 @@ class Cluster:
 
     def release(self, job_id: str) -> None:
         """Start a requeued job now: Slurm holds one for two minutes (BeginTime). Only once the
-        last attempt has ended, or the new one would start among its remains and fail."""
+        last attempt has ended, or the new one would start among its remains and fail; and in a
+        later second than that attempt's credential was revoked, since slurmd refuses a credential
+        made in the same second ("Job credential revoked"), which a quick requeue reaches."""
         deadline = time.time() + 120
         while self.state_of(job_id) != "PENDING":
             assert time.time() < deadline, f"job {job_id} is not pending again: {self.state_of(job_id)}"
             time.sleep(0.2)
+        time.sleep(1.1)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
 @pytest.fixture(scope="module")
 def slurm(request):
     """up.sh on a state folder and ports of its own (a developer's own local cluster is left
-    alone), called twice to hold it to its idempotence; down.sh at the end."""
+    alone), called twice to hold it to its idempotence; down.sh at the end, and also when the
+    setup fails (whatever up.sh started before failing, or a second call that broke it)."""
     state = Path(tempfile.mkdtemp(prefix="lzn-slurm-"))  # short: munge's socket path lives there
-    env = {**os.environ, "LZN_SLURMCTLD_PORT": str(_free_port()), "LZN_SLURMD_PORT": str(_free_port())}
-    up = subprocess.run(["bash", str(ROOT / "infra/slurm/up.sh"), str(state)], env=env, capture_output=True,
-                        text=True, timeout=900)
-    assert up.returncode == 0, up.stderr[-3000:]
-    conf = up.stdout.strip().splitlines()[-1]
-    assert conf == f"export SLURM_CONF={state}/slurm.conf"
-    pids = (state / "pids").read_text()
-    again = subprocess.run(["bash", str(ROOT / "infra/slurm/up.sh"), str(state)], env=env, capture_output=True,
-                           text=True, timeout=60)
-    assert again.returncode == 0 and "already up" in again.stderr, again.stderr
-    assert again.stdout.strip().splitlines()[-1] == conf and (state / "pids").read_text() == pids
+    ctld_port, slurmd_port = _free_ports(2)
+    env = {**os.environ, "LZN_SLURMCTLD_PORT": str(ctld_port), "LZN_SLURMD_PORT": str(slurmd_port)}
+
+    def down() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "infra/slurm/down.sh"), str(state)], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    try:
+        up = subprocess.run(["bash", str(ROOT / "infra/slurm/up.sh"), str(state)], env=env, capture_output=True,
+                            text=True, timeout=900)
+        assert up.returncode == 0, up.stderr[-3000:]
+        conf = up.stdout.strip().splitlines()[-1]
+        assert conf == f"export SLURM_CONF={state}/slurm.conf"
+        pids = (state / "pids").read_text()
+        again = subprocess.run(["bash", str(ROOT / "infra/slurm/up.sh"), str(state)], env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 0 and "already up" in again.stderr, again.stderr
+        assert again.stdout.strip().splitlines()[-1] == conf and (state / "pids").read_text() == pids
+    except BaseException:
+        down()  # the state folder stays: the daemons' logs are in it
+        raise
     env.update({"SLURM_CONF": f"{state}/slurm.conf", "LZN_DATA_DIR": str(state / "data"), "OMP_NUM_THREADS": "1"})
     env.pop("RAY_ADDRESS", None)
     cluster = Cluster(state, env)
     failed_before = request.session.testsfailed
     yield cluster
-    down = subprocess.run(["bash", str(ROOT / "infra/slurm/down.sh"), str(state)], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert down.returncode == 0, down.stderr
+    stopped = down()
+    assert stopped.returncode == 0, stopped.stderr
     started = [line.split() for line in pids.splitlines()]
     assert [name for name, pid in started] == ["munged", "slurmctld", "slurmd"]
     assert not [name for name, pid in started if _alive(int(pid), name)]
@@ -98,25 +115,49 @@ def slurm(request):
         shutil.rmtree(state, ignore_errors=True)
 
 
-def submit(cluster: Cluster, *args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.slurm", *args], cwd=ROOT, env=cluster.env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def job_id_in(log: Path) -> str | None:
     found = re.search(r"as Slurm job (\d+)", log.read_text())
     return found and found.group(1)
 
 
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+@contextlib.contextmanager
+def submitted(cluster: Cluster, *args: str, log: Path):
+    """`python -m pipelines.slurm ARGS` following its job, in its own process group. When the
+    test fails or times out, its job is cancelled (if it got as far as a job id) before the
+    follower is killed: the one-node cluster is full while it runs, and the next test's job
+    would wait behind it."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.slurm", *args], cwd=ROOT, env=cluster.env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        proc.wait(timeout=timeout)
+        yield proc
+    except BaseException:
+        job_id = job_id_in(log)
+        if job_id:
+            subprocess.run(["scancel", job_id], env=cluster.env, capture_output=True, timeout=60)
+        raise
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    """The follower's output once it exits 0 (the job COMPLETED); a failure otherwise, which
+    `submitted` turns into a cancelled job."""
+    proc.wait(timeout=timeout)
     text = log.read_text()
     assert proc.returncode == 0, text[-6000:]
     return text
+
+
+def wait_for_checkpoint(ready, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until `ready()` (a checkpoint the job can resume from exists), while the job's follower runs."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.time() < deadline, f"no checkpoint in {timeout:g} s:\n" + log.read_text()[-4000:]
+        time.sleep(0.2)
 
 
 def committed_checkpoint(run_dir: Path) -> str | None:
@@ -146,24 +187,21 @@ def test_a_training_job_requeued_midway_resumes_from_its_checkpoint_into_the_sam
     out = tmp_path / "out"
     log = tmp_path / "slurm.log"
     # 60 short steps: the requeue lands between the first checkpoint (step 10) and the end.
-    proc = submit(slurm, *SMOKE, f"output_dir={out}", "trainer.num_workers=1", "train.iterations=60",
-                  "train.checkpoint_every=10", log=log)
-    run_dir = out / "gen_digits" / "smoke-seed0"
-    deadline = time.time() + 300
-    while not committed_checkpoint(run_dir):
-        assert proc.poll() is None, log.read_text()[-4000:]
-        assert time.time() < deadline, "no checkpoint in 5 minutes:\n" + log.read_text()[-4000:]
-        time.sleep(0.2)
-    job_id = job_id_in(log)
-    slurm.run("scontrol", "requeue", job_id)
-    slurm.release(job_id)
-    text = finish(proc, log)
+    with submitted(slurm, *SMOKE, f"output_dir={out}", "trainer.num_workers=1", "train.iterations=60",
+                   "train.checkpoint_every=10", log=log) as proc:
+        run_dir = out / "gen_digits" / "smoke-seed0"
+        wait_for_checkpoint(lambda: committed_checkpoint(run_dir), proc, log)
+        job_id = job_id_in(log)
+        slurm.run("scontrol", "requeue", job_id)
+        slurm.release(job_id)
+        text = finish(proc, log)
 
     assert f"Slurm job {job_id} ended COMPLETED" in text
     assert f"[slurm] job {job_id} task 0/1 on" in text and "attempt 2, launcher=ray" in text
     job_dir = run_dir / "slurm" / job_id  # the job and log folders that were reported
     assert f"job folder: {job_dir}" in text and f"run folder: {run_dir}" in text
-    assert (job_dir / "ray_head.0.json").exists() and (job_dir / "ray_head.1.json").exists()  # a head per attempt
+    heads = [job_dir / f"ray_head.{job_id}.{attempt}.json" for attempt in (0, 1)]  # a head per attempt
+    assert all(head.exists() and head.stat().st_mode & 0o777 == 0o600 for head in heads)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     resumed = metrics["train/resumed_from_step"]
     assert metrics["train/steps"] == 60 and 10 <= resumed < 60 and resumed % 10 == 0
@@ -185,9 +223,9 @@ def test_a_training_job_requeued_midway_resumes_from_its_checkpoint_into_the_sam
 def test_a_two_trial_sweep_runs_as_a_slurm_job(slurm, tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "slurm.log"
-    proc = submit(slurm, *SMOKE, "mode=sweep", f"output_dir={out}", "sweep.num_samples=2", "sweep.scheduler=fifo",
-                  "sweep.name=slurm", log=log)
-    text = finish(proc, log)
+    with submitted(slurm, *SMOKE, "mode=sweep", f"output_dir={out}", "sweep.num_samples=2",
+                   "sweep.scheduler=fifo", "sweep.name=slurm", log=log) as proc:
+        text = finish(proc, log)
     sweep_dir = out / "gen_digits" / "sweeps" / "slurm"
     assert f"sweep folder: {sweep_dir}" in text and "| rank | trial | status | eval/fid |" in text
     parent_id = json.loads((sweep_dir / "mlflow_run.json").read_text())["run_id"]
@@ -205,18 +243,15 @@ def test_the_ddp_launcher_trains_as_two_tasks_and_a_preempted_job_requeues_itsel
     preemption sends): submitit calls PipelineJob.checkpoint and requeues the job itself."""
     out = tmp_path / "out"
     log = tmp_path / "slurm.log"
-    proc = submit(slurm, *SMOKE, f"output_dir={out}", "slurm.launcher=ddp", "slurm.tasks_per_node=2",
-                  "slurm.cpus_per_task=1", "train.iterations=60", "train.checkpoint_every=10", log=log)
-    run_dir = out / "gen_digits" / "smoke-seed0"
-    deadline = time.time() + 300
-    while not list((run_dir / "checkpoints").glob("ckpt-*.pt")):  # written atomically: complete once there
-        assert proc.poll() is None, log.read_text()[-4000:]
-        assert time.time() < deadline, "no checkpoint in 5 minutes:\n" + log.read_text()[-4000:]
-        time.sleep(0.2)
-    job_id = job_id_in(log)
-    slurm.run("scancel", "--signal=USR2", job_id)
-    slurm.release(job_id)
-    text = finish(proc, log)
+    with submitted(slurm, *SMOKE, f"output_dir={out}", "slurm.launcher=ddp", "slurm.tasks_per_node=2",
+                   "slurm.cpus_per_task=1", "train.iterations=60", "train.checkpoint_every=10", log=log) as proc:
+        run_dir = out / "gen_digits" / "smoke-seed0"
+        # checkpoints/ckpt-*.pt is written atomically: complete once there
+        wait_for_checkpoint(lambda: list((run_dir / "checkpoints").glob("ckpt-*.pt")), proc, log)
+        job_id = job_id_in(log)
+        slurm.run("scancel", "--signal=USR2", job_id)
+        slurm.release(job_id)
+        text = finish(proc, log)
 
     assert "Caught signal SIGUSR2" in text and "[slurm] preempted or at the time limit: requeueing" in text
     assert "attempt 2, launcher=ddp" in text and f"Slurm job {job_id} ended COMPLETED" in text
@@ -254,6 +289,7 @@ def test_an_unknown_partition_fails_before_anything_is_submitted(slurm, tmp_path
     (["slurm.partiton=debug"], "slurm.partiton"),  # a typo in the job's settings
     (["train.iteratons=3"], "train.iteratons"),  # a typo in the pipeline's
     (["slurm=nope"], "nope"),  # an unknown slurm config group
+    (["slurm.constraint=no-such-feature"], "sbatch refused the job: "),  # what only sbatch can check
 ])
 def test_bad_settings_fail_before_submission(slurm, tmp_path, monkeypatch, capsys, args, message):
     from pipelines.slurm import main

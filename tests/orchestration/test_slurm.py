@@ -1,12 +1,16 @@
 """The Slurm side that needs no cluster: settings validation, the preflight checks against a
 submit host without `sbatch` or with a fake `sinfo`, the sbatch options submitit writes, the
-job object submitit pickles, and the process-group cleanup. The real cluster runs in
-tests/integration/test_slurm.py."""
+job object submitit pickles, the files its tasks meet through, and the process-group
+cleanup. The real cluster runs in tests/integration/test_slurm.py."""
+import json
+import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +18,8 @@ import pytest
 import submitit
 
 from orchestration.slurm import (
-    PipelineJob, SlurmError, SlurmSettings, _stop_group, check_reachable_tracking, executor_parameters, preflight,
+    RAY_SOCKET_SUFFIX, SOCKET_PATH_MAX, PipelineJob, SlurmError, SlurmSettings, _ray_temp, _stop_group,
+    _write_private, check_reachable_tracking, executor_parameters, is_final, job_state, preflight, submit,
     tasks_per_node, validate_settings,
 )
 
@@ -119,9 +124,81 @@ def test_submitit_writes_the_sbatch_options_of_the_settings(tmp_path):
                  "--job-name=lzn"):
         assert f"#SBATCH {line}" in script.splitlines(), line
     assert "module load cuda" in script.splitlines()
+    # a task that fails ends the job, instead of the others waiting for it until the time limit
+    assert any(line.startswith("srun ") and "--kill-on-bad-exit=1" in line for line in script.splitlines())
 
     ddp = executor_parameters(SlurmSettings(partition="debug", launcher="ddp", gpus_per_node=4), "debug")
     assert ddp["ntasks_per_node"] == 4 and "mem" not in ddp and "account" not in ddp
+    # sbatch takes whole units only: a fractional size is rounded up to whole megabytes
+    assert executor_parameters(SlurmSettings(mem_gb=1.5), "debug")["mem"] == "1536M"
+    assert executor_parameters(SlurmSettings(mem_gb=0.3), "debug")["mem"] == "308M"
+
+
+def test_a_job_sbatch_refuses_is_a_slurm_error_in_sbatch_s_words(tmp_path, monkeypatch, capsys):
+    path = fake_slurm(tmp_path / "bin", "debug*|1|up\n")
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: "
+                                             "Invalid account or account/partition combination specified' >&2\n"
+                                             "exit 1\n")
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it before submitting
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", path)
+    job = PipelineJob(["true"], launcher="ray", cwd=str(tmp_path))
+    with pytest.raises(SlurmError) as e:
+        submit(SlurmSettings(account="nope"), job, tmp_path / "jobs" / "%j")
+    assert str(e.value).startswith("sbatch refused the job: sbatch: error: Batch job submission failed: Invalid "
+                                   "account") and "account='nope'" in str(e.value)
+    assert "sbatch" not in capsys.readouterr().err  # said once, in the error, not also by submitit
+
+
+def test_a_slurmctld_that_does_not_answer_is_an_unknown_state_not_a_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, no sacct: an OSError
+    assert job_state("1") == "UNKNOWN"
+
+    def too_slow(args, **kwargs):
+        raise subprocess.TimeoutExpired(args, kwargs.get("timeout"))
+    monkeypatch.setattr(subprocess, "run", too_slow)
+    assert job_state("1") == "UNKNOWN"
+
+
+def test_preempted_and_node_fail_are_final_only_once_the_job_did_not_come_back():
+    assert is_final("COMPLETED", 0) and is_final("FAILED", 0) and not is_final("RUNNING", 100)
+    for state in ("PREEMPTED", "NODE_FAIL"):  # a requeueable job passes through them back to PENDING
+        assert not is_final(state, 2, grace_s=30) and is_final(state, 30, grace_s=30)
+    assert not is_final("REQUEUED", 100) and not is_final("PENDING", 100)
+
+
+def test_the_head_file_is_written_whole_and_private_and_a_worker_waits_for_it(tmp_path):
+    head_file, done_file = tmp_path / "ray_head.7.0.json", tmp_path / "ray_done.7.0"
+    _write_private(head_file, json.dumps({"RAY_ADDRESS": "127.0.0.1:1"}))
+    assert head_file.stat().st_mode & 0o777 == 0o600 and [p.name for p in tmp_path.iterdir()] == [head_file.name]
+
+    job = PipelineJob(["true"], launcher="ray", cwd=str(tmp_path), ray_start_timeout_s=5)
+    head_file.write_text('{"RAY_ADD')  # what a reader may meet of a file written in place
+    later = threading.Timer(0.3, _write_private, (head_file, json.dumps({"RAY_ADDRESS": "127.0.0.1:2"})))
+    later.start()
+    try:
+        assert job._head_address(head_file, done_file, tmp_path) == {"RAY_ADDRESS": "127.0.0.1:2"}
+    finally:
+        later.join()
+    head_file.unlink()
+    done_file.touch()  # task 0 gave up: no waiting out the deadline
+    with pytest.raises(RuntimeError, match="no Ray head address in .*ray_head.7.0.json .task 0 ended first."):
+        job._head_address(head_file, done_file, tmp_path)
+
+
+def test_the_ray_temp_folder_is_new_private_named_by_job_and_short(tmp_path, monkeypatch):
+    made = [_ray_temp("123", 1, 0), _ray_temp("123", 1, 0)]
+    monkeypatch.setenv("TMPDIR", str(tmp_path / ("x" * 60)))  # Ray's socket paths would not fit under it
+    made.append(_ray_temp("12345678", 1, 15))
+    try:
+        assert made[0] != made[1]  # a new one each time: never one another user could have made first
+        for temp in made:
+            assert temp.name.startswith(("lzn-ray-123.1.0-", "lzn-ray-12345678.1.15-"))
+            assert temp.stat().st_mode & 0o777 == 0o700 and temp.stat().st_uid == os.getuid()
+            assert len(str(temp)) + RAY_SOCKET_SUFFIX <= SOCKET_PATH_MAX
+    finally:
+        for temp in made:
+            temp.rmdir()
 
 
 def test_the_job_pickles_and_checkpoints_as_itself():
@@ -145,12 +222,19 @@ def test_stopping_a_process_group_takes_its_grandchildren_too(tmp_path):
         time.sleep(300)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
-    deadline = time.time() + 30
-    while not pids.exists() or not pids.read_text():
-        assert time.time() < deadline
-        time.sleep(0.1)
-    grandchild = int(pids.read_text())
-    _stop_group(proc, grace_s=5)
+    try:
+        deadline = time.time() + 30
+        while not pids.exists() or not pids.read_text():
+            assert time.time() < deadline
+            time.sleep(0.1)
+        grandchild = int(pids.read_text())
+        _stop_group(proc, grace_s=5)
+    finally:  # a failed wait must not leave `sleep 300` and its parent behind
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
     assert proc.poll() is not None
     time.sleep(0.2)
     stat = Path(f"/proc/{grandchild}/stat")  # gone, or a zombie left for init to reap
