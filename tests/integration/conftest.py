@@ -18,6 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_command(target: str, *args: str) -> list[str]:
+    """The `make` line a user types for a pipeline command's arguments: `task=` becomes TASK,
+    `mode=sweep` SWEEP=1 (for `make slurm`), everything else ARGS (no spaces in the values)."""
+    task = next(a.split("=", 1)[1] for a in args if a.startswith("task="))
+    sweep = "mode=sweep" in args and target == "slurm"
+    rest = [a for a in args if not a.startswith("task=") and not (sweep and a == "mode=sweep")]
+    assert not any(" " in a for a in rest), rest
+    return ["make", "-s", "--no-print-directory", "-C", str(ROOT), target, f"TASK={task}",
+            *(["SWEEP=1"] if sweep else []), f"ARGS={' '.join(rest)}"]
+
+
 class RayHead:
     def __init__(self, address: str, env: dict):
         self.address, self.env = address, env  # env: what a client needs (RAY_ADDRESS, the auth token)

@@ -19,15 +19,17 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestration import ray_jobs
+from tests.integration.conftest import make_command
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 
-def submit(*args, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`make submit`'s command (`$(PY) -m pipelines.submit task=$(TASK) $(ARGS)`)."""
-    return subprocess.run([sys.executable, "-m", "pipelines.submit", *args], cwd=ROOT, capture_output=True,
-                          text=True, env=env, timeout=timeout)
+def submit(*args, env: dict, timeout: float = 300, make: bool = False) -> subprocess.CompletedProcess:
+    """`python -m pipelines.submit ARGS`, the command of `make submit` (whose own exit status is 2
+    for any failure), or with make=True `make submit TASK=... ARGS=...` as a user types it."""
+    cmd = make_command("submit", *args) if make else [sys.executable, "-m", "pipelines.submit", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def environment(tmp: Path, **extra) -> dict:
@@ -39,7 +41,8 @@ def test_submit_runs_a_digits_job_on_the_cluster_tracked_in_mlflow(tmp_path, ray
     from ray.job_submission import JobSubmissionClient
 
     done = submit("task=gen_digits", "scale=smoke", "trainer.num_workers=1", "run_name=job",
-                  "tracking.register_model=false", f"output_dir={tmp_path}", env=environment(tmp_path, **ray_head.env))
+                  "tracking.register_model=false", f"output_dir={tmp_path}", env=environment(tmp_path, **ray_head.env),
+                  make=True)
     out = done.stdout
     assert done.returncode == 0, f"{out[-4000:]}\n{done.stderr[-4000:]}"
     job_id = re.search(r"^submission id: (\S+)$", out, re.M).group(1)

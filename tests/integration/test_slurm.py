@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.integration.conftest import make_command
+
 ROOT = Path(__file__).resolve().parents[2]
 # Smoke-sized runs; no model registry upload or system metrics: seconds the tests do not check.
 SMOKE = ["task=gen_digits", "scale=smoke", "poll_s=1", "tracking.register_model=false", "tracking.system_metrics=false"]
@@ -122,12 +124,12 @@ def job_id_in(log: Path) -> str | None:
 
 @contextlib.contextmanager
 def submitted(cluster: Cluster, *args: str, log: Path):
-    """`python -m pipelines.slurm ARGS` following its job, in its own process group. When the
+    """`make slurm TASK=... [SWEEP=1] ARGS=...` following its job, in its own process group. When the
     test fails or times out, its job is cancelled (if it got as far as a job id) before the
     follower is killed: the one-node cluster is full while it runs, and the next test's job
     would wait behind it."""
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.slurm", *args], cwd=ROOT, env=cluster.env,
+        proc = subprocess.Popen(make_command("slurm", *args), cwd=ROOT, env=cluster.env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
