@@ -138,15 +138,10 @@ def load_sweep(client, experiment: str, sweep: str | None = None) -> Optional[Sw
 def _leaderboard_csv(client, sweep: Sweep, children) -> list[Trial]:
     """The leaderboard the sweep wrote at its end (every trial, stopped ones with their last
     checkpoint's value), with each trial's params from its MLflow run."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="lzn-report-") as tmp:
-            text = Path(client.download_artifacts(sweep.parent_run_id, "leaderboard.csv", tmp)).read_text()
-    except Exception:  # not there yet: the sweep runs or was interrupted
-        text = None
-    if not text:
+    data = artifact_bytes(client, sweep.parent_run_id, "leaderboard.csv")  # None while the sweep runs
+    if not data:
         return []
+    text = data.decode()
     runs = {c.info.run_id: c for c in children}
     trials = []
     for row in csv.DictReader(io.StringIO(text)):
@@ -181,17 +176,22 @@ def curves(client, run_id: str, keys=("loss",)) -> dict[str, tuple[list[int], li
     return out
 
 
-def image_data_uri(client, run_id: str, name: str, folder: str = "plots") -> Optional[str]:
-    """A PNG artifact of a run as a data: URI (inlined, so the report needs no server)."""
+def artifact_bytes(client, run_id: str, path: str) -> Optional[bytes]:
+    """A run's artifact, or None when it was not logged."""
     import tempfile
 
     try:
         with tempfile.TemporaryDirectory(prefix="lzn-report-") as tmp:
-            path = Path(client.download_artifacts(run_id, f"{folder}/{name}", tmp))
-            data = path.read_bytes()
-    except Exception:  # not logged (a stopped trial, streamed data has no zone plot)
+            return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+    except Exception:
         return None
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def image_data_uri(client, run_id: str, name: str, folder: str = "plots") -> Optional[str]:
+    """A PNG artifact of a run as a data: URI (inlined, so the report needs no server); None
+    when not logged (a stopped trial; streamed data has no zone plot)."""
+    data = artifact_bytes(client, run_id, f"{folder}/{name}")
+    return None if data is None else "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 @dataclass
@@ -342,7 +342,8 @@ def _img(uri: Optional[str], caption: str, img_id: str) -> str:
            "</figcaption></figure>"
 
 
-def render(client, uri: str, experiment: str, sweep: Optional[Sweep]) -> str:
+def render(client, uri: str, experiment_id: str, experiment: str, sweep: Optional[Sweep],
+           pair: dict[str, Optional[Baseline]] | None) -> str:
     """The report's HTML."""
     import plotly.offline
 
@@ -374,10 +375,8 @@ def render(client, uri: str, experiment: str, sweep: Optional[Sweep]) -> str:
                       for name in PLOTS]
             body = head + f'<div class="images">{"".join(images)}</div>'
         sections.append(_section("best-trial", "Best trial", body))
-    exp = _experiment(client, experiment)
-    pair = generation_pair(client, exp.experiment_id)
     if pair is not None:
-        sections.append(_section("rf-vs-lzn", "RF against RF + LZN", _pair_html(uri, exp.experiment_id, pair,
+        sections.append(_section("rf-vs-lzn", "RF against RF + LZN", _pair_html(uri, experiment_id, pair,
                                                                               experiment)))
     title = f"{experiment}: sweep {sweep.name!r}" if sweep else experiment
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -426,10 +425,12 @@ def build_report(uri: str, experiment: str | None = None, sweep: str | None = No
     client = MlflowClient(uri)
     experiment = experiment or latest_sweep_experiment(client)
     data = load_sweep(client, experiment, sweep)
-    if data is None and generation_pair(client, _experiment(client, experiment).experiment_id) is None:
+    experiment_id = _experiment(client, experiment).experiment_id
+    pair = generation_pair(client, experiment_id)
+    if data is None and pair is None:
         raise ReportError(f"experiment {experiment!r} holds no sweep and no RF/RF + LZN runs to compare: "
                           f"`make sweep TASK=<task>` makes a sweep")
-    page = render(client, uri, experiment, data)
+    page = render(client, uri, experiment_id, experiment, data, pair)
     name = f"{experiment}-{data.name}.html" if data else f"{experiment}.html"
     path = Path(out) if out else Path(output_dir) / "reports" / name
     path.parent.mkdir(parents=True, exist_ok=True)

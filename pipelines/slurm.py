@@ -32,9 +32,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestration.slurm import (
-    REQUEUE_GRACE_S, PipelineJob, SlurmError, SlurmSettings, check_reachable_tracking, is_final, job_state, preflight,
-    submit, tasks_per_node, validate_settings,
+    REQUEUE_GRACE_S, SlurmError, SlurmSettings, check_reachable_tracking, is_final, job_state, preflight, submit,
+    tasks_per_node, validate_settings,
 )
+from orchestration.slurm_job import PipelineJob
 from pipelines.config import register, to_run_config
 
 register()

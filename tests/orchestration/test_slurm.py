@@ -18,9 +18,11 @@ import pytest
 import submitit
 
 from orchestration.slurm import (
-    RAY_SOCKET_SUFFIX, SOCKET_PATH_MAX, PipelineJob, SlurmError, SlurmSettings, _ray_temp, _stop_group,
-    _write_private, check_reachable_tracking, executor_parameters, is_final, job_state, preflight, submit,
+    SlurmError, SlurmSettings, check_reachable_tracking, executor_parameters, is_final, job_state, preflight, submit,
     tasks_per_node, validate_settings,
+)
+from orchestration.slurm_job import (
+    RAY_SOCKET_SUFFIX, SOCKET_PATH_MAX, PipelineJob, _ray_temp, _stop_group, _write_private,
 )
 
 
