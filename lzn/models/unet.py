@@ -12,12 +12,14 @@ Presets (`UNET_PRESETS`; parameter counts for 3 channels and cond_dim 200):
 - "ddpmpp_cifar10": RF's CIFAR10 DDPM++ (nf 128, ch_mult 1,2,2,2, 4 blocks, attn 16,
   dropout 0.15, positional time embedding, skip_rescale): 61,906,819. Paper: 61.9M.
 - "ncsnpp_256": score_sde's CelebA-HQ NCSN++ (Fourier embedding, ch_mult 1,1,2,2,2,2,2,
-  2 blocks, attn 16, FIR, output skip, input skip): 65,676,821. Paper: 65.7M.
+  2 blocks, attn 16, FIR, output skip, input skip, scale_by_sigma): 65,676,821. Paper: 65.7M.
 
-Time: t in [0, 1] is embedded as 999 t (positional) or log(999 t) (Fourier), as in the
-references; the network assumes no direction, the RF objective decides which end is data.
-Not reproduced: the 256px references divide the output by 999 t (`scale_by_sigma`), a
-parametrisation tied to their time direction; here the network returns the velocity.
+Time: t in [0, 1] (t = 1 at the data, as in the RF objective and the references) is
+embedded as 999 t (positional) or log(999 t) (Fourier), as in the references.
+`scale_by_sigma` divides the output by 999 t, as the reference's 256px configs do
+(`scale_by_sigma=True` in its AFHQ, CelebA-HQ and LSUN configs, off for CIFAR10 and the
+joint case study): the network learns 999 t times the velocity, so its output stays O(1)
+while the velocity it returns shrinks towards the data end.
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ class UNetConfig:
     fourier_scale: float = 16.0
     # RF feeds the network 999 t (the DDPM step scale the embeddings were designed for).
     time_scale: float = 999.0
+    # Divide the output by time_scale * t (score_sde's "sigma" of the Fourier embedding).
+    scale_by_sigma: bool = False
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {
@@ -71,7 +75,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
                                  dropout=0.15),
     "ncsnpp_256": UNetConfig(nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2,
                              attn_resolutions=(16,), dropout=0.0, fir=True, output_skip=True,
-                             input_skip=True, embedding="fourier"),
+                             input_skip=True, embedding="fourier", scale_by_sigma=True),
 }
 
 
@@ -146,14 +150,18 @@ class NCSNppUNet(nn.Module):
         elif cond.shape != (b, self.cond_dim):
             raise ValueError(f"cond must have shape ({b}, {self.cond_dim}), got {tuple(cond.shape)}")
 
+    def sigma(self, t: Tensor) -> Tensor:
+        """(B,) times in [0, 1] -> (B,) network times time_scale * t, floored at 1e-3 so that
+        t = 0 stays finite (the reference takes log(0) and divides by 0 there)."""
+        return (t.clamp(0.0, 1.0) * self.config.time_scale).clamp_min(1e-3)
+
     def embed(self, t: Tensor, cond: Tensor | None) -> Tensor:
         """Time (B,) and condition (B, cond_dim) -> the embedding every block sees, (B, 4 nf)."""
-        s = t.clamp(0.0, 1.0) * self.config.time_scale
         if self.fourier is not None:
-            # score_sde embeds log(sigma); the floor keeps t = 0 finite.
-            temb = self.fourier(torch.log(s.clamp_min(1e-3)))
+            # score_sde embeds log(sigma).
+            temb = self.fourier(torch.log(self.sigma(t)))
         else:
-            temb = timestep_embedding(s, self.config.nf)
+            temb = timestep_embedding(t.clamp(0.0, 1.0) * self.config.time_scale, self.config.nf)
         temb = temb.to(self.emb_mlp[0].weight.dtype)
         if cond is not None:
             temb = torch.cat([temb, cond.to(temb.dtype)], dim=1)
@@ -174,7 +182,10 @@ class NCSNppUNet(nn.Module):
             if i < len(self.ups):
                 h = self.ups[i](h, emb)
         assert not skips
-        return pyramid if self.head is None else self.head(h)
+        out = pyramid if self.head is None else self.head(h)
+        if self.config.scale_by_sigma:
+            out = out / self.sigma(t).to(out.dtype).view(-1, 1, 1, 1)
+        return out
 
 
 def build_unet(preset: str, *, image_size: int, channels: int, cond_dim: int, **overrides) -> NCSNppUNet:

@@ -47,6 +47,21 @@ def test_paper_hyperparameters_are_the_papers():
     assert j.train.freeze_after == {"decoder": 60000} and (j.align.steps, j.align.log) == (100, False)
 
 
+def test_only_the_256px_generation_decoders_scale_by_sigma():
+    """The reference sets scale_by_sigma=True in case_study_1_{afhqcat,celebahq,lsunbedroom}.py
+    and False in case_study_1_cifar10.py and case_study_3.py."""
+    from lzn.models.layers import replace_config
+    from lzn.models.unet import UNET_PRESETS
+
+    scaled = set()
+    for task in TASKS:
+        c = load(f"task={task}")
+        if c.model.decoder is not None:
+            if replace_config(UNET_PRESETS[c.model.decoder], c.model.decoder_overrides).scale_by_sigma:
+                scaled.add(task)
+    assert scaled == {"gen_afhq_cat", "gen_celebahq", "gen_lsun_bedroom"}
+
+
 def test_unknown_key_fails_at_load():
     with pytest.raises(ValueError, match="train.iteratons"):
         load("task=gen_digits", "+train.iteratons=5")

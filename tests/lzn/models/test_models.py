@@ -214,6 +214,29 @@ def test_decoder_conditioning_contract():
     assert not torch.equal(dec(x, t, c), dec(x, 1 - t, c))
 
 
+def test_256px_decoder_divides_its_output_by_999_t():
+    """The reference's NCSN++ decoder returns h / (999 t) when scale_by_sigma is set
+    (lzn/model/ncsnpp.py:522-528 and 672-674 of microsoft/latent-zoning-networks), which its
+    AFHQ, CelebA-HQ and LSUN configs do and its CIFAR10 and joint configs do not."""
+    from lzn.models.unet import UNET_PRESETS
+
+    assert {name for name, cfg in UNET_PRESETS.items() if cfg.scale_by_sigma} == {"ncsnpp_256"}
+    small = dict(image_size=64, channels=3, cond_dim=4, nf=8)  # 7 levels need 64 px at least
+    torch.manual_seed(0)
+    scaled = build_decoder("ncsnpp_256", **small)
+    with torch.no_grad():  # the zero-initialised output convs would make every output ~1e-10
+        for p in scaled.parameters():
+            p.normal_(0.0, 0.05)
+    plain = build_decoder("ncsnpp_256", scale_by_sigma=False, **small)
+    plain.load_state_dict(scaled.state_dict())
+    x, c = torch.randn(4, 3, 64, 64), torch.randn(4, 4)
+    t = torch.tensor([1e-3, 0.25, 0.5, 1.0])
+    with torch.no_grad():
+        h, out = plain(x, t, c), scaled(x, t, c)
+    assert h.abs().mean() > 1e-3
+    torch.testing.assert_close(out, h / (999.0 * t).view(-1, 1, 1, 1), rtol=1e-5, atol=0.0)
+
+
 def test_digits_fit_reduces_rf_loss_through_encoder_and_decoder():
     """200 Adam steps on one fixed batch of 16 digits: the decoder, conditioned on the
     encoder's output (as in case study 1, minus the latent flow), lowers the RF loss on a
