@@ -18,8 +18,8 @@ Time: t in [0, 1] (t = 1 at the data, as in the RF objective and the references)
 embedded as 999 t (positional) or log(999 t) (Fourier), as in the references.
 `scale_by_sigma` divides the output by 999 t, as the reference's 256px configs do
 (`scale_by_sigma=True` in its AFHQ, CelebA-HQ and LSUN configs, off for CIFAR10 and the
-joint case study): the network learns 999 t times the velocity, so its output stays O(1)
-while the velocity it returns shrinks towards the data end.
+joint case study): a parametrisation inherited from score_sde, where sigma scales the
+score; here the network learns 999 t times the velocity, up to 999 times it near the data.
 """
 from __future__ import annotations
 
