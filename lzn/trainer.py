@@ -43,7 +43,7 @@ class TrainConfig:
     log_every: int = 50
     bf16: bool = False
     deterministic: bool = False
-    # Module group -> iteration from which it is frozen (joint case study: the decoder).
+    # Module group -> iteration from which it is frozen, its EMA too (joint case study: the decoder).
     freeze_after: dict[str, int] = field(default_factory=dict)
     progress: bool = True
 
@@ -187,9 +187,14 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ one step
+    def _frozen(self, name: str) -> bool:
+        """Whether module group `name` is frozen at the current step (steps from 0: a group
+        with freeze_after n trains for steps 0 .. n - 1, n optimizer updates)."""
+        return self.step >= self.cfg.freeze_after.get(name, math.inf)
+
     def _apply_freezing(self) -> None:
-        for name, at in self.cfg.freeze_after.items():
-            frozen = self.step >= at
+        for name in self.cfg.freeze_after:
+            frozen = self._frozen(name)
             for p in self.groups[name].parameters():
                 p.requires_grad_(not frozen)
 
@@ -216,9 +221,18 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        """Move the EMA of every group that trained this step. A frozen group keeps the average
+        it had when it froze, as in the reference, whose EMA of a module updates only while the
+        module is enabled (its decoder EMA stops with the decoder in case study 3); lerping it
+        on would pull it towards the raw frozen weights. One update counter serves every group:
+        a frozen group never updates again, so it counts the same as a counter of its own."""
         d = ema_decay(self.optim_cfg.ema_decay, self.ema_updates)
-        for e, p in zip(self.ema.parameters(), self.objective.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
+        ema_groups = dict(self.ema.named_children())
+        for name, module in self.groups.items():
+            if self._frozen(name):
+                continue
+            for e, p in zip(ema_groups[name].parameters(), module.parameters()):
+                e.lerp_(p.detach(), 1.0 - d)
         for e, b in zip(self.ema.buffers(), self.objective.buffers()):
             e.copy_(b)
         self.ema_updates += 1

@@ -134,6 +134,26 @@ def test_freeze_after_stops_a_module(tmp_path):
                                                       dec_at_3.objective.encoder.parameters()))
 
 
+def test_a_frozen_module_keeps_its_ema_through_checkpoint_and_resume(tmp_path):
+    """The reference updates a module's EMA only while the module is enabled, and disables it
+    at the top of iteration n (generation_trainer.py:750-753, 809-812 and 712-716): the EMA
+    of a decoder frozen after n = 3 is that of a run stopped after 3 steps, however the
+    frozen run is split by resumes (here across the freeze, and after it)."""
+    stopped, _ = _trainer(tmp_path / "stopped", iterations=3)
+    stopped.fit()
+    want = _params(stopped.ema.decoder)
+    assert not all(torch.equal(e, p) for e, p in zip(want, _params(stopped.objective.decoder)))
+    for splits in ([6], [2, 6], [4, 6]):
+        run = tmp_path / "-".join(map(str, splits))
+        for iterations in splits:
+            t, _ = _trainer(run, iterations=iterations, freeze_after={"decoder": 3})
+            t.fit()
+        for e, w in zip(_params(t.ema.decoder), want):
+            assert torch.equal(e, w), splits
+        # The encoder trains on, and so does its EMA.
+        assert not any(torch.equal(e, w) for e, w in zip(_params(t.ema.encoder), _params(stopped.ema.encoder)))
+
+
 class _MetricNaNAt(GenerationObjective):
     """Reports a metric "m" that is NaN on one step's batch and 2.0 otherwise."""
 
