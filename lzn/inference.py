@@ -78,12 +78,15 @@ class LZNModel:
 
     @torch.no_grad()
     def label_latents(self, labels: Tensor, *, seed: int = 0, alpha: float = 1.0) -> Tensor:
-        """Latents (N, q) drawn inside each label's zone of the label flow."""
+        """Latents (N, q) drawn inside each label's zone of the label flow (uniform weights),
+        from g = align.zone_eps (1e-4, as the reference) rather than the alignment's eps."""
         label_anchors, align = self._label_flow()
+        if not 0 < align.zone_eps < 1:
+            raise ValueError(f"align.zone_eps must lie in (0, 1), got {align.zone_eps}")
         labels = labels.to(self.device)
         noise = sampling.seeded_normal(seed, len(labels), label_anchors.shape[1], device=self.device)
         return compute_latents(label_anchors[labels], noise, steps=align.steps, solver=align.solver,
-                               alpha=alpha, eps=align.eps, flow_anchors=label_anchors)
+                               alpha=alpha, eps=align.zone_eps, flow_anchors=label_anchors)
 
     # ------------------------------------------------------------------ decoders
     def _condition(self, z: Tensor | None, labels: Tensor | None) -> Tensor | None:

@@ -170,6 +170,8 @@ def validate_task(cfg: TaskConfig) -> None:
                          f"{cfg.eval.chunk_size} and {cfg.eval.fid_samples}")
     if not 0 < cfg.latent.eps < 1 or not 0 < cfg.align.eps < 1:
         raise ValueError(f"latent.eps and align.eps must lie in (0, 1), got {cfg.latent.eps}, {cfg.align.eps}")
+    if not 0 < cfg.align.zone_eps < 1:
+        raise ValueError(f"align.zone_eps must lie in (0, 1), got {cfg.align.zone_eps}")
     if not 0 <= cfg.align.cutoff < 1:
         raise ValueError(f"align.cutoff must lie in [0, 1), got {cfg.align.cutoff}")
     for name, lr in cfg.optim.lr.items():

@@ -28,6 +28,10 @@ class AlignConfig:
     cutoff: float = 0.2
     log: bool = True  # -log max P (representation); False gives -max P (joint)
     weight: float = 1.0
+    # g of a latent drawn inside a label's zone of this flow (class-conditional generation):
+    # the reference's label flow (EulerLatentFlow) starts there at its default 1e-4,
+    # whatever eps the alignment uses.
+    zone_eps: float = 1e-4
 
 
 RF_EPS = 1e-3  # image-flow times are drawn from [RF_EPS, 1], as in the Rectified Flow code
