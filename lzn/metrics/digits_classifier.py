@@ -102,6 +102,11 @@ class DigitsCNNFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.cnn.features(images)
 
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(features (B, feature_dim), digit logits (B, 10)): the logits give a digits Inception Score."""
+        features = self.cnn.features(images)
+        return features, self.cnn.head(features)
+
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache directory: `cache_dir` if given, else $LZN_CACHE_DIR, else ~/.cache/lzn."""

@@ -2,9 +2,9 @@
 
 FID fits a Gaussian (mean, covariance) to the features of each image set and reports
 ||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)). The distance itself is
-torchmetrics' (`torchmetrics.image.fid._compute_fid`, the function its
-`FrechetInceptionDistance.compute` calls: the trace of the matrix square root from the
-eigenvalues of S_r S_f, in float64). This module adds what the evaluation stage needs
+torchmetrics' (`_compute_fid`, the function its `FrechetInceptionDistance.compute` calls:
+the trace of the matrix square root from the eigenvalues of S_r S_f, in float64), vendored
+in `lzn.metrics.frechet`. This module adds what the evaluation stage needs
 around it: any extractor (an nn.Module mapping images (B, C, H, W) in [-1, 1] to (B, d)),
 streaming statistics so 50k samples never sit in memory as features, and `FeatureStats`
 that can be saved and reused, because the real set's statistics are computed once per
@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.image.fid import _compute_fid
 
 from lzn.metrics.classification import check_batch_size, check_images
+from lzn.metrics.frechet import gaussian_frechet_distance
 
 # A tensor (N, C, H, W) is split into batches; an iterable yields (B, C, H, W) batches, so a
 # sampler can stream 50k generated images without holding them all.
@@ -145,56 +145,88 @@ class FeatureMoments:
                    state["m2"].to("cpu", torch.float64), str(state["extractor"]))
 
 
+def has_logits(extractor: nn.Module) -> bool:
+    """Whether `extractor` also gives class logits (`features_and_logits`), as the Inception
+    Score needs: Inception-v3 (its 1008 ImageNet classes) and the digits CNN (10 digits)."""
+    return callable(getattr(extractor, "features_and_logits", None))
+
+
 @torch.no_grad()
-def feature_moments(images: Images, extractor: nn.Module, *, batch_size: int = 256) -> FeatureMoments:
-    """`FeatureMoments` of `extractor`'s features over an image set (at least one image).
+def extract_batches(images: Images, extractor: nn.Module, *, batch_size: int = 256,
+                    logits: bool = False) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+    """Yields (features (B, d), logits (B, K) or None) per batch, checked, on the extractor's device.
 
     images: (N, C, H, W) in [-1, 1], split into `batch_size` batches, or an iterable of
-    (B, C, H, W) batches (then `batch_size` is unused). Batches are moved to the extractor's
-    device; the extractor runs in eval mode (its previous mode is restored).
+    (B, C, H, W) batches (then `batch_size` is unused). The extractor runs in eval mode (its
+    previous mode is restored). logits: also the class logits, from the same forward pass
+    (the extractor must have `features_and_logits`).
     """
     check_batch_size(batch_size)
+    if logits and not has_logits(extractor):
+        raise ValueError(f"extractor {extractor_name(extractor)} gives no class logits (no features_and_logits)")
     if isinstance(images, Tensor):
         check_images(images)
         images = torch.split(images, batch_size)
     device = _module_device(extractor)
     was_training = extractor.training
     extractor.eval()
-    n, shift, total, outer = 0, None, None, None
+    width = None
     try:
         for x in images:
             check_images(x, name="image batch")
-            f = extractor(x.to(device))
+            f, y = extractor.features_and_logits(x.to(device)) if logits else (extractor(x.to(device)), None)
             if f.dim() != 2 or f.shape[0] != x.shape[0]:
                 raise ValueError(
                     f"extractor {extractor_name(extractor)} must map (B, C, H, W) to (B, d); for B={x.shape[0]} "
                     f"it returned shape {tuple(f.shape)}"
                 )
-            if not torch.isfinite(f).all():
+            if not torch.isfinite(f).all() or (y is not None and not torch.isfinite(y).all()):
                 raise ValueError(
                     f"extractor {extractor_name(extractor)} returned NaN/Inf features; "
                     "are the images finite and in [-1, 1]?"
                 )
-            f = f.double()
-            if shift is None:
-                # Accumulating around the first batch's mean instead of 0 avoids the cancellation
-                # in sum(f f^T) - n mu mu^T when features have a large common offset.
-                shift = f.mean(dim=0)
-                total = torch.zeros_like(shift)
-                outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
-            elif f.shape[1] != shift.shape[0]:
-                raise ValueError(f"extractor feature width changed between batches: {shift.shape[0]} then {f.shape[1]}")
-            centred = f - shift
-            total += centred.sum(dim=0)
-            outer += centred.T @ centred
-            n += f.shape[0]
+            if width is not None and f.shape[1] != width:
+                raise ValueError(f"extractor feature width changed between batches: {width} then {f.shape[1]}")
+            width = f.shape[1]
+            yield f, y
     finally:
         extractor.train(was_training)
-    if n < 1:
-        raise ValueError("feature_moments got no images")
-    mean_centred = total / n
-    m2 = outer - n * torch.outer(mean_centred, mean_centred)
-    return FeatureMoments(n, (shift + mean_centred).cpu(), m2.cpu(), extractor_name(extractor))
+
+
+class MomentAccumulator:
+    """Streams feature batches (B, d) into `FeatureMoments`, in float64."""
+
+    def __init__(self) -> None:
+        self.n, self.shift, self.total, self.outer = 0, None, None, None
+
+    def add(self, features: Tensor) -> None:
+        f = features.double()
+        if self.shift is None:
+            # Accumulating around the first batch's mean instead of 0 avoids the cancellation
+            # in sum(f f^T) - n mu mu^T when features have a large common offset.
+            self.shift = f.mean(dim=0)
+            self.total = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        centred = f - self.shift
+        self.total += centred.sum(dim=0)
+        self.outer += centred.T @ centred
+        self.n += f.shape[0]
+
+    def moments(self, extractor: str) -> FeatureMoments:
+        if self.n < 1:
+            raise ValueError("feature_moments got no images")
+        mean_centred = self.total / self.n
+        m2 = self.outer - self.n * torch.outer(mean_centred, mean_centred)
+        return FeatureMoments(self.n, (self.shift + mean_centred).cpu(), m2.cpu(), extractor)
+
+
+def feature_moments(images: Images, extractor: nn.Module, *, batch_size: int = 256) -> FeatureMoments:
+    """`FeatureMoments` of `extractor`'s features over an image set (at least one image);
+    `images` and `batch_size` as in `extract_batches`."""
+    acc = MomentAccumulator()
+    for f, _ in extract_batches(images, extractor, batch_size=batch_size):
+        acc.add(f)
+    return acc.moments(extractor_name(extractor))
 
 
 def feature_stats(images: Images, extractor: nn.Module, *, batch_size: int = 256) -> FeatureStats:
@@ -210,7 +242,7 @@ def frechet_distance(stats_a: FeatureStats, stats_b: FeatureStats) -> float:
             f"cannot compare statistics of different feature spaces: {stats_a.extractor} (d={stats_a.dim}) "
             f"vs {stats_b.extractor} (d={stats_b.dim})"
         )
-    value = _compute_fid(
+    value = gaussian_frechet_distance(
         stats_a.mean.double(), stats_a.cov.double(), stats_b.mean.double(), stats_b.cov.double()
     )
     # The exact distance is >= 0; eigenvalue round-off can leave about -1e-10 for identical sets.
@@ -236,11 +268,14 @@ def fid(real_images: Images, fake_images: Images, extractor: nn.Module, *, batch
 
 
 class InceptionFeatures(nn.Module):
-    """FID Inception-v3 pool features: images (B, C, H, W) in [-1, 1], C in {1, 3} -> (B, 2048).
+    """FID Inception-v3: images (B, C, H, W) in [-1, 1], C in {1, 3} -> pool features (B, 2048),
+    and with `features_and_logits` also the 1008 class logits the Inception Score reads.
 
     Images are quantised to 8 bits, as the reference FID sees saved PNGs, grey images are
-    repeated to RGB, and torchmetrics' Inception resizes to 299x299 with the TF1-compatible
-    bilinear resize of the original FID code (antialias off).
+    repeated to RGB, and the network (torch-fidelity's, "inception-v3-compat") resizes to
+    299x299 with the TF1-compatible bilinear resize of the original FID code (antialias off).
+    `net(pixels)` returns the tuple (pool features, logits): the logits are torch-fidelity's
+    "logits_unbiased" (fc without its bias), which its Inception Score uses.
     """
 
     name = INCEPTION_NAME
@@ -250,11 +285,15 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, images: Tensor) -> Tensor:
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"Inception features need (B, 1 or 3, H, W) images, got {tuple(images.shape)}")
         pixels = ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-        return self.net(pixels.expand(-1, 3, -1, -1))
+        features, logits = self.net(pixels.expand(-1, 3, -1, -1))
+        return features, logits
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features_and_logits(images)[0]
 
 
 def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
@@ -282,16 +321,15 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> Incept
     """The standard FID feature extractor (Inception-v3, 2048-d pool features), frozen, on CPU.
 
     weights_path: the pt_inception-2015-12-05 file; default: torch hub's checkpoint cache.
-    Never downloads. Needs torchmetrics' Inception, which comes with the `torch-fidelity` package.
+    Never downloads. Needs the `torch-fidelity` package (its Inception-v3 network).
     """
     path = inception_weights_path(weights_path)
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-        import torch_fidelity  # noqa: F401  (NoTrainInceptionV3 is an empty shell without it)
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as err:
         raise ModuleNotFoundError(
             "inception_extractor needs the torch-fidelity package (`pip install torch-fidelity`), "
-            "which provides the Inception-v3 that torchmetrics' FID uses"
+            "which provides the Inception-v3 of the reference FID"
         ) from err
     # torch-fidelity unpickles the file with weights_only=False; opening it with
     # weights_only=True first refuses a file that carries code instead of tensors.
@@ -301,7 +339,6 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> Incept
         raise ValueError(f"{path} is not a readable PyTorch state dict ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise ValueError(f"{path} does not hold FID Inception-v3 weights (no 'fc.weight' tensor)")
-    net = NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path), antialias=False
-    )
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                      feature_extractor_weights_path=str(path))
     return InceptionFeatures(net)

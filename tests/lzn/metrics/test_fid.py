@@ -155,7 +155,7 @@ def test_inception_without_weights_raises_and_never_downloads(tmp_path, monkeypa
 
 
 def test_inception_loads_pytorch_fid_layout_from_hub_cache(tmp_path, monkeypatch):
-    pytest.importorskip("torch_fidelity", reason="torchmetrics' Inception comes with torch-fidelity")
+    pytest.importorskip("torch_fidelity", reason="the FID Inception-v3 comes with torch-fidelity")
     from torchvision.models.inception import Inception3
 
     # Random weights in the layout of pytorch-fid's pt_inception file (torchvision's Inception3
@@ -177,6 +177,11 @@ def test_inception_loads_pytorch_fid_layout_from_hub_cache(tmp_path, monkeypatch
         f_rgb = extractor(gray.expand(-1, 3, -1, -1))
     assert f_gray.shape == (2, 2048) and torch.isfinite(f_gray).all()
     torch.testing.assert_close(f_gray, f_rgb)  # grey images are repeated to RGB
+    with torch.no_grad():
+        features, logits = extractor.features_and_logits(gray)
+    torch.testing.assert_close(features, f_gray)  # one pass gives both
+    # The Inception Score's logits: torch-fidelity's logits_unbiased, the fc layer without its bias.
+    torch.testing.assert_close(logits, features @ state["fc.weight"].T, rtol=1e-4, atol=1e-4)
 
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch state dict"):
