@@ -80,18 +80,34 @@ def _square_batch(batch: dict, size: int, channels: int) -> dict:
     return {**batch, "image": np.stack([match_channels(square_pixels(img, size), channels) for img in images])}
 
 
+def _match_batch(batch: dict, channels: int) -> dict:
+    images = batch["image"]
+    if isinstance(images, np.ndarray) and images.dtype != object and images.shape[-1] == channels:
+        return batch
+    matched = [match_channels(img, channels) for img in images]
+    if len({img.shape for img in matched}) == 1:
+        return {**batch, "image": np.stack(matched)}
+    ragged = np.empty(len(matched), dtype=object)
+    ragged[:] = matched
+    return {**batch, "image": ragged}
+
+
 def read_shards(dataset_dir: str | Path, split: str, *, verify: bool = False, image_size: int | None = None,
-                channels: int = 3):
+                channels: int = 3, full_resolution: bool = False):
     """A Ray Dataset of one split: rows {"image": (H, W, C) uint8, "label", "source_index",
     "pixel_max"} (images in [-1, 1] are image / pixel_max * 2 - 1). With `image_size`, every
     image is resized (shorter side) and centre-cropped to image_size x image_size with
-    `channels` channels, so batches of mixed-size datasets (ImageNet) stack."""
+    `channels` channels, so batches of mixed-size datasets (ImageNet) stack. With
+    `full_resolution`, images keep their size and field of view (only `channels` is
+    matched), for an augmentation that crops each one (RandomResizedCrop) before stacking."""
     import ray
 
     manifest, files = verify_and_list(dataset_dir, split, verify=verify)
     ds = ray.data.read_parquet([str(f) for f in files]).select_columns(  # pushed down into the read
         ["image", "encoding", "height", "width", "channels", "label", "source_index"])
     ds = ds.map_batches(_decode_batch, batch_format="pyarrow", fn_kwargs={"pixel_max": manifest["pixel_max"]})
-    if image_size is not None:
+    if full_resolution:
+        ds = ds.map_batches(_match_batch, batch_format="numpy", fn_kwargs={"channels": channels})
+    elif image_size is not None:
         ds = ds.map_batches(_square_batch, batch_format="numpy", fn_kwargs={"size": image_size, "channels": channels})
     return ds

@@ -122,10 +122,12 @@ class StreamedBatches:
         from lzn.data.reader import to_float
 
         rows = self._next_rows()
-        pixels = rows["image"]
-        if pixels.dtype == object:  # mixed sizes arrive as an object array of equal-size arrays
+        pixels, pixel_max = rows["image"], int(rows["pixel_max"][0])
+        if pixels.dtype == object and len({p.shape for p in pixels}) == 1:  # one size, as objects
             pixels = np.stack(list(pixels))
-        images = to_float(pixels, int(rows["pixel_max"][0]))
+        # Full-resolution images of mixed sizes go to the batcher one by one: its augmentation
+        # crops each to the task's size before the batch is stacked.
+        images = to_float(pixels, pixel_max) if pixels.dtype != object else [to_float(p, pixel_max) for p in pixels]
         return self.batcher(images, torch.from_numpy(rows["label"].astype(np.int64)), step)
 
 
@@ -246,8 +248,11 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
             ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker line
             from orchestration.data import read_shards
 
+            from lzn.data.augment import crops_any_size
+
             datasets["train"] = read_shards(cfg.data.dataset_dir, "train", image_size=cfg.data.image_size,
-                                            channels=cfg.data.channels)
+                                            channels=cfg.data.channels,
+                                            full_resolution=crops_any_size(cfg.data.augment))
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"cfg": _absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,

@@ -4,8 +4,12 @@ Each sample is transformed under its own seed derived from the run seed, the ste
 its position in the global batch, so a sample gets the same views whether 1 or W workers
 train and after a resume. Pipelines by name:
 - "none": identity; "flip": random horizontal flip (generation, as in the paper);
-- "simclr": the SimCLR-v2 two-view pipeline of the paper (RandomResizedCrop, flip,
-  ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur);
+- "simclr": the SimCLR-v2 two-view pipeline of the paper, as the reference
+  (lzn/data/imagenet_aug.py:28-38): RandomResizedCrop of the full-resolution image, flip,
+  ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur always (p = 1,
+  kernel int(0.1 size) made odd: 23 at 224, sigma uniform in [0.1, 2]). It takes images of
+  any size and returns size x size, so a batch of mixed sizes is cropped per sample before
+  it is stacked (`crops_any_size`);
 - "simclr_digits": its 8x8 single-channel variant: no flip (a mirrored 2 is not a 2),
   random zoom (crop), rotation and shift as one affine warp, contrast/brightness jitter.
   Vectorised over the batch: per-sample torchvision transforms on 8x8 images spent
@@ -13,7 +17,7 @@ train and after a resume. Pipelines by name:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import math
 
@@ -22,13 +26,19 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 
+def blur_kernel(size: int) -> int:
+    """The reference's blur kernel for `size` px crops: int(0.1 size) + 1 at 224 (= 23), in
+    general int(0.1 size) rounded up to odd (a Gaussian kernel needs a centre)."""
+    return int(0.1 * size) | 1
+
+
 def _simclr(size: int) -> v2.Transform:
     return v2.Compose([
         v2.RandomResizedCrop(size, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(kernel_size=(size // 10) * 2 + 1, sigma=(0.1, 2.0))], p=0.5),
+        v2.GaussianBlur(kernel_size=blur_kernel(size), sigma=(0.1, 2.0)),  # always, as the reference
     ])
 
 
@@ -76,6 +86,18 @@ PIPELINES: dict[str, Callable[[int], v2.Transform | BatchAugment | None]] = {
 }
 
 
+# Pipelines whose output is image_size x image_size whatever the input's size: they get the
+# images at full resolution (the stream does not square them first) and crop per sample.
+CROPS_ANY_SIZE = frozenset({"simclr"})
+
+
+def crops_any_size(name: str) -> bool:
+    """Whether pipeline `name` turns an image of any size into image_size x image_size."""
+    if name not in PIPELINES:
+        raise ValueError(f"unknown augmentation {name!r}; expected one of {sorted(PIPELINES)}")
+    return name in CROPS_ANY_SIZE
+
+
 def build_augment(name: str, image_size: int) -> v2.Transform | BatchAugment | None:
     if name not in PIPELINES:
         raise ValueError(f"unknown augmentation {name!r}; expected one of {sorted(PIPELINES)}")
@@ -86,21 +108,38 @@ def _sample_seed(seed: int, step: int, position: int, view: int) -> int:
     return ((seed * 1_000_003 + step) * 65_537 + position) * 4 + view
 
 
-def augment_batch(transform: v2.Transform | BatchAugment | None, images: Tensor, *, seed: int, step: int,
-                  positions: Tensor, total: int, view: int = 0) -> Tensor:
-    """Apply `transform` to each image (B, C, H, W) in [-1, 1] under its own seed.
+Images = Tensor | Sequence[Tensor]  # (B, C, H, W), or B images (C, H_i, W_i) of any sizes
 
-    positions: (B,) positions of the images in the global batch of `total` images.
+
+def stack_images(images: Images, why: str) -> Tensor:
+    """(B, C, H, W) of a batch whose images share one size; a clear error naming the sizes otherwise."""
+    if isinstance(images, Tensor):
+        return images
+    sizes = sorted({tuple(x.shape) for x in images})
+    if len(sizes) > 1:
+        raise ValueError(f"a batch of images of sizes {sizes[:4]}{' ...' if len(sizes) > 4 else ''} cannot be "
+                         f"stacked {why}; mixed sizes need a cropping augmentation ({sorted(CROPS_ANY_SIZE)}) "
+                         "or images squared by the reader")
+    return torch.stack(list(images))
+
+
+def augment_batch(transform: v2.Transform | BatchAugment | None, images: Images, *, seed: int, step: int,
+                  positions: Tensor, total: int, view: int = 0) -> Tensor:
+    """Apply `transform` to each image in [-1, 1] under its own seed; returns (B, C, S, S).
+
+    images: (B, C, H, W), or a list of B images (C, H_i, W_i) at full resolution, which a
+    per-sample transform that crops (`crops_any_size`) maps to one size before they are
+    stacked. positions: (B,) positions of the images in the global batch of `total` images.
     Per-sample transforms work on [0, 1] because colour transforms assume it.
     """
     if transform is None:
-        return images
+        return stack_images(images, "without augmentation")
     if isinstance(transform, BatchAugment):
         g = torch.Generator().manual_seed(_sample_seed(seed, step, 0, view) * 7 + 3)
-        return transform(images, g, positions, total)
-    out = torch.empty_like(images)
+        return transform(stack_images(images, f"for {type(transform).__name__}"), g, positions, total)
+    out = []
     with torch.random.fork_rng(devices=[]):
-        for i, (img, pos) in enumerate(zip(images, positions.tolist())):
+        for img, pos in zip(images, positions.tolist()):
             torch.manual_seed(_sample_seed(seed, step, pos, view))
-            out[i] = transform((img + 1) / 2).clamp(0, 1) * 2 - 1
-    return out
+            out.append(transform((img + 1) / 2).clamp(0, 1) * 2 - 1)
+    return stack_images(out, f"after {type(transform).__name__}")

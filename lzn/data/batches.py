@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lzn.data.augment import augment_batch, build_augment
+from lzn.data.augment import Images, augment_batch, build_augment
 from lzn.data.stream import BatchStream, StepRandom
 
 
@@ -28,8 +28,10 @@ class StepBatcher:
         self.local_batch = global_batch // world
         self.positions = torch.arange(self.local_batch) + rank * self.local_batch
 
-    def __call__(self, x: Tensor, labels: Tensor, step: int) -> dict:
-        """x: (global_batch / world, C, H, W) in [-1, 1]; labels: (global_batch / world,)."""
+    def __call__(self, x: Images, labels: Tensor, step: int) -> dict:
+        """x: (global_batch / world, C, H, W) in [-1, 1], or as many images (C, H_i, W_i) of
+        any sizes (full resolution, for an augmentation that crops each to image_size before
+        the batch is stacked); labels: (global_batch / world,)."""
         if len(x) != self.local_batch:
             raise ValueError(f"rank {self.rank} expects {self.local_batch} images a step, got {len(x)}")
         out = {"labels": labels.to(self.device),

@@ -53,3 +53,25 @@ def test_read_shards_makes_mixed_sizes_and_channels_square(local_ray, tmp_path):
     assert len(rows) == 11 and {np.asarray(r["image"]).shape for r in rows} == {(8, 8, 3)}
     grey = read_shards(tmp_path / "shards", "train", image_size=8, channels=1).take_all()
     assert {np.asarray(r["image"]).shape for r in grey} == {(8, 8, 1)}
+
+
+def test_read_shards_keeps_full_resolution_for_cropping_augmentations(local_ray, tmp_path):
+    from orchestration.data import read_shards
+
+    builders.image_folder(tmp_path / "raw")  # 12 px grey and RGB PNGs, one 80 px JPEG
+    prepare_dataset("imagefolder", str(tmp_path / "raw"), tmp_path / "shards", PrepareConfig(executor="serial"))
+    rows = read_shards(tmp_path / "shards", "train", image_size=8, channels=3, full_resolution=True).take_all()
+    assert len(rows) == 11 and {np.asarray(r["image"]).shape[:2] for r in rows} == {(12, 12), (80, 80)}
+    assert {np.asarray(r["image"]).shape[2] for r in rows} == {3}  # grey images matched to RGB
+    assert max(np.asarray(r["image"]).shape[1] for r in rows) == 80  # the large JPEG, not squared to 8
+
+
+def test_match_batch_keeps_sizes_and_matches_channels():
+    from orchestration.data import _match_batch
+
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [np.zeros((5, 7, 1), np.uint8), np.zeros((9, 4, 3), np.uint8)]
+    out = _match_batch({"image": ragged, "label": np.arange(2)}, channels=3)
+    assert [img.shape for img in out["image"]] == [(5, 7, 3), (9, 4, 3)]
+    same = _match_batch({"image": np.zeros((2, 5, 5, 1), np.uint8)}, channels=3)
+    assert same["image"].shape == (2, 5, 5, 3) and same["image"].dtype == np.uint8

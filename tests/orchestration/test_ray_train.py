@@ -53,6 +53,19 @@ def test_mixed_size_rows_arrive_as_objects_and_are_stacked():
     assert torch.equal(batch["images"], torch.ones(4, 1, 2, 2))
 
 
+def test_full_resolution_rows_of_mixed_sizes_are_cropped_per_sample_before_stacking():
+    # ImageNet through data.loader=stream with a cropping augmentation: the rows keep their
+    # sizes and the batcher's RandomResizedCrop brings each to the task's size.
+    images = np.empty(4, dtype=object)
+    images[:] = [np.full((h, w, 3), 255, np.uint8) for h, w in [(30, 40), (17, 50), (64, 64), (20, 11)]]
+    shard = FakeShard(images, np.arange(4))
+    simclr = StepBatcher(global_batch=8, seed=3, augment="simclr", image_size=16, two_view=True, world=2)
+    views = StreamedBatches(shard, simclr, seed=0)(0)["views"]
+    assert views.shape == (2, 4, 3, 16, 16)
+    with pytest.raises(ValueError, match="cannot be stacked"):  # no cropping augmentation: refused, not squashed
+        StreamedBatches(FakeShard(images, np.arange(4)), batcher(), seed=0)(0)
+
+
 def test_a_shard_without_a_full_batch_says_so():
     shard = FakeShard(np.zeros((3, 2, 2, 1), np.uint8), np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="no full batch of 4 rows"):
