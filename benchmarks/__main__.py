@@ -2,7 +2,8 @@
 import argparse
 import importlib
 
-BENCHMARKS = {"zoning": "benchmarks.zoning", "data": "benchmarks.data", "train": "benchmarks.train",
+BENCHMARKS = {"zoning": "benchmarks.zoning", "zoning-precision": "benchmarks.zoning_precision",
+              "data": "benchmarks.data", "train": "benchmarks.train",
               "sweep": "benchmarks.sweep"}
 
 

@@ -1,33 +1,33 @@
-"""Step coefficients for the latent flow: Euler and DPM-Solver++ multistep (orders 2, 3).
+"""Step coefficients for the latent flow: Euler and DPM-Solver++ multistep (orders 2, 3),
+with the grids and updates of the paper's reference code (microsoft/latent-zoning-networks).
 
 The latent flow x_tau = alpha_tau a + sigma_tau e has alpha = 1 - tau, sigma = tau and a
-closed-form data prediction m(x, tau) = E[a | x, tau]. In the log-SNR variable
-lambda = log(alpha / sigma) its exact solution is (Lu et al., DPM-Solver++, eq. 9)
+closed-form data prediction m(x, tau) = E[a | x, tau]. Every update below is linear in
+x and in the last few m's, so a step is y' = x_coeff * y + sum_j w_j m_{k-j} with scalar
+coefficients, computed here once per grid in float64.
 
-    x_t = (sigma_t / sigma_s) x_s + sigma_t * int_{lambda_s}^{lambda_t} e^lambda m(lambda) dlambda.
+- Euler is Euler in tau: y' = y + (tau' - tau) (y - m) / tau. The reference runs it from
+  tau = eps to 1 (anchor -> latent) and from 1 to 0 (latent -> anchor) in equal steps;
+  its last reverse step lands on m itself. `eps` is unused by the reverse Euler grid.
+- DPM-Solver++ multistep (Lu et al. 2022) in the log-SNR lambda = log(alpha / sigma), with
+  the reference's formulas (`lzn/latent_flow/dpm_solver_LZN.py`, its "dpmsolver" type):
+  order 1 is DDIM, order 2 weights the first difference by -phi_1 / 2, order 3 uses the
+  phi_2, phi_3 combination of two divided differences. The grid is uniform in time from
+  tau = g to 1 - g (the reference's t_start = eps_end, t_end = 1 - eps_start), reversed for
+  latent -> anchor. The first steps warm up one order at a time; with fewer than 10
+  steps the last ones lower their order again (the reference's `lower_order_final`).
 
-DPM-Solver++ multistep replaces m by the polynomial through the last `order` values
-m_k, m_{k-1}, ... (in lambda) and integrates e^lambda times that polynomial exactly.
-Because m enters linearly, each step is x_{k+1} = c_k x_k + sum_j w_kj m_{k-j} with
-scalar coefficients, computed here once per grid in float64.
-
-Two things are specific to this flow and handled exactly rather than approximated:
-- tau = 1 is lambda = -inf. A forward (anchor -> latent) last step integrates up to it:
-  e^lambda kills the polynomial's growth, and the integrals have finite limits.
-- A reverse (latent -> anchor) run starts at lambda = -inf, where m is the prior mean
-  whatever x is: that node carries no slope information and is dropped from the
-  interpolation, so the reverse run warms up one order later.
-Order 1 of this scheme is DDIM, which for sigma = tau coincides with Euler in tau.
-
-Steps are uniform in time (tau), as in the DPM-Solver code's "time_uniform" schedule.
+The paper uses "dpm++3m" for the latents of generation; "dpm++" names that solver.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-# Registry: solver name -> multistep order (Euler is order 1 of the same scheme).
-SOLVERS: dict[str, int] = {"euler": 1, "dpm++2m": 2, "dpm++3m": 3, "dpm++": 2}
+# Registry: solver name -> multistep order (Euler is order 1, with its own grid).
+SOLVERS: dict[str, int] = {"euler": 1, "dpm++2m": 2, "dpm++3m": 3, "dpm++": 3}
+# The reference lowers the final orders only for short runs (`steps < 10` in its sampler).
+_LOWER_ORDER_FINAL_BELOW = 10
 
 
 @dataclass(frozen=True)
@@ -45,104 +45,69 @@ class FlowGrid:
     steps: tuple[Step, ...]
 
 
+def _linspace(start: float, end: float, steps: int) -> list[float]:
+    taus = [start + (end - start) * k / steps for k in range(steps + 1)]
+    taus[-1] = end
+    return taus
+
+
+def time_grid(solver: str, steps: int, eps: float, forward: bool) -> tuple[float, ...]:
+    """The steps + 1 times `solver` visits between the anchors and the Gaussian."""
+    if solver == "euler":
+        return tuple(_linspace(eps, 1.0, steps) if forward else _linspace(1.0, 0.0, steps))
+    return tuple(_linspace(eps, 1.0 - eps, steps) if forward else _linspace(1.0 - eps, eps, steps))
+
+
 def _log_snr(tau: float) -> float:
-    if tau >= 1.0:
-        return -math.inf
     return math.log1p(-tau) - math.log(tau)
 
 
-def _exp_moments(h: float, k_max: int) -> list[float]:
-    """J_k(h) = int_0^h e^v v^k dv for k = 0..k_max; h may be -inf."""
-    if h == -math.inf:
-        return [(-1.0) ** (k + 1) * math.factorial(k) for k in range(k_max + 1)]
-    if abs(h) < 0.5:
-        # Series: no cancellation for small steps.
-        out = []
-        for k in range(k_max + 1):
-            total, n, term = 0.0, 0, 1.0
-            while True:
-                contrib = term * h ** (n + k + 1) / (n + k + 1)
-                total += contrib
-                if abs(contrib) <= 1e-18 * max(abs(total), 1e-300) or n > 60:
-                    break
-                n += 1
-                term /= n
-            out.append(total)
-        return out
-    # Recurrence J_k = h^k e^h - k J_{k-1}.
-    eh = math.exp(h)
-    out = [math.expm1(h)]
-    for k in range(1, k_max + 1):
-        out.append(h**k * eh - k * out[-1])
-    return out
+def _dpm_step(tau_s: float, tau_t: float, history: list[float], order: int) -> Step:
+    """DPM-Solver++ multistep update of `order` from tau_s to tau_t.
 
-
-def _lagrange_power_coeffs(nodes: list[float]) -> list[list[float]]:
-    """For each node j, the power-basis coefficients of its Lagrange polynomial."""
-    coeffs = []
-    for j, vj in enumerate(nodes):
-        poly = [1.0]
-        for i, vi in enumerate(nodes):
-            if i == j:
-                continue
-            denom = vj - vi
-            # poly *= (v - vi) / denom
-            nxt = [0.0] * (len(poly) + 1)
-            for d, c in enumerate(poly):
-                nxt[d + 1] += c / denom
-                nxt[d] -= c * vi / denom
-            poly = nxt
-        coeffs.append(poly)
-    return coeffs
-
-
-def _step(tau_s: float, tau_t: float, lambdas_hist: list[float]) -> Step:
-    """Coefficients of one exponential-integrator step with the given history nodes.
-
-    lambdas_hist[0] is lambda(tau_s); later entries are earlier points (finite only).
+    history: the times of the available data predictions, most recent (tau_s) first.
     """
-    sigma_s, sigma_t = tau_s, tau_t
-    alpha_s, alpha_t = 1.0 - tau_s, 1.0 - tau_t
-    x_coeff = sigma_t / sigma_s
-    if alpha_s == 0.0:  # starting at the Gaussian end: m is constant, first order is exact
-        return Step(tau_s, x_coeff, (alpha_t,))
-    lam_s = lambdas_hist[0]
-    h = _log_snr(tau_t) - lam_s
-    nodes = [lam - lam_s for lam in lambdas_hist]
-    moments = _exp_moments(h, len(nodes) - 1)
-    c = sigma_t * alpha_s / sigma_s  # sigma_t * e^{lambda_s}
-    weights = tuple(
-        c * sum(ck * jk for ck, jk in zip(poly, moments)) for poly in _lagrange_power_coeffs(nodes)
-    )
-    return Step(tau_s, x_coeff, weights)
+    sigma_s, sigma_t, alpha_t = tau_s, tau_t, 1.0 - tau_t
+    lam = [_log_snr(t) for t in history[:order]]
+    h = _log_snr(tau_t) - lam[0]
+    phi_1 = math.expm1(-h)
+    first = -alpha_t * phi_1  # weight of m_0 in every order
+    if order == 1:
+        weights = (first,)
+    elif order == 2:
+        r0 = (lam[0] - lam[1]) / h
+        d1_0 = (1.0 / r0, -1.0 / r0)  # D1_0 = (m_0 - m_1) / r0
+        weights = (first - 0.5 * alpha_t * phi_1 * d1_0[0], -0.5 * alpha_t * phi_1 * d1_0[1])
+    else:
+        r0, r1 = (lam[0] - lam[1]) / h, (lam[1] - lam[2]) / h
+        d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
+        d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
+        diff = [u - v for u, v in zip(d1_0, d1_1)]
+        d1 = [u + r0 / (r0 + r1) * d for u, d in zip(d1_0, diff)]
+        d2 = [d / (r0 + r1) for d in diff]
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = phi_2 / h - 0.5
+        weights = tuple(
+            (first if j == 0 else 0.0) + alpha_t * phi_2 * d1[j] - alpha_t * phi_3 * d2[j] for j in range(3)
+        )
+    return Step(tau_s, sigma_t / sigma_s, weights)
 
 
-def time_grid(steps: int, eps: float, forward: bool) -> tuple[float, ...]:
-    """steps + 1 uniform points between eps and 1, increasing if forward else decreasing."""
-    taus = [eps + (1.0 - eps) * k / steps for k in range(steps + 1)]
-    taus[-1] = 1.0
-    return tuple(taus if forward else taus[::-1])
+def solver_coefficients(solver: str, steps: int, eps: float, *, forward: bool) -> FlowGrid:
+    """The grid and per-step coefficients of `solver` (see the module docstring).
 
-
-def solver_coefficients(
-    solver: str, steps: int, eps: float, *, forward: bool, lower_order_final: bool = True
-) -> FlowGrid:
-    """The grid and per-step coefficients of `solver` between eps and 1.
-
-    forward=True integrates anchor -> latent (tau: eps -> 1), False latent -> anchor.
-    With lower_order_final (DPM-Solver's default for short runs), the last steps use at
-    most as many history points as steps remain, which keeps few-step runs stable.
+    forward=True integrates anchor -> latent, False latent -> anchor.
     """
     order = SOLVERS[solver]
-    taus = time_grid(steps, eps, forward)
-    lambdas = [_log_snr(t) for t in taus]
+    taus = time_grid(solver, steps, eps, forward)
+    if solver == "euler":
+        # y' = (tau'/tau) y + (1 - tau'/tau) m: Euler in tau, also onto tau' = 0 or 1.
+        ratios = [taus[k + 1] / taus[k] for k in range(steps)]
+        return FlowGrid(taus, tuple(Step(taus[k], r, (1.0 - r,)) for k, r in enumerate(ratios)))
     out = []
     for k in range(steps):
-        p = order
-        if lower_order_final and steps < 15:
+        p = min(order, k + 1)  # warm-up: only k + 1 predictions exist
+        if steps < _LOWER_ORDER_FINAL_BELOW:
             p = min(p, steps - k)
-        hist = [lam for lam in lambdas[max(0, k - p + 1) : k + 1][::-1] if math.isfinite(lam)]
-        if not hist:  # the reverse run's first step
-            hist = [lambdas[k]]
-        out.append(_step(taus[k], taus[k + 1], hist))
+        out.append(_dpm_step(taus[k], taus[k + 1], list(taus[k::-1]), p))
     return FlowGrid(taus, tuple(out))

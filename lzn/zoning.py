@@ -22,10 +22,17 @@ Public functions:
 - `alignment_loss`: flow latents back through another flow, reward the target zone.
 - `assign_zones`: index of the anchor each latent flows back to.
 
+Precision: the math runs in the inputs' dtype (float32 or better; autocast is switched
+off). Its backward is exact up to rounding: float64 matches central finite differences
+at eps = 1e-4. In float32 most of the remaining gradient error comes from the solver's
+(B, q) updates, which cancel to a few ulp of |a| near tau = eps, not from the GEMMs:
+`state_dtype=torch.float64` keeps that state in float64 for O(B q) work per step
+(`python -m benchmarks zoning-precision` measures both).
+
 Every function takes an injected `gather` (identity by default) that turns this
 process's anchors into the anchors of the global batch; `lzn.distributed` provides the
-autograd-aware all-gather. Solvers ("euler", "dpm++2m", "dpm++3m", alias "dpm++") are in
-`lzn.solvers`.
+autograd-aware all-gather. Solvers ("euler", "dpm++2m", "dpm++3m", and "dpm++", the
+paper's order 3) are in `lzn.solvers`, with the reference's grids.
 """
 from __future__ import annotations
 
@@ -157,10 +164,10 @@ class _PosteriorMean(torch.autograd.Function):
     online softmax over anchor chunks; backward recomputes each chunk's posteriors.
 
     Precision: near the anchors the posterior is almost one-hot and `scale` is ~1/tau^2
-    (1e6 at tau = 1e-3), so the logit gradient P_j (grad_m . a_j - grad_m . m) is a small
-    difference of large numbers multiplied by a huge factor. That difference is formed
-    in float64, and the target term (delta_t - P) before any GEMM, so float32 rounding is
-    not amplified into the gradients (it was: 34% relative error on a digits encoder).
+    (1e8 at tau = 1e-4), so the logit gradient P_j (c_j - r), c_j = grad_m . a_j,
+    r = grad_m . m, is a small difference of large numbers multiplied by a huge factor.
+    r is therefore summed from the same products c_j (a one-hot row gives exactly 0), and
+    the target term (delta_t - P) is formed before any GEMM.
     """
 
     @staticmethod
@@ -201,28 +208,41 @@ class _PosteriorMean(torch.autograd.Function):
         if grad_m is None and grad_lse is None and grad_logp is None:
             return None, None, None, None, None, None
         n = anchors.shape[0]
-        # d logits = P (grad_m . (a_j - m)) + P grad_lse + grad_logp (delta_t - P).
+        neg_lse = (-lse).unsqueeze(1)
+        bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+
+        def posteriors(lo: int, hi: int) -> Tensor:  # P (B, hi - lo), recomputed
+            return torch.addmm(bias[lo:hi].unsqueeze(0), x, anchors[lo:hi].t(), alpha=scale).add_(neg_lse).exp_()
+
+        # d logit_j = P_j (c_j - r) + P_j p_coef + grad_logp (delta_jt - P_j), with c_j = grad_m . a_j
+        # and r = grad_m . m = sum_k P_k c_k. r is summed from the very products c_j it is
+        # subtracted from: a one-hot row then gives exactly 0 where r = grad_m . m, rounded
+        # differently, left +-1 ulp that the ~1/tau^2 scale amplified (wrong-signed gradients
+        # at tau = 1e-4). Several chunks take a first pass for r, keeping memory O(B x chunk).
         p_coef = torch.zeros_like(lse)
         if grad_lse is not None:
             p_coef = p_coef + grad_lse
         if grad_logp is not None:
             p_coef = p_coef - grad_logp
         p_coef = p_coef.unsqueeze(1)
+        cached = None
         if grad_m is not None:
-            grad_m64 = grad_m.double()
-            row64 = (grad_m64 * m.double()).sum(dim=1, keepdim=True)
-        neg_lse = (-lse).unsqueeze(1)
+            r = torch.zeros_like(lse)
+            for lo, hi in bounds:
+                p, c = posteriors(lo, hi), grad_m @ anchors[lo:hi].t()
+                r.add_((p * c).sum(dim=1))
+                cached = (p, c) if len(bounds) == 1 else None
+            r = r.unsqueeze(1)
         grad_x = torch.zeros_like(x)
         grad_a = torch.empty_like(anchors)
         grad_bias = torch.empty_like(bias)
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
+        for lo, hi in bounds:
             a = anchors[lo:hi]
-            p = torch.addmm(bias[lo:hi].unsqueeze(0), x, a.t(), alpha=scale).add_(neg_lse).exp_()
             if grad_m is not None:
-                diff = torch.addmm(row64, grad_m64, a.double().t(), alpha=1.0, beta=-1.0)
-                g = p * diff.to(p.dtype).add_(p_coef)
+                p, c = cached if cached is not None else (posteriors(lo, hi), grad_m @ a.t())
+                g = p * c.sub_(r).add_(p_coef)  # c - r first: exactly 0 on a one-hot row
             else:
+                p = posteriors(lo, hi)
                 g = p * p_coef
             if grad_logp is not None:
                 rows, cols = _targets_in(targets, lo, hi - lo)
@@ -317,12 +337,21 @@ class _Flow:
     Gaussian, so the solver runs on centred anchors; y = x at tau = 1.
     """
 
-    def __init__(self, anchors: Tensor, log_weights: Tensor | None, batch: int, chunk_size):
+    def __init__(self, anchors: Tensor, log_weights: Tensor | None, batch: int, chunk_size,
+                 state_dtype: torch.dtype | None = None):
         self.centre = anchors.detach().mean(dim=0)
         self.anchors = anchors - self.centre
         self.sq_norms = (self.anchors * self.anchors).sum(dim=1)
         self.log_weights = log_weights
         self.chunk = _chunk_size(batch, anchors.shape[0], chunk_size)
+        self.state_dtype = state_dtype
+
+    def centred(self, x: Tensor, tau: float) -> Tensor:
+        """y = x - (1 - tau) c: x (B, q) at time tau in the centred coordinates."""
+        return x if tau == 1.0 else x - (1.0 - tau) * self.centre.to(x.dtype)
+
+    def uncentred(self, y: Tensor, tau: float) -> Tensor:
+        return y if tau == 1.0 else y + (1.0 - tau) * self.centre.to(y.dtype)
 
     def mean(self, y: Tensor, tau: float, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         return _posterior_mean(y, self.anchors, self.sq_norms, self.log_weights, tau, self.chunk, targets)
@@ -330,6 +359,7 @@ class _Flow:
     @torch.no_grad()
     def nearest(self, y: Tensor, tau: float) -> Tensor:
         """argmax_j P(j | y, tau): (B,) long, chunked over anchors."""
+        y = y.to(self.anchors.dtype)
         scale, bias = _logit_terms(self.anchors, self.sq_norms, self.log_weights, tau)
         best_logit = y.new_full((y.shape[0],), -math.inf)
         best = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
@@ -343,23 +373,28 @@ class _Flow:
         return best
 
     def integrate(self, y: Tensor, grid: FlowGrid, observe=None, targets: Tensor | None = None) -> Tensor:
-        """Run the multistep solver over `grid` from y (B, q).
+        """Run the multistep solver over `grid` from y (B, q); returns the end point in the
+        state dtype (`state_dtype` of `_Flow`, else y's).
 
-        `observe(k, y_k, log_p_k)` sees every point the solver visits, the last one
-        included, with log P(targets | y_k), reusing the step's posterior evaluation.
+        `observe(k, y_k, log_p_k)` sees the point each step starts from, with
+        log P(targets | y_k, tau_k) from the step's own posterior evaluation.
         """
+        y = y.to(self.state_dtype or y.dtype)
         history: list[Tensor] = []
         for k, step in enumerate(grid.steps):
-            m, _, log_p = self.mean(y, step.tau, targets)
+            m, _, log_p = self.mean(y.to(self.anchors.dtype), step.tau, targets)
             if observe is not None:
                 observe(k, y, log_p)
-            history.insert(0, m)
+            history.insert(0, m.to(y.dtype))
             del history[len(step.weights) :]
             y = step.x_coeff * y + sum(w * mk for w, mk in zip(step.weights, history))
-        if observe is not None:
-            _, _, log_p = self.mean(y, grid.taus[-1], targets)
-            observe(len(grid.steps), y, log_p)
         return y
+
+
+def _state_dtype(state_dtype: torch.dtype | None) -> torch.dtype | None:
+    if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
+        raise ValueError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
+    return state_dtype
 
 
 @_full_precision
@@ -375,14 +410,19 @@ def compute_latents(
     weights: Tensor | None = None,
     chunk_size: int | None = None,
     flow_anchors: Tensor | None = None,
+    state_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Latents (B, q) of this process's anchors (B, q) in the flow of all anchors.
 
-    Starts at tau = eps from x = (1 - eps) a_i + eps * alpha * noise_i and integrates to
-    tau = 1 through the flow of `gather(anchors)` (N, q), weighted by `gather(weights)`
-    (uniform when None). alpha = 0 gives each zone's centre. Differentiable w.r.t. anchors.
+    Starts at tau = eps from x = (1 - eps) a_i + eps * alpha * noise_i and integrates
+    towards the Gaussian through the flow of `gather(anchors)` (N, q), weighted by
+    `gather(weights)` (uniform when None): Euler ends at tau = 1, DPM-Solver++ at 1 - eps,
+    as in the reference. alpha = 0 gives each zone's centre. Differentiable w.r.t. anchors.
     `flow_anchors` (N, q), with `weights` (N,), names the flow explicitly instead (e.g. a
     latent inside a label's zone: anchors = label_anchors[labels], flow_anchors = all labels).
+    `state_dtype` (e.g. torch.float64) holds the solver's (B, q) state in that dtype while
+    the posterior GEMMs stay in the anchors' dtype (module docstring, "Precision").
+    Returns the latents in the anchors' dtype.
     """
     _check_matrix("anchors", anchors)
     _check_matrix("noise", noise, anchors.shape[1])
@@ -404,10 +444,12 @@ def compute_latents(
         _check_matrix("gather(anchors)", everyone, anchors.shape[1])
         all_weights = gather(weights) if weights is not None else None
     log_w = weights_to_log(all_weights, everyone.shape[0])
-    flow = _Flow(everyone, log_w, anchors.shape[0], chunk_size)
+    state = _state_dtype(state_dtype) or anchors.dtype
+    flow = _Flow(everyone, log_w, anchors.shape[0], chunk_size, state)
     # Start in centred coordinates: y = (1 - eps)(a - c) + eps * alpha * e.
-    y0 = (1.0 - eps) * (anchors - flow.centre) + (eps * alpha) * noise
-    return flow.integrate(y0, solver_coefficients(solver, steps, eps, forward=True))
+    y0 = (1.0 - eps) * (anchors.to(state) - flow.centre.to(state)) + (eps * alpha) * noise.to(state)
+    grid = solver_coefficients(solver, steps, eps, forward=True)
+    return flow.uncentred(flow.integrate(y0, grid), grid.taus[-1]).to(anchors.dtype)
 
 
 @_full_precision
@@ -424,15 +466,18 @@ def alignment_loss(
     solver: str = "euler",
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
+    state_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Latent alignment: -mean_b max_k [log] P(target_b | x_k, tau_k), and accuracy.
 
-    latents: (B, q) are run from tau = 1 back to tau = eps through the flow of
-    `gather(anchors)` (N, q); targets: (B,) indices into those N anchors. The posterior of
-    the target is recorded at each of the `steps` points reached; the first
-    floor(cutoff * steps) are dropped (near tau = 1 every zone looks alike), the max is
-    taken over the rest. Returns (loss, accuracy), accuracy being the share of latents
-    whose final-step posterior argmax is their target (a detached scalar).
+    latents: (B, q) are run back towards the anchors through the flow of `gather(anchors)`
+    (N, q) in `steps` steps (Euler: tau = 1 -> 0; DPM-Solver++: 1 - eps -> eps); targets:
+    (B,) indices into those N anchors. As in the reference, the posterior of the target is
+    recorded at the point each step starts from (Euler: tau = 1, 1 - 1/n, ..., 1/n), the
+    first int(cutoff * steps) records are dropped (near tau = 1 every zone looks alike)
+    and the max is taken over the rest. Returns (loss, accuracy), accuracy being the share
+    of latents whose posterior argmax at the last record is their target (detached).
+    `state_dtype`: as in `compute_latents`.
     """
     _check_matrix("anchors", anchors)
     _check_matrix("latents", latents, anchors.shape[1])
@@ -452,25 +497,25 @@ def alignment_loss(
         raise ValueError(f"targets must index the {n} anchors, got values in "
                          f"[{int(targets.min())}, {int(targets.max())}]")
     log_w = weights_to_log(gather(weights) if weights is not None else None, n)
-    flow = _Flow(everyone, log_w, latents.shape[0], chunk_size)
+    flow = _Flow(everyone, log_w, latents.shape[0], chunk_size, _state_dtype(state_dtype))
     grid = solver_coefficients(solver, steps, eps, forward=False)
     targets = targets.long()
-    first_kept = int(math.floor(cutoff * steps)) + 1
+    first_kept = int(cutoff * steps)
     best: Tensor | None = None
-    final_hit: Tensor | None = None
+    last_hit: Tensor | None = None
 
     def record(k: int, y: Tensor, log_p: Tensor) -> None:
-        nonlocal best, final_hit
+        nonlocal best, last_hit
         if k < first_kept:
             return
         value = log_p if log else log_p.exp()
         best = value if best is None else torch.maximum(best, value)
-        if k == steps:
-            final_hit = (flow.nearest(y.detach(), grid.taus[k]) == targets).float().mean()
+        if k == steps - 1:
+            last_hit = (flow.nearest(y.detach(), grid.taus[k]) == targets).float().mean()
 
-    flow.integrate(latents, grid, observe=record, targets=targets)
-    assert best is not None and final_hit is not None
-    return -best.mean(), final_hit
+    flow.integrate(flow.centred(latents, grid.taus[0]), grid, observe=record, targets=targets)
+    assert best is not None and last_hit is not None
+    return -best.mean(), last_hit
 
 
 @torch.no_grad()
@@ -486,7 +531,9 @@ def assign_zones(
     gather: Gather | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Index (B,) of the anchor each latent (B, q) flows back to through `gather(anchors)`."""
+    """Index (B,) of the anchor each latent (B, q) flows back to through `gather(anchors)`:
+    the most likely anchor at the solver's last point (Euler's is tau = 0, the nearest
+    anchor, as the reference's label assignment)."""
     _check_matrix("anchors", anchors)
     _check_matrix("latents", latents, anchors.shape[1])
     steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
@@ -495,5 +542,7 @@ def assign_zones(
     n = everyone.shape[0]
     log_w = weights_to_log((gather or _identity)(weights) if weights is not None else None, n)
     flow = _Flow(everyone, log_w, latents.shape[0], chunk_size)
-    y = flow.integrate(latents, solver_coefficients(solver, steps, eps, forward=False))
-    return flow.nearest(y, eps)
+    grid = solver_coefficients(solver, steps, eps, forward=False)
+    y = flow.integrate(flow.centred(latents, grid.taus[0]), grid)
+    # tau = 0 is the limit of tiny tau: the nearest anchor among those of positive weight.
+    return flow.nearest(y, max(grid.taus[-1], eps))

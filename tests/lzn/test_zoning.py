@@ -70,12 +70,117 @@ def test_alignment_loss_and_gradient_match_oracle(log, cutoff):
                                eps=1e-2, chunk_size=2)
     loss.backward()
     a2, z2 = anchors.clone().requires_grad_(), latents.clone().requires_grad_()
-    want, want_acc = oracle.alignment_euler(z2, a2, targets, 10, 1e-2, cutoff, log, lw)
+    want, want_acc = oracle.alignment_euler(z2, a2, targets, 10, cutoff, log, lw)
     want.backward()
     torch.testing.assert_close(loss, want, atol=1e-8, rtol=0)
     assert acc.item() == pytest.approx(want_acc.item())
     torch.testing.assert_close(a1.grad, a2.grad, atol=1e-8, rtol=0)
     torch.testing.assert_close(z1.grad, z2.grad, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [3, 4, 9, 20])
+@pytest.mark.parametrize("solver,order", [("dpm++3m", 3), ("dpm++2m", 2), ("dpm++", 3)])
+def test_dpm_solver_latents_and_alignment_match_the_reference_loop(solver, order, steps):
+    """The reference's multistep DPM-Solver++ (warm-up, lower order final below 10 steps,
+    t = g -> 1 - g and back) against our precomputed coefficients."""
+    anchors, _, w = _setup(n=8, offset=1.0)
+    lw = torch.log(w / w.sum())
+    noise = torch.randn_like(anchors)
+    got = compute_latents(anchors, noise, steps=steps, solver=solver, eps=1e-3, weights=w, chunk_size=3)
+    want = oracle.latents_dpm(anchors, noise, anchors, steps, 1e-3, order=order, log_weights=lw)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+    targets = torch.tensor([0, 3, 3, 6, 1, 7, 2, 5])
+    loss, _ = alignment_loss(want, anchors * 1.2, targets, steps=steps, solver=solver, eps=1e-3,
+                             cutoff=0.2, weights=w)
+    want_loss = oracle.alignment_dpm(want, anchors * 1.2, targets, steps, 1e-3, 0.2, order=order, log_weights=lw)
+    torch.testing.assert_close(loss, want_loss, atol=1e-9, rtol=0)
+
+
+def test_dpm_plus_plus_is_the_papers_order_3():
+    anchors, _, _ = _setup(n=8)
+    noise = torch.randn_like(anchors)
+    assert torch.equal(compute_latents(anchors, noise, steps=20, solver="dpm++"),
+                       compute_latents(anchors, noise, steps=20, solver="dpm++3m"))
+
+
+def _repr_problem(norm, n=256, q=256, seed=0):
+    """The representation-learning setting at q = N = 256: unit directions scaled to `norm`,
+    a second view's anchors near the first, a random direction for each."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, q, generator=g, **F64)
+    a = a / a.norm(dim=1, keepdim=True) * norm
+    b = a + 0.3 * norm / 16 * torch.randn(n, q, generator=g, **F64)
+    noise, va, vb = (torch.randn(n, q, generator=g, **F64) for _ in range(3))
+    return a, b, noise, va, vb
+
+
+def _repr_loss(a, b, noise, chunk=None, eps=1e-4, state_dtype=None):
+    """Latents of view 1 aligned to view 2 (Euler, 20 + 20 steps, alpha = 0.45, cut-off 0.2)."""
+    z = compute_latents(a, noise, steps=20, solver="euler", alpha=0.45, eps=eps, chunk_size=chunk,
+                        state_dtype=state_dtype)
+    loss, _ = alignment_loss(z, b, torch.arange(a.shape[0]), steps=20, eps=eps, cutoff=0.2, log=True,
+                             chunk_size=chunk, state_dtype=state_dtype)
+    return loss
+
+
+def _repr_grads(a, b, noise, **kw):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    _repr_loss(a, b, noise, **kw).backward()
+    return a.grad, b.grad
+
+
+@pytest.mark.parametrize("norm", [16.0, 30.0])
+def test_gradients_match_finite_differences_at_eps_1e4(norm):
+    """float64, default chunking: the directional derivative against central differences.
+    Before the fix the fused backward was 7% off at norm 16 and had the wrong sign at 30."""
+    a, b, noise, va, vb = _repr_problem(norm)
+    h = 1e-4
+    with torch.no_grad():
+        fd = (_repr_loss(a + h * va, b + h * vb, noise) - _repr_loss(a - h * va, b - h * vb, noise)) / (2 * h)
+    ga, gb = _repr_grads(a, b, noise)
+    ad = (ga * va).sum() + (gb * vb).sum()
+    assert abs(fd.item()) > 0.05  # a derivative that could have the wrong sign
+    assert ad.item() == pytest.approx(fd.item(), rel=1e-4), (ad.item(), fd.item())
+
+
+@pytest.mark.parametrize("norm", [16.0, 30.0])
+def test_gradients_do_not_depend_on_the_chunk_size(norm):
+    a, b, noise, _, _ = _repr_problem(norm)
+    want = _repr_grads(a, b, noise, chunk=a.shape[0])
+    for chunk in (1, 7):
+        for got, ref in zip(_repr_grads(a, b, noise, chunk=chunk), want):
+            torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-4])
+def test_small_problem_gradients_match_finite_differences(eps):
+    """n = 8, q = 4: off by 1.1e-6 (eps 1e-3) and 8.8e-4 (eps 1e-4) before the fix, depending
+    on the chunk size."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(8, 4, generator=g, **F64) * 3, torch.randn(8, 4, generator=g, **F64) * 3
+    noise, va, vb = (torch.randn(8, 4, generator=g, **F64) for _ in range(3))
+    for chunk in (3, 8):
+        h = 1e-4  # central differences converge as h^2 here: 9e-8 at h = 1e-3, 7e-10 at 1e-4
+        with torch.no_grad():
+            fd = (_repr_loss(a + h * va, b + h * vb, noise, chunk, eps)
+                  - _repr_loss(a - h * va, b - h * vb, noise, chunk, eps)) / (2 * h)
+        ga, gb = (t.detach() for t in _repr_grads(a, b, noise, chunk=chunk, eps=eps))
+        ad = (ga * va).sum() + (gb * vb).sum()
+        assert ad.item() == pytest.approx(fd.item(), rel=1e-5), (chunk, ad.item(), fd.item())
+
+
+def test_float64_state_cuts_the_float32_gradient_error():
+    """float32 inputs at the representation settings: most of the gradient error is the
+    solver's (B, q) state, not the GEMMs; a float64 state removes most of it."""
+    a, b, noise, _, _ = _repr_problem(30.0)
+    want = torch.cat([g.flatten() for g in _repr_grads(a, b, noise)])
+
+    def err(**kw):
+        got = torch.cat([g.double().flatten() for g in _repr_grads(a.float(), b.float(), noise.float(), **kw)])
+        return ((got - want).norm() / want.norm()).item()
+
+    plain, exact_state = err(), err(state_dtype=torch.float64)
+    assert exact_state < plain / 3 and exact_state < 0.02, (plain, exact_state)
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpm++2m", "dpm++3m"])
@@ -109,14 +214,15 @@ def test_backward_stores_trajectory_not_posteriors():
     assert saved and max(saved) < b * n
 
 
-@pytest.mark.parametrize("solver", ["euler", "dpm++2m", "dpm++3m"])
-def test_single_anchor_flow_is_exact(solver):
-    """One anchor: x_tau = (1 - tau) a + tau * alpha * e exactly, so latent = alpha * e."""
+@pytest.mark.parametrize("solver,end", [("euler", 1.0), ("dpm++2m", 1 - 1e-3), ("dpm++3m", 1 - 1e-3)])
+def test_single_anchor_flow_is_exact(solver, end):
+    """One anchor: x_tau = (1 - tau) a + tau * alpha * e exactly, at the solver's end time
+    (Euler's is 1, DPM-Solver++'s 1 - g as in the reference)."""
     a = torch.randn(1, 5, **F64) * 4
     e = torch.randn(1, 5, **F64)
     for steps in (1, 3, 20):
         z = compute_latents(a, e, steps=steps, solver=solver, alpha=0.7, eps=1e-3)
-        torch.testing.assert_close(z, 0.7 * e, atol=1e-9, rtol=0)
+        torch.testing.assert_close(z, (1 - end) * a + end * 0.7 * e, atol=1e-9, rtol=0)
 
 
 def test_latents_are_standard_gaussian():
