@@ -22,6 +22,16 @@ The real set's FID statistics are computed once per dataset, image size and extr
 cached next to the shards (`ReferenceCache`, keyed by the manifest's checksum and the
 extractor's weights). Keys follow metrics.json: eval/fid, eval/linear_probe_top1, ...;
 the inference batch size and alpha that LZN's latents depend on are recorded beside them.
+
+"fid" is every metric of the generated set, from one extractor pass per image
+(`lzn.metrics.image_set`): eval/fid, eval/is (and eval/is_std), eval/kid (eval/kid_std),
+eval/precision, eval/recall, and with eval.fid_euler10 the same of an Euler 10-step set
+(eval/fid_euler10, ...), as the paper logs beside RK45. KID and precision/recall read a
+fixed seeded subset of eval.kid_pr_samples rows of each set; the reference's subset
+features are cached with its moments. With the digits CNN (fid_features=digits_cnn) the
+same metrics are computed in its feature space, and the Inception Score from its 10 digit
+logits: a digits IS (at most 10), not comparable with Inception IS (at most 1008), but the
+same definition and still "confident and diverse" classes of generated digits.
 """
 from __future__ import annotations
 
@@ -38,23 +48,31 @@ from torch import Tensor, nn
 from lzn import metrics
 from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
-from lzn.inference import LZNModel
-from lzn.metrics.fid import FeatureMoments, FeatureStats, extractor_name
+from lzn.inference import LZNModel, balanced_labels
+from lzn.metrics.fid import extractor_name, has_logits
+from lzn.metrics.image_set import ImageSetPart, feature_subset
 
 METRICS = ("fid", "linear_probe", "classification", "conditional", "reconstruction")
 DEFAULT_CHUNK = 10_000  # samples per unit (rounded up to whole inference batches)
+MAX_DRAWS = 1000  # reconstruction draws per image: draw d of seed s uses latent seed s * MAX_DRAWS + d
 
 
 # metrics.json key -> the metric that computes it
-METRIC_OF_KEY = {"eval/fid": "fid", "eval/linear_probe_top1": "linear_probe", "eval/linear_probe_top5": "linear_probe",
+IMAGE_SET_KEYS = ("fid", "is", "kid", "precision", "recall")  # eval/<name> and eval/<name>_euler10
+METRIC_OF_KEY = {"eval/linear_probe_top1": "linear_probe", "eval/linear_probe_top5": "linear_probe",
                  "eval/classification_accuracy": "classification", "eval/conditional_accuracy": "conditional",
-                 "eval/reconstruction_l2": "reconstruction"}
+                 "eval/reconstruction_l2": "reconstruction",
+                 **{f"eval/{k}{s}": "fid" for k in IMAGE_SET_KEYS for s in ("", "_euler10")}}
 
 
 def metric_for_key(cfg, key: str) -> str:
     """The metric that produces metrics.json key `key` for task `cfg`, checked against its objective."""
     if key not in METRIC_OF_KEY:
         raise ValueError(f"{key!r} is not an evaluation metric; expected one of {sorted(METRIC_OF_KEY)}")
+    if key.endswith("_euler10") and not cfg.eval.fid_euler10:
+        raise ValueError(f"{key!r} needs eval.fid_euler10=true (task {cfg.name!r} has it off)")
+    if key.split("/")[1].split("_")[0] in ("kid", "precision", "recall") and cfg.eval.kid_pr_samples < 1:
+        raise ValueError(f"{key!r} needs eval.kid_pr_samples > 0, got {cfg.eval.kid_pr_samples}")
     return select_metrics(cfg, [METRIC_OF_KEY[key]])[0]
 
 
@@ -154,7 +172,7 @@ class ShardData:
 class Unit:
     """One shard of an evaluation: `kind` over samples or rows [lo, hi)."""
 
-    kind: str  # reference | samples | probe_train | probe_test | classify | conditional | reconstruct
+    kind: str  # reference | samples | samples_euler10 | probe_train | probe_test | classify | conditional | reconstruct
     index: int
     lo: int
     hi: int
@@ -182,6 +200,24 @@ def fid_samples(cfg, data: EvalData) -> int:
 def plan(cfg, chosen: list[str], data: EvalData, *, reference_cached: bool) -> list[Unit]:
     """Every unit of an evaluation of `chosen` metrics, in the order their parts merge."""
     chunk, units = chunk_size(cfg), []
+def reconstruction_samples(cfg, data: EvalData) -> int:
+    """The training images reconstructed: the first eval.reconstruction_samples (0: all)."""
+    n, have = cfg.eval.reconstruction_samples, data.size("train")
+    if n < 0 or not 1 <= cfg.eval.reconstruction_draws <= MAX_DRAWS:
+        raise ValueError(f"eval.reconstruction_samples must be >= 0 and eval.reconstruction_draws in [1, {MAX_DRAWS}], "
+                         f"got {n} and {cfg.eval.reconstruction_draws}")
+    return min(n, have) if n else have
+
+
+def reconstruction_units(cfg, data: EvalData, chunk: int) -> list[Unit]:
+    """Draw d of row range [lo, hi) is the unit over [d n + lo, d n + hi) of the draws x rows."""
+    n, units = reconstruction_samples(cfg, data), []
+    for d in range(cfg.eval.reconstruction_draws):
+        for lo in range(0, n, chunk):
+            units.append(Unit("reconstruct", len(units), d * n + lo, d * n + min(lo + chunk, n)))
+    return units
+
+
     if "fid" in chosen:
         if not reference_cached:
             units += units_of("reference", data.size("train"), chunk)
@@ -189,11 +225,13 @@ def plan(cfg, chosen: list[str], data: EvalData, *, reference_cached: bool) -> l
     if "linear_probe" in chosen:
         units += units_of("probe_train", data.size("train"), chunk) + units_of("probe_test", data.size("test"), chunk)
     if "classification" in chosen:
+        if cfg.eval.fid_euler10:
+            units += units_of("samples_euler10", fid_samples(cfg, data), chunk)
         units += units_of("classify", data.size("test"), chunk)
     if "conditional" in chosen:
         units += units_of("conditional", cfg.data.num_classes * cfg.eval.per_class, chunk)
     if "reconstruction" in chosen:
-        units += units_of("reconstruct", data.size("test"), chunk)
+        units += reconstruction_units(cfg, data, chunk)
     return units
 
 
@@ -206,10 +244,12 @@ def fid_extractor(name: str, cache_dir: Path, weights: str | None = None) -> nn.
 
 
 def fid_labels(cfg, n: int) -> Tensor | None:
-    """The class of every FID sample of a joint model: uniform, drawn once for the whole set."""
+    """The class of every FID sample of a joint model: exactly balanced (`balanced_labels`:
+    sample i has class i % num_classes, so each class has n // num_classes samples and the
+    first n % num_classes classes one more), as class-conditional FID is measured."""
     if cfg.objective != "joint":
         return None
-    return torch.randint(cfg.data.num_classes, (n,), generator=torch.Generator().manual_seed(cfg.eval.seed + 1))
+    return balanced_labels(n, cfg.data.num_classes)
 
 
 class Evaluator:
@@ -218,7 +258,7 @@ class Evaluator:
 
     def __init__(self, cfg, model: LZNModel, data: EvalData, *, cache_dir: str | Path):
         self.cfg, self.model, self.data, self.cache_dir = cfg, model, data, Path(cache_dir)
-        self._extractor, self._classifier, self._labels = None, None, None
+        self._extractor, self._classifier = None, None
 
     @property
     def extractor(self) -> nn.Module:
@@ -230,19 +270,28 @@ class Evaluator:
     def _sample(self) -> dict:
         ev = self.cfg.eval
         return dict(method=ev.sampler, steps=ev.sampler_steps, batch_size=ev.batch_size, seed=ev.seed)
+    def _image_set(self, images: Tensor, unit: Unit, total: int, *, inception_score: bool) -> dict:
+        """The `ImageSetPart` of rows [unit.lo, unit.hi) of a set of `total`, as a state dict."""
+        ev = self.cfg.eval
+        part = metrics.image_set_part(images, self.extractor, lo=unit.lo, total=total,
+                                      subset=feature_subset(total, ev.kid_pr_samples), inception_score=inception_score,
+                                      is_splits=ev.is_splits, batch_size=ev.batch_size)
+        return part.state_dict()
+
 
     def run(self, unit: Unit) -> dict:
         ev, model, n = self.cfg.eval, self.model, unit.hi - unit.lo
         first, bs = unit.lo // ev.batch_size, ev.batch_size
         if unit.kind == "reference":
             images, _ = self.data.rows("train", unit.lo, unit.hi)
-            return metrics.feature_moments(images, self.extractor, batch_size=bs).state_dict()
-        if unit.kind == "samples":
-            if self._labels is None:
-                self._labels = fid_labels(self.cfg, fid_samples(self.cfg, self.data))
-            labels = None if self._labels is None else self._labels[unit.lo:unit.hi]
-            fake = model.generate(n, labels, first_batch=first, **self._sample())
-            return metrics.feature_moments(fake, self.extractor, batch_size=bs).state_dict()
+            return self._image_set(images, unit, self.data.size("train"), inception_score=False)
+        if unit.kind in ("samples", "samples_euler10"):
+            labels = fid_labels(self.cfg, unit.hi)
+            sample = self._sample() if unit.kind == "samples" else {**self._sample(), "method": "euler", "steps": 10}
+            # The Euler set has the samples' seeds: the same noise and latents, another solver.
+            fake = model.generate(n, None if labels is None else labels[unit.lo:], first_batch=first, **sample)
+            return self._image_set(fake, unit, fid_samples(self.cfg, self.data),
+                                   inception_score=has_logits(self.extractor))
         if unit.kind in ("probe_train", "probe_test"):
             images, labels = self.data.rows(unit.kind.removeprefix("probe_"), unit.lo, unit.hi)
             return {"features": model.embed(images, batch_size=bs), "labels": labels}
@@ -258,9 +307,15 @@ class Evaluator:
             pred = self._classifier(images.to(model.device)).argmax(dim=1).cpu()
             return {"correct": int((pred == labels).sum()), "count": n}
         if unit.kind == "reconstruct":
-            images, _ = self.data.rows("test", unit.lo, unit.hi)
+            # As the reference (lzn/metric/reconstructions_with_computed_ini_noise.py): training
+            # images, each draw a new latent noise (so a new latent in the image's zone), the
+            # image ODE inverted from the image with that latent and integrated back; per image
+            # the L2 norm over all pixels in [-1, 1], averaged over images and draws.
+            rows = reconstruction_samples(self.cfg, self.data)
+            draw, lo = divmod(unit.lo, rows)
+            images, _ = self.data.rows("train", lo, lo + n)
             recon = model.reconstruct(images, batch_size=bs, method=ev.sampler, steps=ev.sampler_steps,
-                                      first_batch=first)
+                                      first_batch=lo // bs, alpha=ev.alpha, seed=ev.seed * MAX_DRAWS + draw)
             l2 = torch.linalg.vector_norm((recon.double() - images.double()).flatten(1), dim=1).sum()
             return {"l2_sum": float(l2), "count": n}
         raise ValueError(f"unknown evaluation unit kind {unit.kind!r}")
@@ -315,31 +370,34 @@ def weights_digest(module: nn.Module) -> str:
 
 
 class ReferenceCache:
-    """FID statistics of a dataset's train split, in <dataset>/fid_stats/:
-    <extractor>-<weights digest>-<size>x<size>x<channels>-<manifest checksum>.pt. A changed
-    manifest (the data was prepared again differently) gets a new file; the statistics of
-    older manifests (same extractor weights and size) are removed when it is written. A
-    folder that cannot be written (read-only shared storage) only costs the cache."""
+    """The train split's `ImageSetPart` (feature moments, and the features of its KID and
+    precision/recall subset of `subset` rows), in <dataset>/fid_stats/:
+    <extractor>-<weights digest>-<size>x<size>x<channels>-pr<subset>-<manifest checksum>.pt.
+    A changed manifest (the data was prepared again differently) gets a new file; the
+    statistics of older manifests (same extractor weights, size and subset) are removed when
+    it is written. A folder that cannot be written (read-only shared storage) only costs the cache."""
 
-    def __init__(self, dataset_dir: str | Path, extractor: nn.Module, *, image_size: int, channels: int):
+    def __init__(self, dataset_dir: str | Path, extractor: nn.Module, *, image_size: int, channels: int,
+                 subset: int):
         self.folder = Path(dataset_dir) / "fid_stats"
-        self.prefix = f"{extractor_name(extractor)}-{weights_digest(extractor)[:8]}-{image_size}x{image_size}x{channels}"
+        self.prefix = (f"{extractor_name(extractor)}-{weights_digest(extractor)[:8]}-{image_size}x{image_size}x"
+                       f"{channels}-pr{subset}")
         self.path = self.folder / f"{self.prefix}-{manifest_checksum(dataset_dir)[:16]}.pt"
 
-    def load(self) -> FeatureStats | None:
+    def load(self) -> ImageSetPart | None:
         if not self.path.is_file():
             return None
         try:
-            return FeatureStats.from_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
+            return ImageSetPart.from_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
         except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not trusted
             print(f"ignoring unreadable FID reference statistics {self.path} ({type(err).__name__}: {err})",
                   file=sys.stderr)
             return None
 
-    def save(self, stats: FeatureStats) -> None:
+    def save(self, reference: ImageSetPart) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.path, lambda f: torch.save(stats.state_dict(), f))
+            write_atomically(self.path, lambda f: torch.save(reference.state_dict(), f))
             for stale in self.folder.glob(f"{self.prefix}-*.pt"):
                 if stale != self.path:
                     stale.unlink(missing_ok=True)
@@ -366,20 +424,22 @@ def train_probe(cfg, store: PartStore, train_units: list[Unit], test_units: list
 
 
 def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execute: Execute,
-             extractor: Callable[[], nn.Module], probe: Probe | None = None) -> dict[str, float | str]:
+             extractor: Callable[[], nn.Module], probe: Probe | None = None,
+             device="cpu") -> dict[str, float | str]:
     """Run (or resume) the evaluation of `chosen` metrics and reduce it to metrics.json keys.
 
     execute: computes the parts of a list of units into `store` (in this process, or on Ray
     workers); units whose part exists are not passed again. extractor: the FID extractor
     (called only when FID is chosen and its reference statistics are needed). probe: trains
-    the linear probe on the stored features (default: `train_probe` here).
+    the linear probe on the stored features (default: `train_probe` here). device: where
+    KID and precision/recall run on the subsets' features (distances of 10k x 10k rows).
     """
     ev, out = cfg.eval, {}
     reference = None
     cache = None
     if "fid" in chosen and data.dataset_dir is not None:
         cache = ReferenceCache(data.dataset_dir, extractor(), image_size=cfg.data.image_size,
-                               channels=cfg.data.channels)
+                               channels=cfg.data.channels, subset=ev.kid_pr_samples)
         reference = cache.load()
     units = plan(cfg, chosen, data, reference_cached=reference is not None)
     todo = [u for u in units if not store.has(u)]
@@ -389,8 +449,8 @@ def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execut
     def of(kind):
         return [u for u in units if u.kind == kind]
 
-    def moments(kind) -> FeatureMoments:
-        return FeatureMoments.merge_all(FeatureMoments.from_state_dict(store.load(u)) for u in of(kind))
+    def image_set(kind) -> ImageSetPart:
+        return ImageSetPart.merge_all(ImageSetPart.from_state_dict(store.load(u)) for u in of(kind))
 
     def ratio(kind, key) -> float:
         parts = [store.load(u) for u in of(kind)]
@@ -405,14 +465,18 @@ def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execut
         out["eval/conditional_accuracy"] = ratio("conditional", "correct")
     if "fid" in chosen:
         if reference is None:
-            reference = moments("reference").stats()
+            reference = image_set("reference")
             if cache is not None:
                 cache.save(reference)
-        fake = moments("samples").stats()
-        out["eval/fid"] = metrics.frechet_distance(reference, fake)
+        for kind, suffix in (("samples", ""), ("samples_euler10", "_euler10")):
+            if of(kind):
+                found = metrics.compare(reference, image_set(kind), device=device)
+                out.update({f"eval/{k}{suffix}": v for k, v in found.items() if k != "kid_subset_size"})
+                if "kid_subset_size" in found:
+                    out["eval/kid_subset_size"] = found["kid_subset_size"]
         out["eval/fid_features"] = ev.fid_features
-        out["eval/fid_samples"] = float(fake.num_samples)
-        out["eval/fid_reference_samples"] = float(reference.num_samples)
+        out["eval/fid_samples"] = float(fid_samples(cfg, data))
+        out["eval/fid_reference_samples"] = float(reference.moments.num_samples)
     if "reconstruction" in chosen:
         out["eval/reconstruction_l2"] = ratio("reconstruct", "l2_sum")
     out["eval/inference_batch_size"] = float(ev.batch_size)
@@ -440,7 +504,7 @@ def evaluate_here(cfg, model: LZNModel, data: EvalData, *, cache_dir: str | Path
     return evaluate(cfg, chosen=select_metrics(cfg, chosen), data=data, store=store,
                     execute=execute_here(evaluator, store, progress=progress),
                     extractor=lambda: evaluator.extractor,
-                    probe=lambda s, a, b: train_probe(cfg, s, a, b, device=model.device))
+                    probe=lambda s, a, b: train_probe(cfg, s, a, b, device=model.device), device=model.device)
 
 
 def load_model(cfg, checkpoint: str | Path, device) -> tuple[LZNModel, int]:

@@ -14,6 +14,15 @@ from lzn.objectives import GenerationObjective, JointObjective
 from lzn.zoning import assign_zones, compute_latents
 
 
+def balanced_labels(n: int, num_classes: int) -> Tensor:
+    """(n,) labels with every class exactly n // num_classes times: label i % num_classes for
+    sample i, so the first n % num_classes classes get one more, and every inference batch of
+    a multiple of num_classes samples is balanced too."""
+    if n < 0 or num_classes < 1:
+        raise ValueError(f"balanced_labels needs n >= 0 and num_classes >= 1, got n={n}, num_classes={num_classes}")
+    return torch.arange(n) % num_classes
+
+
 def _batches(n: int, batch_size: int):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -98,15 +107,15 @@ class LZNModel:
     @torch.no_grad()
     def generate(self, n: int, labels: Tensor | None = None, *, method: str = "euler", steps: int = 10,
                  batch_size: int = 256, seed: int = 0, first_batch: int = 0) -> Tensor:
-        """n images (n, C, H, W) in [-1, 1]. A joint model takes `labels` (n,) (random if None).
+        """n images (n, C, H, W) in [-1, 1]. A joint model takes `labels` (n,) (None:
+        `balanced_labels`, every class equally often).
 
         Batch i's noise is seeded by (seed, first_batch + i): a shard that starts at sample
         `first_batch * batch_size` generates exactly that slice of the whole set."""
         decoder = self._require("decoder")
         obj = self.objective
         if isinstance(obj, JointObjective) and labels is None:
-            g = torch.Generator().manual_seed(seed + 1)
-            labels = torch.randint(obj.num_classes, (n,), generator=g)
+            labels = balanced_labels(n, obj.num_classes)
         if labels is not None and not isinstance(obj, JointObjective):
             raise ValueError("labels given, but this model is not class-conditional (not a joint model)")
         out = []
@@ -125,10 +134,14 @@ class LZNModel:
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, labels: Tensor | None = None, *, batch_size: int,
-                    method: str = "euler", steps: int = 10, first_batch: int = 0) -> Tensor:
-        """Invert the image ODE with the image's own LZN latent, then integrate back."""
+                    method: str = "euler", steps: int = 10, first_batch: int = 0, alpha: float | None = None,
+                    seed: int = 0) -> Tensor:
+        """Invert the image ODE with the image's own LZN latent, then integrate back.
+
+        seed, alpha: those of the latents (`latents`); another seed is another draw of the
+        latent noise, so another latent in the image's zone and another reconstruction."""
         decoder = self._require("decoder")
-        z = self.latents(images, batch_size=batch_size, first_batch=first_batch)
+        z = self.latents(images, batch_size=batch_size, alpha=alpha, seed=seed, first_batch=first_batch)
         out = []
         for s in _batches(len(images), batch_size):
             x = images[s].to(self.device)

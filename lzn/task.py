@@ -74,6 +74,18 @@ class EvalConfig:
     probe_batch_size: int = 256  # the probe's SGD batch (the probe trains on the evaluating worker's device)
     per_class: int = 100  # conditional generation: samples per class
     seed: int = 0
+    # Beside FID, from the same features: Inception Score over `is_splits` groups, KID and
+    # precision/recall on a fixed seeded subset of `kid_pr_samples` rows of each set (0: no
+    # KID or precision/recall), and the same metrics of an Euler 10-step set (eval/*_euler10),
+    # which the paper logs beside its RK45 FIDs.
+    is_splits: int = 10
+    kid_pr_samples: int = 10_000
+    fid_euler10: bool = False
+    # Reconstruction error as the reference measures it: the first `reconstruction_samples`
+    # training images (0: all; the reference: 2000 for CIFAR10, 256 at 256 px), each
+    # reconstructed from `reconstruction_draws` latents of independent latent noise.
+    reconstruction_samples: int = 2000
+    reconstruction_draws: int = 20
     # Samples per evaluation shard (0: lzn.evaluate.DEFAULT_CHUNK), rounded up to whole
     # inference batches. Metrics do not depend on it; a crash loses at most one shard.
     chunk_size: int = 0
