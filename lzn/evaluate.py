@@ -197,9 +197,6 @@ def fid_samples(cfg, data: EvalData) -> int:
     return cfg.eval.fid_samples or data.size("train")
 
 
-def plan(cfg, chosen: list[str], data: EvalData, *, reference_cached: bool) -> list[Unit]:
-    """Every unit of an evaluation of `chosen` metrics, in the order their parts merge."""
-    chunk, units = chunk_size(cfg), []
 def reconstruction_samples(cfg, data: EvalData) -> int:
     """The training images reconstructed: the first eval.reconstruction_samples (0: all)."""
     n, have = cfg.eval.reconstruction_samples, data.size("train")
@@ -218,15 +215,18 @@ def reconstruction_units(cfg, data: EvalData, chunk: int) -> list[Unit]:
     return units
 
 
+def plan(cfg, chosen: list[str], data: EvalData, *, reference_cached: bool) -> list[Unit]:
+    """Every unit of an evaluation of `chosen` metrics, in the order their parts merge."""
+    chunk, units = chunk_size(cfg), []
     if "fid" in chosen:
         if not reference_cached:
             units += units_of("reference", data.size("train"), chunk)
         units += units_of("samples", fid_samples(cfg, data), chunk)
+        if cfg.eval.fid_euler10:
+            units += units_of("samples_euler10", fid_samples(cfg, data), chunk)
     if "linear_probe" in chosen:
         units += units_of("probe_train", data.size("train"), chunk) + units_of("probe_test", data.size("test"), chunk)
     if "classification" in chosen:
-        if cfg.eval.fid_euler10:
-            units += units_of("samples_euler10", fid_samples(cfg, data), chunk)
         units += units_of("classify", data.size("test"), chunk)
     if "conditional" in chosen:
         units += units_of("conditional", cfg.data.num_classes * cfg.eval.per_class, chunk)
@@ -267,9 +267,6 @@ class Evaluator:
             self._extractor = fid_extractor(ev.fid_features, self.cache_dir, ev.inception_weights).to(self.model.device)
         return self._extractor
 
-    def _sample(self) -> dict:
-        ev = self.cfg.eval
-        return dict(method=ev.sampler, steps=ev.sampler_steps, batch_size=ev.batch_size, seed=ev.seed)
     def _image_set(self, images: Tensor, unit: Unit, total: int, *, inception_score: bool) -> dict:
         """The `ImageSetPart` of rows [unit.lo, unit.hi) of a set of `total`, as a state dict."""
         ev = self.cfg.eval
@@ -278,6 +275,9 @@ class Evaluator:
                                       is_splits=ev.is_splits, batch_size=ev.batch_size)
         return part.state_dict()
 
+    def _sample(self) -> dict:
+        ev = self.cfg.eval
+        return dict(method=ev.sampler, steps=ev.sampler_steps, batch_size=ev.batch_size, seed=ev.seed)
 
     def run(self, unit: Unit) -> dict:
         ev, model, n = self.cfg.eval, self.model, unit.hi - unit.lo

@@ -72,6 +72,12 @@ class EvalConfig:
     probe_epochs: int = 300
     probe_lr: float = 3e-4  # the paper's; small datasets need more (digits: 3e-3)
     probe_batch_size: int = 256  # the probe's SGD batch (the probe trains on the evaluating worker's device)
+    # The probe's images: shorter side resized to this, then centre-cropped to data.image_size
+    # (0: to data.image_size, no margin). repr_imagenet: 256, the reference's Resize(256) + CenterCrop(224).
+    probe_resize: int = 0
+    # Standardise the probe's features with the training set's mean and std. The reference
+    # feeds them raw (False); True lets one lr suit backbones whose feature scales differ a lot.
+    probe_standardize: bool = False
     per_class: int = 100  # conditional generation: samples per class
     seed: int = 0
     # Beside FID, from the same features: Inception Score over `is_splits` groups, KID and
@@ -177,6 +183,9 @@ def validate_task(cfg: TaskConfig) -> None:
                  "data.channels", "data.num_classes"):
         section, key = what.split(".")
         positive(what, getattr(getattr(cfg, section), key))
+    if cfg.eval.probe_resize and cfg.eval.probe_resize < cfg.data.image_size:
+        raise ValueError(f"eval.probe_resize must be 0 or >= data.image_size = {cfg.data.image_size} (it is the "
+                         f"shorter side before the centre crop), got {cfg.eval.probe_resize}")
     if cfg.eval.chunk_size < 0 or cfg.eval.fid_samples < 0:
         raise ValueError(f"eval.chunk_size and eval.fid_samples must be >= 0 (0: the default), got "
                          f"{cfg.eval.chunk_size} and {cfg.eval.fid_samples}")

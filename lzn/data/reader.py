@@ -188,29 +188,51 @@ class ShardDataset(Dataset):
             images = [self.transform(x) for x in images]
         return list(zip(images, labels.tolist()))
 
-    def squared(self, lo: int, hi: int, *, image_size: int, channels: int) -> tuple[Tensor, Tensor]:
+    def squared(self, lo: int, hi: int, *, image_size: int, channels: int,
+                resize: int | None = None) -> tuple[Tensor, Tensor]:
         """Rows [lo, hi) as images (n, channels, image_size, image_size) float32 in [-1, 1]
-        (shorter side resized, centre-cropped, channels matched) and labels (n,)."""
+        (shorter side resized to `resize`, default image_size, centre-cropped, channels
+        matched) and labels (n,)."""
         pixels, labels = self.pixels(range(lo, hi))
-        squared = [match_channels(square_pixels(p, image_size), channels) for p in pixels]
+        squared = [match_channels(square_pixels(p, image_size, resize), channels) for p in pixels]
         stacked = np.stack(squared) if squared else np.zeros((0, image_size, image_size, channels), np.uint8)
         return to_float(stacked, self.pixel_max), torch.from_numpy(labels)
 
 
-def square_pixels(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) uint8 -> (size, size, C): shorter side to `size` (antialiased), centre crop."""
+def square_pixels(image: np.ndarray, size: int, resize: int | None = None) -> np.ndarray:
+    """(H, W, C) uint8 -> (size, size, C): shorter side to `resize` (default `size`;
+    antialiased bilinear), then the centre size x size crop. resize=256, size=224 is the
+    ImageNet evaluation transform Resize(256) + CenterCrop(224)."""
     import torch.nn.functional as F
 
+    resize = resize or size
+    if resize < size:
+        raise ValueError(f"resize must be >= size: the shorter side {resize} cannot hold a {size} px crop")
     h, w = image.shape[:2]
-    if (h, w) == (size, size):
+    if (h, w) == (size, size) and resize == size:
         return image
-    scale = size / min(h, w)
+    scale = resize / min(h, w)
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bilinear",
+    x = F.interpolate(x, size=(max(resize, round(h * scale)), max(resize, round(w * scale))), mode="bilinear",
                       antialias=True, align_corners=False)
     top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
     x = x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
     return x.permute(1, 2, 0).numpy()
+
+
+def resize_centre_crop(images: Tensor, resize: int | None) -> Tensor:
+    """(n, C, S, S) -> (n, C, S, S): resized to `resize` (bilinear, antialiased) and the centre
+    S x S kept, `square_pixels` for images already square in memory; None: unchanged."""
+    import torch.nn.functional as F
+
+    size = images.shape[-1]
+    if resize is None or resize == size:
+        return images
+    if resize < size:
+        raise ValueError(f"resize must be >= the images' size {size}, got {resize}")
+    x = F.interpolate(images.float(), size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+    lo = (resize - size) // 2
+    return x[..., lo : lo + size, lo : lo + size].clamp(-1, 1)
 
 
 def match_channels(image: np.ndarray, channels: int) -> np.ndarray:

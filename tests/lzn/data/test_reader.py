@@ -1,8 +1,9 @@
 """lzn.data.reader's resizing: what the Ray Data stream and the evaluation stage read."""
 import numpy as np
+import pytest
 
 from lzn.data.prepare import PrepareConfig, prepare_dataset
-from lzn.data.reader import ShardDataset, match_channels, square_pixels
+from lzn.data.reader import ShardDataset, match_channels, resize_centre_crop, square_pixels, to_float
 from tests.lzn.data import builders
 
 
@@ -35,3 +36,39 @@ def test_a_row_range_is_read_squared(tmp_path):
     images, labels = ds.squared(1, 4, image_size=8, channels=1)
     assert images.shape == (3, 1, 8, 8) and labels.tolist() == [ds[i][1] for i in range(1, 4)]
     assert images.min() >= -1 and images.max() <= 1
+
+
+def _smooth(h: int, w: int, seed: int) -> np.ndarray:
+    """(h, w, 3) uint8 of low frequencies only, where PIL's and torch's bilinear filters agree."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    phase = rng.uniform(0, 2 * np.pi, (3, 2))
+    img = [127 + 100 * np.sin(2 * np.pi * (1.5 * x + phase[c, 0])) * np.cos(2 * np.pi * (y + phase[c, 1]))
+           for c in range(3)]
+    return np.stack(img, -1).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (500, 333), (256, 256), (300, 301)])
+def test_resize_256_centre_crop_224_is_torchvisions_imagenet_eval_transform(shape):
+    # The reference's evaluation images (lzn/data/imagenet_aug.py:39-46): T.Resize(256) then
+    # T.CenterCrop(224) of the PIL image.
+    from PIL import Image
+    from torchvision import transforms as T
+
+    image = _smooth(*shape, seed=sum(shape))
+    expected = np.asarray(T.CenterCrop(224)(T.Resize(256)(Image.fromarray(image)))).astype(np.float64)
+    out = square_pixels(image, 224, 256)
+    assert out.shape == (224, 224, 3)
+    assert np.abs(out - expected).mean() < 1.0 and np.abs(out - expected).max() <= 4
+
+
+def test_resize_below_the_crop_is_refused_and_tensors_are_cropped_alike():
+    with pytest.raises(ValueError, match="shorter side 200 cannot hold a 224 px crop"):
+        square_pixels(np.zeros((300, 300, 3), np.uint8), 224, 200)
+    image = _smooth(16, 16, seed=0)
+    as_tensor = to_float(image[None], 255)
+    np.testing.assert_allclose(resize_centre_crop(as_tensor, 20)[0].numpy(),
+                               to_float(square_pixels(image, 16, 20), 255).numpy(), atol=1 / 127.5 + 1e-6)
+    assert resize_centre_crop(as_tensor, None) is as_tensor
+    with pytest.raises(ValueError, match="resize must be >= the images' size 16, got 12"):
+        resize_centre_crop(as_tensor, 12)

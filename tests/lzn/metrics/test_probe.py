@@ -1,5 +1,6 @@
 """The linear probe: near-perfect on separable features, >= 0.95 on raw digits pixels, chance
-on random labels, deterministic per seed; linear_probe_eval embeds in batches without grad."""
+on random labels, deterministic per seed, raw features unless standardised (the reference's
+protocol); linear_probe_eval embeds in batches without grad."""
 import pytest
 import torch
 
@@ -62,7 +63,7 @@ def test_raw_digit_pixels():
     # 300 epochs of 1257 images are only 1500 AdamW steps, too few for lr 3e-4 (top-1 0.93),
     # so the digits probe uses a larger rate.
     result = linear_probe_eval(embed, split.train_images, split.train_labels, split.test_images,
-                               split.test_labels, batch_size=500, lr=3e-3)
+                               split.test_labels, batch_size=500, lr=3e-3, standardize=True)
     assert result["top1"] >= 0.95
     assert result["top5"] >= 0.99
     assert seen == [500, 500, 257, 500, 40]  # train then test, in batches of at most 500
@@ -89,9 +90,41 @@ def test_standardisation_makes_scale_irrelevant():
     train_x, train_y = _clusters(30)
     test_x, test_y = _clusters(10, seed=1)
     kw = dict(epochs=30)
-    base = linear_probe(train_x, train_y, test_x, test_y, **kw)
-    scaled = linear_probe(train_x * 1e3 + 5.0, train_y, test_x * 1e3 + 5.0, test_y, **kw)
+    base = linear_probe(train_x, train_y, test_x, test_y, standardize=True, **kw)
+    scaled = linear_probe(train_x * 1e3 + 5.0, train_y, test_x * 1e3 + 5.0, test_y, standardize=True, **kw)
     assert scaled["top1"] == pytest.approx(base["top1"], abs=1e-6)
+
+
+def _one_adam_step_accuracy(train_x, train_y, test_x, test_y, lr, num_classes):
+    """Top-1/top-5 after one full-batch AdamW step from a zero layer, from Adam's definition:
+    the bias-corrected first step is lr * g / (|g| + eps), so W = -lr sign(dL/dW). At zero
+    the softmax is uniform and dL/dW = (1/N) sum_i (1/K - onehot(y_i)) x_i^T."""
+    x, t = train_x.double(), test_x.double()
+    residual = 1.0 / num_classes - torch.nn.functional.one_hot(train_y, num_classes).double()
+    grad_w, grad_b = residual.T @ x / len(x), residual.mean(dim=0)
+    logits = t @ (-lr * torch.sign(grad_w)).T - lr * torch.sign(grad_b)
+    top5 = logits.topk(5, dim=1).indices
+    return (top5[:, 0] == test_y).double().mean().item(), (top5 == test_y[:, None]).any(dim=1).double().mean().item()
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_features_are_raw_unless_standardised(standardize):
+    # The reference's probe feeds raw features; one AdamW step tells which features it saw.
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(300, 6, generator=g) * 3 + 2, torch.randn(200, 6, generator=g) * 3 + 2
+    w = torch.randn(6, 10, generator=g)
+    train_y, test_y = (train_x @ w).argmax(1), (test_x @ w).argmax(1)
+    seen_x, seen_t = train_x, test_x
+    if standardize:
+        mean, std = train_x.mean(0), train_x.std(0)
+        seen_x, seen_t = (train_x - mean) / std, (test_x - mean) / std
+    top1, top5 = _one_adam_step_accuracy(seen_x, train_y, seen_t, test_y, 1e-3, 10)
+    result = linear_probe(train_x, train_y, test_x, test_y, epochs=1, lr=1e-3, batch_size=300, standardize=standardize)
+    assert result == pytest.approx({"top1": top1, "top5": top5}, abs=1e-6)  # float32 ratios
+    other, _ = _one_adam_step_accuracy(*((train_x, train_y, test_x, test_y) if standardize else
+                                         (seen_x, train_y, (test_x - train_x.mean(0)) / train_x.std(0), test_y)),
+                                       1e-3, 10)
+    assert other != top1  # the two protocols are distinguishable on these features
 
 
 def test_bad_input_raises():
