@@ -106,10 +106,11 @@ def select_metrics(cfg, requested: Iterable[str] | None) -> list[str]:
 # ----------------------------------------------------------------------------- the data
 class EvalData(Protocol):
     """The task's images: split "train" (the FID reference, the probe's training set) and
-    "test" (the held-out split), read by row range at the task's size."""
+    "test" (the held-out split), read by row range at the task's size (`resize`: the shorter
+    side before the centre crop, the probe's Resize(256) + CenterCrop(224); None: the size)."""
 
     def size(self, split: str) -> int: ...
-    def rows(self, split: str, lo: int, hi: int) -> tuple[Tensor, Tensor]: ...
+    def rows(self, split: str, lo: int, hi: int, resize: int | None = None) -> tuple[Tensor, Tensor]: ...
     @property
     def dataset_dir(self) -> Path | None: ...
 
@@ -131,9 +132,11 @@ class InMemoryData:
     def size(self, split: str) -> int:
         return len(self._pair(split)[1])
 
-    def rows(self, split: str, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    def rows(self, split: str, lo: int, hi: int, resize: int | None = None) -> tuple[Tensor, Tensor]:
+        from lzn.data.reader import resize_centre_crop
+
         images, labels = self._pair(split)
-        return images[lo:hi], labels[lo:hi]
+        return resize_centre_crop(images[lo:hi], resize), labels[lo:hi]
 
 
 class ShardData:
@@ -163,8 +166,8 @@ class ShardData:
     def size(self, split: str) -> int:
         return len(self._reader(split))
 
-    def rows(self, split: str, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        return self._reader(split).squared(lo, hi, image_size=self.image_size, channels=self.channels)
+    def rows(self, split: str, lo: int, hi: int, resize: int | None = None) -> tuple[Tensor, Tensor]:
+        return self._reader(split).squared(lo, hi, image_size=self.image_size, channels=self.channels, resize=resize)
 
 
 # ----------------------------------------------------------------------------- the work
@@ -293,7 +296,11 @@ class Evaluator:
             return self._image_set(fake, unit, fid_samples(self.cfg, self.data),
                                    inception_score=has_logits(self.extractor))
         if unit.kind in ("probe_train", "probe_test"):
-            images, labels = self.data.rows(unit.kind.removeprefix("probe_"), unit.lo, unit.hi)
+            # Train and test images alike: Resize(probe_resize) + CenterCrop(image_size), as the
+            # reference's evaluation transform (its probe's train loader, as released, would
+            # feed two augmented views to the backbone and cannot run: lzn.metrics.probe).
+            images, labels = self.data.rows(unit.kind.removeprefix("probe_"), unit.lo, unit.hi,
+                                            resize=ev.probe_resize or None)
             return {"features": model.embed(images, batch_size=bs), "labels": labels}
         if unit.kind == "classify":
             images, labels = self.data.rows("test", unit.lo, unit.hi)
@@ -420,7 +427,7 @@ def train_probe(cfg, store: PartStore, train_units: list[Unit], test_units: list
     ev = cfg.eval
     (xtr, ytr), (xte, yte) = gather(train_units), gather(test_units)
     return metrics.linear_probe(xtr, ytr, xte, yte, epochs=ev.probe_epochs, lr=ev.probe_lr, seed=ev.seed,
-                                batch_size=ev.probe_batch_size)
+                                batch_size=ev.probe_batch_size, standardize=ev.probe_standardize)
 
 
 def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execute: Execute,
