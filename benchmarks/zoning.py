@@ -123,20 +123,32 @@ def _run_child(impl: str, n: int, q: int, repeats: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def round_trip(n: int = 1024, q: int = 64) -> list[dict]:
-    from lzn.solvers import SOLVERS
+def anchor_sets(n: int, q: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Isotropic anchors (random directions) and clustered ones (32 tight clusters, members
+    5% of the norm apart), each at norms 3 and 30."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda t: t / t.norm(dim=1, keepdim=True)
+    iso = unit(torch.randn(n, q, generator=g))
+    centres = unit(torch.randn(32, q, generator=g))[torch.randint(0, 32, (n,), generator=g)]
+    clustered = unit(centres + 0.05 * unit(torch.randn(n, q, generator=g)))
+    return {f"{kind} norm {norm}": base * norm for norm in (3, 30)
+            for kind, base in (("isotropic", iso), ("clustered", clustered))}
+
+
+def round_trip(n: int = 1024, q: int = 64, eps: float = EPS) -> list[dict]:
+    """Share of anchors whose latent (alpha = 1) flows back to them, per solver and steps."""
     from lzn.zoning import assign_zones, compute_latents
 
-    torch.manual_seed(0)
-    anchors, noise = torch.randn(n, q), torch.randn(n, q)
+    noise = torch.randn(n, q, generator=torch.Generator().manual_seed(1))
     rows = []
-    for solver in [s for s in SOLVERS if s != "dpm++"]:
-        row = {"solver": solver}
-        for steps in (10, 20, 40):
-            z = compute_latents(anchors, noise, steps=steps, solver=solver, eps=EPS)
-            back = assign_zones(z, anchors, steps=steps, solver=solver, eps=EPS)
-            row[f"{steps} steps"] = (back == torch.arange(n)).float().mean().item()
-        rows.append(row)
+    for name, anchors in anchor_sets(n, q).items():
+        for solver in ("euler", "dpm++2m", "dpm++3m"):
+            row = {"anchors": name, "solver": solver}
+            for steps in (10, 20, 40):
+                z = compute_latents(anchors, noise, steps=steps, solver=solver, eps=eps)
+                back = assign_zones(z, anchors, steps=steps, solver=solver, eps=eps)
+                row[f"{steps} steps"] = (back == torch.arange(n)).float().mean().item()
+            rows.append(row)
     return rows
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lzn import sampling
 from lzn.objectives import GenerationObjective, JointObjective
+from lzn.objectives.base import state_dtype
 from lzn.zoning import assign_zones, compute_latents
 
 
@@ -68,7 +69,7 @@ class LZNModel:
             anchors = enc(images[s].to(self.device)).float()
             noise = sampling.seeded_normal(seed * 100_003 + first_batch + i, *anchors.shape, device=self.device)
             out.append(compute_latents(anchors, noise, steps=cfg.steps, solver=cfg.solver,
-                                       alpha=alpha, eps=cfg.eps).cpu())
+                                       alpha=alpha, eps=cfg.eps, state_dtype=state_dtype(cfg)).cpu())
         return torch.cat(out)
 
     # ------------------------------------------------------------------ joint (CS3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lzn.objectives.base import LatentConfig, ObjectiveModule, rectified_flow_loss, rf_times
+from lzn.objectives.base import LatentConfig, ObjectiveModule, rectified_flow_loss, rf_times, state_dtype
 from lzn.zoning import compute_latents
 
 
@@ -29,7 +29,7 @@ class GenerationObjective(ObjectiveModule):
         """LZN latents (B, q) of images (B, C, H, W) within their (gathered) batch."""
         c = self.latent
         return compute_latents(self.encoder(images), noise, steps=c.steps, solver=c.solver,
-                               alpha=c.alpha, eps=c.eps, gather=self.gather)
+                               alpha=c.alpha, eps=c.eps, gather=self.gather, state_dtype=state_dtype(c))
 
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         images, rng = batch["images"], batch["rng"]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lzn import distributed as lzn_dist
-from lzn.objectives.base import AlignConfig, LatentConfig, ObjectiveModule, rectified_flow_loss, rf_times
+from lzn.objectives.base import AlignConfig, LatentConfig, ObjectiveModule, rectified_flow_loss, rf_times, state_dtype
 from lzn.zoning import alignment_loss, compute_latents
 
 
@@ -44,12 +44,14 @@ class JointObjective(ObjectiveModule):
         images, labels, rng = batch["images"], batch["labels"], batch["rng"]
         b, c, al = images.shape[0], self.latent, self.align
         z = compute_latents(self.encoder(images), rng.normal(b, c.dim), steps=c.steps,
-                            solver=c.solver, alpha=c.alpha, eps=c.eps, gather=self.gather)
+                            solver=c.solver, alpha=c.alpha, eps=c.eps, gather=self.gather,
+                            state_dtype=state_dtype(c))
         rf = rectified_flow_loss(self.decoder, images, self.condition(z, labels), rf_times(rng, b),
                                  rng.normal(b, *images.shape[1:]))
         align, acc = alignment_loss(
             z, self.labels(), labels, steps=al.steps, solver=al.solver, eps=al.eps,
             cutoff=al.cutoff, log=al.log, weights=global_class_counts(labels, self.num_classes),
+            state_dtype=state_dtype(al),
         )
         loss = rf + al.weight * align
         return loss, {"loss/rf": rf.detach(), "loss/align": align.detach(), "train/align_acc": acc}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lzn.distributed import global_indices
-from lzn.objectives.base import AlignConfig, LatentConfig, ObjectiveModule
+from lzn.objectives.base import AlignConfig, LatentConfig, ObjectiveModule, state_dtype
 from lzn.zoning import alignment_loss, compute_latents
 
 
@@ -24,10 +24,10 @@ class RepresentationObjective(ObjectiveModule):
     def _one_way(self, a_from: Tensor, a_to: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         c, al = self.latent, self.align
         z = compute_latents(a_from, noise, steps=c.steps, solver=c.solver, alpha=c.alpha,
-                            eps=c.eps, gather=self.gather)
+                            eps=c.eps, gather=self.gather, state_dtype=state_dtype(c))
         targets = global_indices(a_from.shape[0], device=a_from.device)
         return alignment_loss(z, a_to, targets, steps=al.steps, solver=al.solver, eps=al.eps,
-                              cutoff=al.cutoff, log=al.log, gather=self.gather)
+                              cutoff=al.cutoff, log=al.log, gather=self.gather, state_dtype=state_dtype(al))
 
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         v1, v2 = batch["views"]
