@@ -97,6 +97,17 @@ def _module_device(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def merge_in_order(parts: Iterable, what: str):
+    """Left fold of `.merge` over `parts` in the order given (the caller fixes it: shard order),
+    so one sharding of a set always merges to the same numbers."""
+    merged = None
+    for part in parts:
+        merged = part if merged is None else merged.merge(part)
+    if merged is None:
+        raise ValueError(f"no {what} to merge")
+    return merged
+
+
 @dataclass(frozen=True)
 class FeatureMoments:
     """Sufficient statistics of a part of an image set: count, mean (d,) and the centred sum
@@ -122,13 +133,7 @@ class FeatureMoments:
 
     @classmethod
     def merge_all(cls, parts: Iterable["FeatureMoments"]) -> "FeatureMoments":
-        """Left fold over `parts` in the order given (the caller fixes it: shard order)."""
-        merged = None
-        for part in parts:
-            merged = part if merged is None else merged.merge(part)
-        if merged is None:
-            raise ValueError("no feature moments to merge")
-        return merged
+        return merge_in_order(parts, "feature moments")
 
     def stats(self) -> FeatureStats:
         """Mean and unbiased covariance (divides by N - 1, as torchmetrics and pytorch-fid)."""

@@ -19,7 +19,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from lzn.metrics.fid import FeatureMoments, Images, MomentAccumulator, extract_batches, extractor_name, frechet_distance
+from lzn.metrics.fid import (FeatureMoments, Images, MomentAccumulator, extract_batches, extractor_name,
+                             frechet_distance, merge_in_order)
 from lzn.metrics.inception_score import IS_SPLITS, ScoreSums, score_sums
 from lzn.metrics.kid import KID_SUBSET_SIZE, kernel_inception_distance
 from lzn.metrics.precision_recall import precision_recall
@@ -56,13 +57,7 @@ class ImageSetPart:
 
     @classmethod
     def merge_all(cls, parts: Iterable["ImageSetPart"]) -> "ImageSetPart":
-        """Left fold over `parts` in the order given (the caller fixes it: shard order)."""
-        merged = None
-        for part in parts:
-            merged = part if merged is None else merged.merge(part)
-        if merged is None:
-            raise ValueError("no image-set parts to merge")
-        return merged
+        return merge_in_order(parts, "image-set parts")
 
     def state_dict(self) -> dict:
         return {"moments": self.moments.state_dict(), "subset_index": self.subset_index,
