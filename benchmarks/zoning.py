@@ -95,7 +95,7 @@ def _one(impl: str, n: int, q: int, repeats: int) -> dict:
 
 def _matmul_gflops(n: int, q: int) -> float:
     """torch.mm GFLOP/s on the GEMM shapes lzn.zoning runs: (B, q)(q, c), (B, c)(c, q), (c, B)(B, q)."""
-    from lzn.zoning import _chunk_size
+    from lzn.posterior import chunk_size as _chunk_size
 
     c = _chunk_size(n, n, None)
     shapes = [((n, q), (q, c)), ((n, c), (c, q)), ((c, n), (n, q))]
