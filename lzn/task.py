@@ -195,5 +195,17 @@ def validate_task(cfg: TaskConfig) -> None:
         raise ValueError(f"align.zone_eps must lie in (0, 1), got {cfg.align.zone_eps}")
     if not 0 <= cfg.align.cutoff < 1:
         raise ValueError(f"align.cutoff must lie in [0, 1), got {cfg.align.cutoff}")
+    for what, flow in (("latent", cfg.latent), ("align", cfg.align)):
+        if flow.solver != "euler" and flow.eps >= 0.5:
+            raise ValueError(f"{what}.eps must be < 0.5 with {what}.solver={flow.solver} (its grid runs from eps "
+                             f"to 1 - eps), got {flow.eps}")
+    if cfg.eval.is_splits < 1:
+        raise ValueError(f"eval.is_splits must be >= 1, got {cfg.eval.is_splits}")
+    if cfg.eval.kid_pr_samples != 0 and cfg.eval.kid_pr_samples < 4:
+        raise ValueError("eval.kid_pr_samples must be 0 (no KID or precision/recall) or >= 4 (precision/recall "
+                         f"use each row's 3 nearest neighbours), got {cfg.eval.kid_pr_samples}")
+    if cfg.eval.reconstruction_samples < 0 or cfg.eval.reconstruction_draws < 1:
+        raise ValueError(f"eval.reconstruction_samples must be >= 0 and eval.reconstruction_draws >= 1, got "
+                         f"{cfg.eval.reconstruction_samples} and {cfg.eval.reconstruction_draws}")
     for name, lr in cfg.optim.lr.items():
         positive(f"optim.lr.{name}", lr)

@@ -18,7 +18,7 @@ posteriors alive, and recomputes them in the backward pass instead of storing th
 Public functions:
 - `zone_posterior`: log P(j | x, tau), (B, N).
 - `zone_velocity`: v(x, tau), (B, q).
-- `compute_latents`: flow local anchors (+ eps * alpha * noise) from tau = eps to 1.
+- `compute_latents`: flow local anchors (+ eps * alpha * noise) from tau = eps to the Gaussian.
 - `alignment_loss`: flow latents back through another flow, reward the target zone.
 - `assign_zones`: index of the anchor each latent flows back to.
 
@@ -108,9 +108,11 @@ def _check_eps(eps: float) -> float:
     return eps
 
 
-def _check_solver(solver: str) -> str:
+def _check_solver(solver: str, eps: float) -> str:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
+    if solver != "euler" and eps >= 0.5:
+        raise ValueError(f"eps must be < 0.5 for {solver}, whose grid runs from eps to 1 - eps; got {eps}")
     return solver
 
 
@@ -288,7 +290,7 @@ def compute_latents(
         raise ValueError(
             f"noise must have one row per anchor: anchors {tuple(anchors.shape)}, noise {tuple(noise.shape)}"
         )
-    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
+    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver, eps)
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     if flow_anchors is not None:
@@ -339,7 +341,7 @@ def alignment_loss(
     """
     _check_matrix("anchors", anchors)
     _check_matrix("latents", latents, anchors.shape[1])
-    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
+    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver, eps)
     if not 0.0 <= cutoff < 1.0:
         raise ValueError(f"cutoff must lie in [0, 1), got {cutoff}")
     gather = gather or _identity
@@ -394,7 +396,7 @@ def assign_zones(
     anchor, as the reference's label assignment)."""
     _check_matrix("anchors", anchors)
     _check_matrix("latents", latents, anchors.shape[1])
-    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver)
+    steps, eps, solver = _check_steps(steps), _check_eps(eps), _check_solver(solver, eps)
     everyone = (gather or _identity)(anchors)
     _check_matrix("gather(anchors)", everyone, anchors.shape[1])
     n = everyone.shape[0]

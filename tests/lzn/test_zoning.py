@@ -314,6 +314,7 @@ def _ok():
         (lambda a, e: compute_latents(a, e, steps=0), "steps"),
         (lambda a, e: compute_latents(a, e, steps=5, eps=0.0), "eps"),
         (lambda a, e: compute_latents(a, e, steps=5, solver="rk4"), "solver"),
+        (lambda a, e: compute_latents(a, e, steps=5, solver="dpm++", eps=0.5), "eps"),
         (lambda a, e: compute_latents(a, e, steps=5, weights=torch.zeros(4)), "weights"),
         (lambda a, e: compute_latents(a, e, steps=5, weights=-torch.ones(4)), "weights"),
         (lambda a, e: compute_latents(a, e, steps=5, weights=torch.ones(3)), "weights"),

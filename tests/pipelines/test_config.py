@@ -79,3 +79,18 @@ def test_unknown_registry_names_fail_validation():
                             ("objective=gan", "objective"), ("data.augment=mixup", "data.augment")]:
         with pytest.raises(ValueError, match=match):
             validate_task(load("task=gen_digits", override))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("latent.eps=0.5", "latent.eps"),               # DPM-Solver++'s grid g -> 1 - g would collapse
+    ("eval.is_splits=0", "eval.is_splits"),
+    ("eval.kid_pr_samples=3", "eval.kid_pr_samples"),
+    ("eval.reconstruction_draws=0", "eval.reconstruction_draws"),
+    ("eval.reconstruction_samples=-1", "eval.reconstruction_samples"),
+])
+def test_evaluation_and_solver_ranges_fail_validation(override, match):
+    """Settings that would only fail after training, or after every sample is generated."""
+    with pytest.raises(ValueError, match=match):
+        validate_task(load("task=gen_digits", override))
+    validate_task(load("task=gen_digits", "latent.solver=euler", "latent.eps=0.5") if override == "latent.eps=0.5"
+                  else load("task=gen_digits"))
