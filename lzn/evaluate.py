@@ -35,8 +35,6 @@ same definition and still "confident and diverse" classes of generated digits.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,8 +47,9 @@ from lzn import metrics
 from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
 from lzn.inference import LZNModel, balanced_labels
-from lzn.metrics.fid import extractor_name, has_logits
+from lzn.metrics.fid import has_logits
 from lzn.metrics.image_set import ImageSetPart, feature_subset
+from lzn.reference_cache import ReferenceCache
 
 METRICS = ("fid", "linear_probe", "classification", "conditional", "reconstruction")
 DEFAULT_CHUNK = 10_000  # samples per unit (rounded up to whole inference batches)
@@ -354,63 +353,6 @@ class PartStore:
             raise ValueError(f"{self.path(unit)} holds unit {saved.get('unit')}, not {asdict(unit)}: "
                              "delete the parts folder to recompute it")
         return saved["part"]
-
-
-# ------------------------------------------------------------------ the reference cache
-def manifest_checksum(dataset_dir: str | Path) -> str:
-    """SHA-256 of a prepared dataset's manifest, without its creation time: the same data
-    prepared again keeps its checksum, any change to the shards changes it."""
-    from lzn.data.shards import read_manifest
-
-    manifest = {k: v for k, v in read_manifest(Path(dataset_dir)).items() if k != "created"}
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (names, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
-
-
-class ReferenceCache:
-    """The train split's `ImageSetPart` (feature moments, and the features of its KID and
-    precision/recall subset of `subset` rows), in <dataset>/fid_stats/:
-    <extractor>-<weights digest>-<size>x<size>x<channels>-pr<subset>-<manifest checksum>.pt.
-    A changed manifest (the data was prepared again differently) gets a new file; the
-    statistics of older manifests (same extractor weights, size and subset) are removed when
-    it is written. A folder that cannot be written (read-only shared storage) only costs the cache."""
-
-    def __init__(self, dataset_dir: str | Path, extractor: nn.Module, *, image_size: int, channels: int,
-                 subset: int):
-        self.folder = Path(dataset_dir) / "fid_stats"
-        self.prefix = (f"{extractor_name(extractor)}-{weights_digest(extractor)[:8]}-{image_size}x{image_size}x"
-                       f"{channels}-pr{subset}")
-        self.path = self.folder / f"{self.prefix}-{manifest_checksum(dataset_dir)[:16]}.pt"
-
-    def load(self) -> ImageSetPart | None:
-        if not self.path.is_file():
-            return None
-        try:
-            return ImageSetPart.from_state_dict(torch.load(self.path, map_location="cpu", weights_only=True))
-        except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not trusted
-            print(f"ignoring unreadable FID reference statistics {self.path} ({type(err).__name__}: {err})",
-                  file=sys.stderr)
-            return None
-
-    def save(self, reference: ImageSetPart) -> None:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.path, lambda f: torch.save(reference.state_dict(), f))
-            for stale in self.folder.glob(f"{self.prefix}-*.pt"):
-                if stale != self.path:
-                    stale.unlink(missing_ok=True)
-        except OSError as err:
-            print(f"could not cache the FID reference statistics in {self.folder} ({err}); they will be "
-                  "computed again next time", file=sys.stderr)
 
 
 # -------------------------------------------------------------------------- the reduction

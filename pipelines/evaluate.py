@@ -185,7 +185,7 @@ def extractor_digest(cfg, chosen: list[str]) -> str | None:
 
 def evaluation_key(cfg, chosen: list[str], checkpoint_sha: str) -> str:
     """What an evaluation's result depends on: the weights, the data, the settings, the extractor."""
-    from lzn.evaluate import manifest_checksum
+    from lzn.reference_cache import manifest_checksum
     from orchestration.tracking import flatten_params
 
     settings = {k: v for k, v in flatten_params(dataclasses.asdict(cfg)).items()

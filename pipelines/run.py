@@ -64,7 +64,8 @@ def _training_inputs(cfg: RunConfig) -> dict:
 
 
 def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline:
-    from lzn.evaluate import manifest_checksum, select_metrics
+    from lzn.evaluate import select_metrics
+    from lzn.reference_cache import manifest_checksum
     from lzn.data.shards import MANIFEST
     from orchestration.evaluation import eval_settings
     from pipelines.prepare import prepare

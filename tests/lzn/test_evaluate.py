@@ -1,6 +1,7 @@
 """lzn.evaluate: sharded evaluation gives the numbers of the unsharded one, parts resume,
 the FID reference statistics are cached by manifest and extractor."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from lzn import evaluate as ev
 from lzn.data.prepare import PrepareConfig, prepare_dataset
 from lzn.data.shards import MANIFEST
+from lzn.reference_cache import manifest_checksum
 from lzn.inference import LZNModel
 from lzn.metrics import FeatureMoments, feature_moments, feature_stats
 from lzn.objectives import AlignConfig, LatentConfig
@@ -137,26 +139,29 @@ def test_reference_statistics_are_cached_and_follow_the_manifest(digits, tmp_pat
     assert not [n for n in calls[0] if n.startswith("reference")]
     assert again["eval/fid"] == first["eval/fid"]
     # The dataset is prepared differently (here: a shard's checksum changes): a new key.
+    # A file of the format before the KID/PR subset joined the name is stale too.
+    old_format = stats / re.sub(r"-pr\d+-", "-", cached[0].name)
+    old_format.write_bytes(cached[0].read_bytes())
     manifest = json.loads((digits / MANIFEST).read_text())
-    before = ev.manifest_checksum(digits)
+    before = manifest_checksum(digits)
     manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
     (digits / MANIFEST).write_text(json.dumps(manifest))
     try:
-        assert ev.manifest_checksum(digits) != before
+        assert manifest_checksum(digits) != before
         _, calls = run(cfg, data, tmp_path / "c")
         assert [n for n in calls[0] if n.startswith("reference")]  # recomputed for the new manifest
         now = sorted(stats.glob("digits_cnn-*-8x8x1-*.pt"))
-        assert len(now) == 1 and now != cached  # the stale statistics are gone
+        assert len(now) == 1 and now != cached and not old_format.exists()  # the stale statistics are gone
     finally:
         prepare_dataset("digits", None, digits, PrepareConfig(executor="serial"), progress=False)
 
 
 def test_the_same_data_prepared_again_keeps_its_checksum(digits):
     manifest = json.loads((digits / MANIFEST).read_text())
-    before = ev.manifest_checksum(digits)
+    before = manifest_checksum(digits)
     manifest["created"] = "1999-01-01T00:00:00+0000"
     (digits / MANIFEST).write_text(json.dumps(manifest))
-    assert ev.manifest_checksum(digits) == before
+    assert manifest_checksum(digits) == before
 
 
 def test_metrics_are_checked_against_the_objective(digits):
