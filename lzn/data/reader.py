@@ -160,14 +160,18 @@ class ShardDataset(Dataset):
         return self._pixels(indices)[:2]
 
     def _pixels(self, indices) -> tuple[list[np.ndarray], np.ndarray, bool]:
-        for i in indices:
-            self._check(i)
-        idx = np.asarray(indices, np.int64)
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        bad = idx[(idx < 0) | (idx >= self.length)]
+        if bad.size:
+            self._check(int(bad[0]))
         groups = np.searchsorted(self.starts_array, idx, side="right") - 1
+        # One stable sort by row group: each group is read once, in file order, whatever the
+        # order of `indices` (a random subset touches many groups; a range, a few).
+        order = np.argsort(groups, kind="stable")
+        present, first = np.unique(groups[order], return_index=True)
         pixels, labels = [None] * len(idx), np.empty(len(idx), np.int64)
         all_raw = True
-        for g in np.unique(groups):
-            at = np.nonzero(groups == g)[0]
+        for g, at in zip(present, np.split(order, first[1:])):
             group, rows = self._group(int(g)), idx[at] - self.starts[g]
             labels[at] = group.labels[rows]
             all_raw &= group.array is not None
@@ -193,7 +197,12 @@ class ShardDataset(Dataset):
         """Rows [lo, hi) as images (n, channels, image_size, image_size) float32 in [-1, 1]
         (shorter side resized to `resize`, default image_size, centre-cropped, channels
         matched) and labels (n,)."""
-        pixels, labels = self.pixels(range(lo, hi))
+        return self.squared_at(range(lo, hi), image_size=image_size, channels=channels, resize=resize)
+
+    def squared_at(self, indices, *, image_size: int, channels: int,
+                   resize: int | None = None) -> tuple[Tensor, Tensor]:
+        """`squared` of rows `indices` (n,), in that order; each row group is read once."""
+        pixels, labels = self.pixels(indices)
         squared = [match_channels(square_pixels(p, image_size, resize), channels) for p in pixels]
         stacked = np.stack(squared) if squared else np.zeros((0, image_size, image_size, channels), np.uint8)
         return to_float(stacked, self.pixel_max), torch.from_numpy(labels)
