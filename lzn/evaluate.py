@@ -32,6 +32,12 @@ features are cached with its moments. With the digits CNN (fid_features=digits_c
 same metrics are computed in its feature space, and the Inception Score from its 10 digit
 logits: a digits IS (at most 10), not comparable with Inception IS (at most 1008), but the
 same definition and still "confident and diverse" classes of generated digits.
+
+"reconstruction" is eval/reconstruction_l2 on a seeded random subset of the training split
+(`reconstruction_rows`: shards keep the source's order, class-sorted for image folders, so
+the first rows could be one class), and with eval.fid_euler10 eval/reconstruction_l2_euler10
+of the same images and latent draws with Euler in 10 steps, as the reference runs its
+metric for each evaluation sampler.
 """
 from __future__ import annotations
 
@@ -54,13 +60,14 @@ from lzn.reference_cache import ReferenceCache
 METRICS = ("fid", "linear_probe", "classification", "conditional", "reconstruction")
 DEFAULT_CHUNK = 10_000  # samples per unit (rounded up to whole inference batches)
 MAX_DRAWS = 1000  # reconstruction draws per image: draw d of seed s uses latent seed s * MAX_DRAWS + d
+RECONSTRUCTION_SEED = 0  # of the reconstructed subset: the reference's StatefulSampler(seed=0)
 
 
 # metrics.json key -> the metric that computes it
 IMAGE_SET_KEYS = ("fid", "is", "kid", "precision", "recall")  # eval/<name> and eval/<name>_euler10
 METRIC_OF_KEY = {"eval/linear_probe_top1": "linear_probe", "eval/linear_probe_top5": "linear_probe",
                  "eval/classification_accuracy": "classification", "eval/conditional_accuracy": "conditional",
-                 "eval/reconstruction_l2": "reconstruction",
+                 "eval/reconstruction_l2": "reconstruction", "eval/reconstruction_l2_euler10": "reconstruction",
                  **{f"eval/{k}{s}": "fid" for k in IMAGE_SET_KEYS for s in ("", "_euler10")}}
 
 
@@ -106,10 +113,12 @@ def select_metrics(cfg, requested: Iterable[str] | None) -> list[str]:
 class EvalData(Protocol):
     """The task's images: split "train" (the FID reference, the probe's training set) and
     "test" (the held-out split), read by row range at the task's size (`resize`: the shorter
-    side before the centre crop, the probe's Resize(256) + CenterCrop(224); None: the size)."""
+    side before the centre crop, the probe's Resize(256) + CenterCrop(224); None: the size),
+    or by row index (`rows_at`: indices (n,), rows returned in that order)."""
 
     def size(self, split: str) -> int: ...
     def rows(self, split: str, lo: int, hi: int, resize: int | None = None) -> tuple[Tensor, Tensor]: ...
+    def rows_at(self, split: str, indices: Tensor, resize: int | None = None) -> tuple[Tensor, Tensor]: ...
     @property
     def dataset_dir(self) -> Path | None: ...
 
@@ -136,6 +145,13 @@ class InMemoryData:
 
         images, labels = self._pair(split)
         return resize_centre_crop(images[lo:hi], resize), labels[lo:hi]
+
+    def rows_at(self, split: str, indices: Tensor, resize: int | None = None) -> tuple[Tensor, Tensor]:
+        from lzn.data.reader import resize_centre_crop
+
+        images, labels = self._pair(split)
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return resize_centre_crop(images[indices], resize), labels[indices]
 
 
 class ShardData:
@@ -168,13 +184,19 @@ class ShardData:
     def rows(self, split: str, lo: int, hi: int, resize: int | None = None) -> tuple[Tensor, Tensor]:
         return self._reader(split).squared(lo, hi, image_size=self.image_size, channels=self.channels, resize=resize)
 
+    def rows_at(self, split: str, indices: Tensor, resize: int | None = None) -> tuple[Tensor, Tensor]:
+        # Grouped by row group in the reader: each group the indices touch is read once.
+        return self._reader(split).squared_at(torch.as_tensor(indices, dtype=torch.long).numpy(),
+                                              image_size=self.image_size, channels=self.channels, resize=resize)
+
 
 # ----------------------------------------------------------------------------- the work
 @dataclass(frozen=True)
 class Unit:
     """One shard of an evaluation: `kind` over samples or rows [lo, hi)."""
 
-    kind: str  # reference | samples | samples_euler10 | probe_train | probe_test | classify | conditional | reconstruct
+    kind: str  # reference | samples | samples_euler10 | probe_train | probe_test | classify | conditional
+    #            | reconstruct | reconstruct_euler10
     index: int
     lo: int
     hi: int
@@ -200,7 +222,7 @@ def fid_samples(cfg, data: EvalData) -> int:
 
 
 def reconstruction_samples(cfg, data: EvalData) -> int:
-    """The training images reconstructed: the first eval.reconstruction_samples (0: all)."""
+    """How many training images are reconstructed: eval.reconstruction_samples (0: all)."""
     n, have = cfg.eval.reconstruction_samples, data.size("train")
     if n < 0 or not 1 <= cfg.eval.reconstruction_draws <= MAX_DRAWS:
         raise ValueError(f"eval.reconstruction_samples must be >= 0 and eval.reconstruction_draws in [1, {MAX_DRAWS}], "
@@ -208,12 +230,24 @@ def reconstruction_samples(cfg, data: EvalData) -> int:
     return min(n, have) if n else have
 
 
+def reconstruction_rows(cfg, data: EvalData) -> Tensor:
+    """The training rows reconstructed, (n,) int64: the first n of the permutation
+    torch.randperm(size, generator seeded RECONSTRUCTION_SEED), in that order: the rows and
+    order of the batch the reference's StatefulSampler(seed=0) gives one process
+    (lzn/data/sampler.py, epoch 0; its world_size processes share the first ~n of it)."""
+    generator = torch.Generator().manual_seed(RECONSTRUCTION_SEED)
+    return torch.randperm(data.size("train"), generator=generator)[:reconstruction_samples(cfg, data)]
+
+
 def reconstruction_units(cfg, data: EvalData, chunk: int) -> list[Unit]:
-    """Draw d of row range [lo, hi) is the unit over [d n + lo, d n + hi) of the draws x rows."""
+    """Draw d of subset positions [lo, hi) (of `reconstruction_rows`) is the unit over
+    [d n + lo, d n + hi) of the draws x rows; with eval.fid_euler10 the same units again, of
+    kind reconstruct_euler10."""
     n, units = reconstruction_samples(cfg, data), []
-    for d in range(cfg.eval.reconstruction_draws):
-        for lo in range(0, n, chunk):
-            units.append(Unit("reconstruct", len(units), d * n + lo, d * n + min(lo + chunk, n)))
+    for kind in ("reconstruct", "reconstruct_euler10") if cfg.eval.fid_euler10 else ("reconstruct",):
+        ranges = [(d * n + lo, d * n + min(lo + chunk, n))
+                  for d in range(cfg.eval.reconstruction_draws) for lo in range(0, n, chunk)]
+        units += [Unit(kind, i, lo, hi) for i, (lo, hi) in enumerate(ranges)]
     return units
 
 
@@ -260,7 +294,7 @@ class Evaluator:
 
     def __init__(self, cfg, model: LZNModel, data: EvalData, *, cache_dir: str | Path):
         self.cfg, self.model, self.data, self.cache_dir = cfg, model, data, Path(cache_dir)
-        self._extractor, self._classifier = None, None
+        self._extractor, self._classifier, self._reconstruction_rows = None, None, None
 
     @property
     def extractor(self) -> nn.Module:
@@ -312,15 +346,19 @@ class Evaluator:
             images = model.generate(n, labels, first_batch=first, **{**self._sample(), "seed": ev.seed + 1})
             pred = self._classifier(images.to(model.device)).argmax(dim=1).cpu()
             return {"correct": int((pred == labels).sum()), "count": n}
-        if unit.kind == "reconstruct":
+        if unit.kind in ("reconstruct", "reconstruct_euler10"):
             # As the reference (lzn/metric/reconstructions_with_computed_ini_noise.py): training
             # images, each draw a new latent noise (so a new latent in the image's zone), the
             # image ODE inverted from the image with that latent and integrated back; per image
             # the L2 norm over all pixels in [-1, 1], averaged over images and draws.
-            rows = reconstruction_samples(self.cfg, self.data)
-            draw, lo = divmod(unit.lo, rows)
-            images, _ = self.data.rows("train", lo, lo + n)
-            recon = model.reconstruct(images, batch_size=bs, method=ev.sampler, steps=ev.sampler_steps,
+            if self._reconstruction_rows is None:
+                self._reconstruction_rows = reconstruction_rows(self.cfg, self.data)
+            rows = self._reconstruction_rows
+            draw, lo = divmod(unit.lo, len(rows))
+            images, _ = self.data.rows_at("train", rows[lo:lo + n])
+            # The Euler set has the same images and draws (latent seeds): another solver only.
+            method, steps = (ev.sampler, ev.sampler_steps) if unit.kind == "reconstruct" else ("euler", 10)
+            recon = model.reconstruct(images, batch_size=bs, method=method, steps=steps,
                                       first_batch=lo // bs, alpha=ev.alpha, seed=ev.seed * MAX_DRAWS + draw)
             l2 = torch.linalg.vector_norm((recon.double() - images.double()).flatten(1), dim=1).sum()
             return {"l2_sum": float(l2), "count": n}
@@ -428,6 +466,8 @@ def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execut
         out["eval/fid_reference_samples"] = float(reference.moments.num_samples)
     if "reconstruction" in chosen:
         out["eval/reconstruction_l2"] = ratio("reconstruct", "l2_sum")
+        if of("reconstruct_euler10"):
+            out["eval/reconstruction_l2_euler10"] = ratio("reconstruct_euler10", "l2_sum")
     out["eval/inference_batch_size"] = float(ev.batch_size)
     if cfg.objective not in ("rf", "simclr"):
         out["eval/alpha"] = float(cfg.latent.alpha if ev.alpha is None else ev.alpha)

@@ -83,12 +83,13 @@ class EvalConfig:
     # Beside FID, from the same features: Inception Score over `is_splits` groups, KID and
     # precision/recall on a fixed seeded subset of `kid_pr_samples` rows of each set (0: no
     # KID or precision/recall), and the same metrics of an Euler 10-step set (eval/*_euler10),
-    # which the paper logs beside its RK45 FIDs.
+    # which the paper logs beside its RK45 FIDs; also the reconstruction error of Euler in 10
+    # steps (eval/reconstruction_l2_euler10), as the reference runs it for each sampler.
     is_splits: int = 10
     kid_pr_samples: int = 10_000
     fid_euler10: bool = False
-    # Reconstruction error as the reference measures it: the first `reconstruction_samples`
-    # training images (0: all; the reference: 2000 for CIFAR10, 256 at 256 px), each
+    # Reconstruction error as the reference measures it: `reconstruction_samples` training
+    # images of a seed-0 permutation (0: all; the reference: 2000 for CIFAR10, 256 at 256 px), each
     # reconstructed from `reconstruction_draws` latents of independent latent noise.
     reconstruction_samples: int = 2000
     reconstruction_draws: int = 20
