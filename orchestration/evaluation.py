@@ -22,7 +22,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lzn.evaluate import Evaluator, PartStore, ShardData, Unit, evaluate, fid_extractor, load_model, train_probe
+from lzn.eval_data import ShardData
+from lzn.evaluate import Evaluator, PartStore, Unit, evaluate, fid_extractor, load_model, train_probe
 from orchestration.ray_train import RayTrainerConfig, _absolute_paths, _check_cpus, _init_ray
 
 

@@ -239,7 +239,8 @@ def _checkpoint_evaluation(cfg, trainer, device, run_dir: Path, key: str, mode: 
     instead of failing the run, so the scheduler stops the trial rather than Ray retrying it."""
     import math
 
-    from lzn.evaluate import ShardData, evaluate_here, metric_for_key
+    from lzn.eval_data import ShardData
+    from lzn.evaluate import evaluate_here, metric_for_key
     from lzn.inference import LZNModel
     from orchestration.ray_train import tune_key
 
@@ -267,7 +268,8 @@ def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMe
                          metrics: dict) -> None:
     """Add the evaluation to `metrics` (the training summary), write metrics.json and the
     plots, and send it all to MLflow with the final checkpoint and the registered model."""
-    from lzn.evaluate import InMemoryData, evaluate_here
+    from lzn.eval_data import InMemoryData
+    from lzn.evaluate import evaluate_here
     from lzn.inference import LZNModel
     from orchestration.artifacts import loss_curves, sample_grid, write_run_artifacts
 

@@ -218,7 +218,8 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
     """Evaluate `target` as `cfg` says; returns (metrics, the evaluation's folder). An
     evaluation already complete in its folder is not computed again, only recorded where it
     is missing (the run's metrics.json, MLflow)."""
-    from lzn.evaluate import ShardData, evaluate_here, load_model, select_metrics
+    from lzn.eval_data import ShardData
+    from lzn.evaluate import evaluate_here, load_model, select_metrics
     from orchestration.evaluation import eval_settings, evaluate_on_ray
     from pipelines.prepare import ensure_prepared
 

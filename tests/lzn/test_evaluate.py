@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lzn import evaluate as ev
+from lzn.eval_data import InMemoryData, ShardData
 from lzn.data.prepare import PrepareConfig, prepare_dataset
 from lzn.data.reader import ImageSplit, load_training_split
 from lzn.data.shards import MANIFEST
@@ -96,7 +97,7 @@ def test_a_shard_of_generation_is_the_same_slice_of_the_whole(digits):
 
 
 def test_many_shards_give_the_metrics_of_one(digits, tmp_path):
-    data = ev.ShardData(digits, image_size=8, channels=1)
+    data = ShardData(digits, image_size=8, channels=1)
     one, _ = run(joint_cfg(digits), data, tmp_path / "one")
     for cached in (digits / "fid_stats").glob("*.pt"):  # the reference, too, is computed in shards now
         cached.unlink()
@@ -115,7 +116,7 @@ def test_many_shards_give_the_metrics_of_one(digits, tmp_path):
 
 
 def test_an_interrupted_evaluation_resumes_from_its_parts(digits, tmp_path):
-    cfg, data = joint_cfg(digits, chunk_size=16), ev.ShardData(digits, image_size=8, channels=1)
+    cfg, data = joint_cfg(digits, chunk_size=16), ShardData(digits, image_size=8, channels=1)
     first, calls = run(cfg, data, tmp_path / "parts")
     done = sorted((tmp_path / "parts").glob("*.pt"))
     lost = [p for p in done if p.name.startswith(("samples", "classify"))][:2]
@@ -127,7 +128,7 @@ def test_an_interrupted_evaluation_resumes_from_its_parts(digits, tmp_path):
 
 
 def test_reference_statistics_are_cached_and_follow_the_manifest(digits, tmp_path):
-    cfg, data = joint_cfg(digits, chunk_size=512), ev.ShardData(digits, image_size=8, channels=1)
+    cfg, data = joint_cfg(digits, chunk_size=512), ShardData(digits, image_size=8, channels=1)
     stats = digits / "fid_stats"
     for p in stats.glob("*"):
         p.unlink()
@@ -205,7 +206,7 @@ def test_fid_labels_are_balanced_exactly_per_class(digits):
 
 
 def test_image_set_metrics_and_the_euler10_set_are_reported(digits, tmp_path):
-    data = ev.ShardData(digits, image_size=8, channels=1)
+    data = ShardData(digits, image_size=8, channels=1)
     cfg = joint_cfg(digits, fid_euler10=True, kid_pr_samples=30, is_splits=4)
     model = model_of(cfg)
     out = ev.evaluate_here(cfg, model, data, cache_dir=tmp_path / "cache", parts_dir=tmp_path / "a",
@@ -240,7 +241,7 @@ def test_reconstruction_is_the_references_protocol(digits, tmp_path):
     # of a seeded shuffle, `draws` independent latent noises each, per image the L2 norm over
     # all pixels, averaged over the images and the draws.
     cfg = gen_cfg(digits, reconstruction_samples=12, reconstruction_draws=3, chunk_size=8)
-    data, model = ev.ShardData(digits, image_size=8, channels=1), model_of(cfg)
+    data, model = ShardData(digits, image_size=8, channels=1), model_of(cfg)
     units = ev.plan(cfg, ["reconstruction"], data, reference_cached=True)
     assert [(u.lo, u.hi) for u in units] == [(0, 8), (8, 12), (12, 20), (20, 24), (24, 32), (32, 36)]
     rows = seeded_rows(data.size("train"), 12)
@@ -262,8 +263,8 @@ def test_reconstruction_is_the_references_protocol(digits, tmp_path):
 
 
 def test_rows_by_index_are_those_of_the_ranges_in_the_given_order(digits):
-    shards = ev.ShardData(digits, image_size=8, channels=1)
-    memory = ev.InMemoryData(load_training_split(digits, image_size=8, channels=1))
+    shards = ShardData(digits, image_size=8, channels=1)
+    memory = InMemoryData(load_training_split(digits, image_size=8, channels=1))
     indices = torch.tensor([1200, 3, 3, 640, 0, 1256, 17])  # unsorted, repeated, across row groups
     expected = [shards.rows("train", i, i + 1) for i in indices.tolist()]
     for data in (shards, memory):
@@ -275,11 +276,11 @@ def test_rows_by_index_are_those_of_the_ranges_in_the_given_order(digits):
         shards.rows_at("train", torch.tensor([5, 1257]))
 
 
-def sorted_by_label(digits: Path) -> ev.InMemoryData:
+def sorted_by_label(digits: Path) -> InMemoryData:
     """The digits training split in class order, as an image folder's shards keep it."""
     split = load_training_split(digits, image_size=8, channels=1)
     order = torch.argsort(split.train_labels, stable=True)
-    return ev.InMemoryData(ImageSplit(split.train_images[order], split.train_labels[order],
+    return InMemoryData(ImageSplit(split.train_images[order], split.train_labels[order],
                                       split.test_images, split.test_labels))
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lzn import evaluate as ev
+from lzn.eval_data import InMemoryData, ShardData
 from lzn.data.prepare import PrepareConfig, prepare_dataset
 from lzn.objectives import AlignConfig, LatentConfig
 from lzn.task import DataConfig, EvalConfig, ModelConfig, TaskConfig, validate_task
@@ -52,7 +53,7 @@ def test_probe_images_are_resized_then_centre_cropped(folder, resize):
     from lzn.data.reader import ShardDataset, square_pixels, to_float
 
     cfg = repr_cfg(folder, probe_resize=resize)
-    data = ev.ShardData(folder / "folder", image_size=8, channels=3)
+    data = ShardData(folder / "folder", image_size=8, channels=3)
     evaluator = ev.Evaluator(cfg, PixelModel(), data, cache_dir=folder / "cache")
     for kind, split in (("probe_train", "train"), ("probe_test", "val")):
         part = evaluator.run(ev.Unit(kind, 0, 0, 6))
@@ -70,7 +71,7 @@ def test_in_memory_images_get_the_same_resize(folder):
 
     images = torch.rand(4, 3, 8, 8) * 2 - 1
     split = ImageSplit(images, torch.arange(4), images, torch.arange(4))
-    got, _ = ev.InMemoryData(split).rows("test", 0, 4, resize=12)
+    got, _ = InMemoryData(split).rows("test", 0, 4, resize=12)
     torch.testing.assert_close(got, resize_centre_crop(images, 12))
     assert not torch.allclose(got, images)
 
