@@ -334,12 +334,16 @@ def test_bad_input_names_the_argument(call, match):
 
 
 def test_flow_anchors_give_latents_inside_a_label_zone():
-    """Latents of label anchors picked per sample, in the flow of all labels, flow back to them."""
-    labels_anchors = torch.randn(10, 6, **F64) * 3
+    """Latents of label anchors picked per sample, in the flow of all labels, flow back to them.
+
+    alpha = 0.5 keeps the latents off the zone borders, where a 40-step round trip can land in
+    the neighbour (alpha = 1: 9 of 200 seeds miss one of 6; alpha = 0.5: none)."""
+    g = torch.Generator().manual_seed(9)
+    labels_anchors = torch.randn(10, 6, generator=g, **F64) * 3
     picks = torch.tensor([3, 3, 7, 0, 9, 3])
-    z = compute_latents(labels_anchors[picks], torch.randn(6, 6, **F64), steps=40, solver="dpm++",
-                        flow_anchors=labels_anchors)
-    assert torch.equal(assign_zones(z, labels_anchors, steps=40, solver="dpm++"), picks)
+    z = compute_latents(labels_anchors[picks], torch.randn(6, 6, generator=g, **F64), steps=40, solver="dpm++2m",
+                        alpha=0.5, flow_anchors=labels_anchors)
+    assert torch.equal(assign_zones(z, labels_anchors, steps=40, solver="dpm++2m"), picks)
     with pytest.raises(ValueError, match="flow_anchors"):
         compute_latents(labels_anchors[picks], torch.randn(6, 6, **F64), steps=4,
                         flow_anchors=labels_anchors, gather=lambda t: t)
