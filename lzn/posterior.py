@@ -66,14 +66,14 @@ class _PosteriorMean(torch.autograd.Function):
         m = acc.div_(run_sum.unsqueeze(1))
         lse = run_max.add_(torch.log(run_sum))
         log_p = target_logit - lse if targets is not None else x.new_empty(0)
-        ctx.save_for_backward(x, anchors, bias, m, lse, targets if targets is not None else x.new_empty(0))
+        ctx.save_for_backward(x, anchors, bias, lse, targets if targets is not None else x.new_empty(0))
         ctx.scale, ctx.chunk, ctx.has_targets = scale, chunk, targets is not None
         ctx.set_materialize_grads(False)  # unused outputs pass None: skip their work
         return m, lse, log_p
 
     @staticmethod
     def backward(ctx, grad_m, grad_lse, grad_logp):
-        x, anchors, bias, m, lse, targets = ctx.saved_tensors
+        x, anchors, bias, lse, targets = ctx.saved_tensors
         scale, chunk = ctx.scale, ctx.chunk
         if not ctx.has_targets:
             grad_logp = None
