@@ -72,7 +72,7 @@ def _step_ms(m: dict) -> float:
 
 
 def main(quick: bool = False) -> None:
-    from orchestration.mlflow_server import local_server, stop_local_server
+    from orchestration.mlflow.server import local_server, stop_local_server
 
     iterations = 30 if quick else 200
     runs = [(backend, log_every) for log_every in (50, 1) for backend in ("local", "torchrun", "ray")]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from orchestration.sweep import LEADERBOARD_RUN_ID
+from orchestration.ray.tune import LEADERBOARD_RUN_ID
 
 SWEEP_TAG = "lzn.sweep"
 STATUS_TAG = "lzn.sweep.status"

@@ -16,8 +16,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from orchestration.mlflow_server import running_server
-from orchestration.tracking import TrackingConfig, resolve_tracking_uri
+from orchestration.mlflow.server import running_server
+from orchestration.mlflow.tracker import TrackingConfig, resolve_tracking_uri
 
 
 def store_uri(output_dir: str | Path = "outputs") -> str:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(args.output_dir, "mlflow").resolve()
     if not os.environ.get("MLFLOW_TRACKING_URI") and running_server(state):
         print(f"The server keeps running in the background; stop it with: "
-              f"{sys.executable} -m orchestration.tracking stop --dir {state}")
+              f"{sys.executable} -m orchestration.mlflow.tracker stop --dir {state}")
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 
 from lzn.atomic import write_atomically
 
+CHECKPOINT_DIR = "checkpoints"  # a run folder's checkpoint store (lzn.trainer.FolderCheckpoints)
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lzn import distributed as lzn_dist
-from lzn.checkpoint import CheckpointStore, FolderCheckpoints, rng_state, set_rng_state
+from lzn.checkpoint import CHECKPOINT_DIR, CheckpointStore, FolderCheckpoints, rng_state, set_rng_state
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Trainer:
         self.objective, self.optim_cfg, self.cfg = objective, optim, train
         self.batches = batches
         self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         # Ray Train hands checkpoints to its own storage; torchrun and plain runs use a folder.
         self.checkpoints = checkpoints or FolderCheckpoints(self.ckpt_dir, train.keep_checkpoints)
         self.callbacks = list(callbacks)

@@ -1,7 +1,8 @@
-"""Running `lzn` on engines: one training run on one rank for every launcher
-(`training`), the Ray Train backend (`ray_train`), MLflow tracking with a local server
-(`tracking`, `mlflow_server`), run plots (`artifacts`) and the data stage on Ray (`data`);
-Ray Tune sweeps, submitit/Slurm and Ray Jobs arrive with their issues. Imports `lzn`, ray,
-mlflow and submitit; never Hydra (configs arrive here as the typed dataclasses that `lzn`
-and this package define).
+"""Running `lzn` on engines. What one run is lives at the top: `run` (the run schema, its
+metadata, `train_and_evaluate`: one run on one rank for every launcher), `folder` (the run
+folder's layout), `reporting` (what a run reports to its scheduler) and `plots`. One
+subpackage per engine sits on them: `mlflow` (tracking, the local server, the pending file),
+`ray` (cluster start-up, Train, Tune sweeps, Data, evaluation actors, Jobs) and `slurm`
+(settings and preflight, submission, the job inside the allocation). Imports `lzn`, ray,
+mlflow and submitit; never Hydra (configs arrive here as typed dataclasses).
 """

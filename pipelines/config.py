@@ -9,8 +9,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lzn.task import TaskConfig
-from orchestration.ray_train import RayTrainerConfig
-from orchestration.tracking import TrackingConfig
+from orchestration.ray.train import RayTrainerConfig
+from orchestration.mlflow.tracker import TrackingConfig
 
 BACKENDS = ("local", "ray")
 

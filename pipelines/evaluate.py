@@ -30,6 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lzn.data.shards import sha256_file
+from orchestration.folder import CONFIG_FILE, METRICS, RunFolder, checkpoint_step, write_json
 from pipelines.config import BACKENDS, RunConfig, register, to_run_config
 
 register()
@@ -61,37 +62,16 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
 
-def _latest_in(run_dir: Path) -> Path | None:
-    from lzn.checkpoint import list_checkpoints
-
-    found = list_checkpoints(run_dir / "checkpoints")
-    found += [(_step_of(p), p) for p in (run_dir / "ray").glob("ckpt-*/ckpt.pt")]
-    return max(found)[1] if found else None
-
-
-def _step_of(path: Path) -> int:
-    """The step in a checkpoint's name (ckpt-<step>.pt, or ckpt-<step>/ckpt.pt); -1 if none."""
-    m = re.search(r"ckpt-(\d+)", f"{path.parent.name}/{path.name}")
-    return int(m.group(1)) if m else -1
-
-
-def _run_folder_of(checkpoint: Path) -> Path | None:
-    for folder in list(checkpoint.parents)[:3]:
-        if (folder / ".hydra" / "config.yaml").is_file() or (folder / "mlflow_run.json").is_file():
-            return folder
-    return None
-
-
 def _from_folder(run_dir: Path, checkpoint: Path | None = None) -> Target:
-    checkpoint = checkpoint or _latest_in(run_dir)
+    folder = RunFolder(run_dir)
+    checkpoint = checkpoint or folder.latest_checkpoint()
     if checkpoint is None:
         raise ValueError(f"checkpoint={run_dir} is a folder without checkpoints (checkpoints/ckpt-*.pt or "
                          "ray/ckpt-*/ckpt.pt)")
     target = Target(checkpoint.resolve(), run_dir=run_dir.resolve())
-    if (run_dir / "mlflow_run.json").is_file():
-        target.run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    if (run_dir / ".hydra" / "config.yaml").is_file():
-        target.train_config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    target.run_id = folder.mlflow_run_id()
+    if folder.hydra_config.is_file():
+        target.train_config = OmegaConf.to_container(OmegaConf.load(folder.hydra_config))
     return target
 
 
@@ -101,7 +81,7 @@ def _from_mlflow(run_id: str, uri: str, cache: Path) -> Target:
 
     run = MlflowClient(uri).get_run(run_id)
     local = run.data.tags.get("lzn.run_dir")
-    if local and Path(local).is_dir() and _latest_in(Path(local)) is not None:
+    if local and Path(local).is_dir() and RunFolder(local).latest_checkpoint() is not None:
         target = _from_folder(Path(local))
         target.run_id = run_id
         return target
@@ -109,11 +89,11 @@ def _from_mlflow(run_id: str, uri: str, cache: Path) -> Target:
     dst.mkdir(parents=True, exist_ok=True)
     folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dst),
                                                       tracking_uri=uri))
-    files = sorted(folder.rglob("*.pt") if folder.is_dir() else [folder], key=_step_of)
+    files = sorted(folder.rglob("*.pt") if folder.is_dir() else [folder], key=checkpoint_step)
     if not files:
         raise ValueError(f"MLflow run {run_id} on {uri} logged no checkpoint (artifact checkpoint/)")
     target = Target(files[-1], run_id=run_id)
-    config = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml", dst_path=str(dst),
+    config = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONFIG_FILE, dst_path=str(dst),
                                                       tracking_uri=uri))
     target.train_config = OmegaConf.to_container(OmegaConf.load(config))
     target.notes.append(f"checkpoint and config of MLflow run {run_id} downloaded to {dst}")
@@ -128,10 +108,10 @@ def resolve_target(arg: str | None, cfg: EvalRun) -> Target:
     if path.is_dir():
         return _from_folder(path)
     if path.is_file():
-        run_dir = _run_folder_of(path.resolve())
-        return _from_folder(run_dir, path) if run_dir else Target(path.resolve())
+        run_folder = RunFolder.of_checkpoint(path.resolve())
+        return _from_folder(run_folder.path, path) if run_folder else Target(path.resolve())
     if re.fullmatch(r"[0-9a-f]{32}", arg):
-        from orchestration.tracking import resolve_tracking_uri
+        from orchestration.mlflow.tracker import resolve_tracking_uri
 
         if not cfg.tracking.enabled:
             raise ValueError(f"checkpoint={arg} looks like an MLflow run id, but tracking.enabled=false")
@@ -154,7 +134,7 @@ def with_training_config(dcfg: DictConfig, target: Target) -> EvalRun:
                          f"task={cli.name!r}: pass task={trained['name']}")
     merged = OmegaConf.merge(dcfg, trained)
     cfg = to_run_config(merged)
-    from orchestration.tracking import flatten_params
+    from orchestration.mlflow.tracker import flatten_params
 
     before, after = flatten_params(dataclasses.asdict(cli)), flatten_params(dataclasses.asdict(cfg))
     changed = [f"{k}={after[k]} (command line: {before.get(k)})" for k in sorted(after) if before.get(k) != after[k]]
@@ -186,7 +166,7 @@ def extractor_digest(cfg, chosen: list[str]) -> str | None:
 def evaluation_key(cfg, chosen: list[str], checkpoint_sha: str) -> str:
     """What an evaluation's result depends on: the weights, the data, the settings, the extractor."""
     from lzn.reference_cache import manifest_checksum
-    from orchestration.tracking import flatten_params
+    from orchestration.mlflow.tracker import flatten_params
 
     settings = {k: v for k, v in flatten_params(dataclasses.asdict(cfg)).items()
                 if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESULT_KEYS)
@@ -204,13 +184,13 @@ def _device(name: str):
 
 def _plots(cfg, model, data, target: Target, folder: Path) -> list[Path]:
     from lzn.data.reader import ImageSplit
-    from orchestration.artifacts import write_run_artifacts
-    from orchestration.training import JsonlLogger
+    from orchestration.plots import write_run_artifacts
+    from orchestration.run import JsonlLogger
 
     n = min(cfg.eval.batch_size, data.size("test"))
     test_images, test_labels = data.rows("test", 0, n)
     split = ImageSplit(test_images[:0], test_labels[:0], test_images, test_labels)
-    rows = JsonlLogger(target.run_dir / "train_metrics.jsonl").rows() if target.run_dir else []
+    rows = JsonlLogger(RunFolder(target.run_dir).train_log).rows() if target.run_dir else []
     return write_run_artifacts(cfg, model, split, rows, folder)
 
 
@@ -220,7 +200,7 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
     is missing (the run's metrics.json, MLflow)."""
     from lzn.eval_data import ShardData
     from lzn.evaluate import evaluate_here, load_model, select_metrics
-    from orchestration.evaluation import eval_settings, evaluate_on_ray
+    from orchestration.ray.evaluate import eval_settings, evaluate_on_ray
     from pipelines.prepare import ensure_prepared
 
     if cfg.backend not in BACKENDS:
@@ -231,10 +211,10 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
     model, target.step = load_model(cfg, target.checkpoint, device)
     sha = sha256_file(target.checkpoint)
     key = evaluation_key(cfg, chosen, sha)
-    base = target.run_dir / "eval" if target.run_dir else Path(cfg.output_dir) / cfg.name / "eval"
-    folder = base / f"step-{target.step}-{key[:12]}"
+    run_folder = RunFolder(target.run_dir if target.run_dir else Path(cfg.output_dir) / cfg.name)
+    folder = run_folder.eval_dir(target.step, key[:12])
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / ".complete").is_file() and (folder / "metrics.json").is_file():
+    if (folder / ".complete").is_file() and (folder / METRICS).is_file():
         print(f"{folder} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
     else:
         cache_dir = Path(cfg.output_dir) / ".cache"
@@ -250,9 +230,9 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
         (folder / "settings.json").write_text(json.dumps(
             {**eval_settings(cfg, chosen), "checkpoint": str(target.checkpoint), "checkpoint_sha256": sha},
             indent=2, default=str) + "\n")
-        (folder / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_json(folder / METRICS, result)
         (folder / ".complete").write_text(key + "\n")  # the evaluation is whole; recording follows
-    result = json.loads((folder / "metrics.json").read_text())
+    result = json.loads((folder / METRICS).read_text())
     _record(cfg, target, folder, result, chosen, sha)
     return result, folder
 
@@ -260,22 +240,22 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
 def _record(cfg, target: Target, folder: Path, result: dict, chosen: list[str], sha: str) -> None:
     """Into the run folder's metrics.json (when the checkpoint is the run's latest) and MLflow
     (once: `.logged` remembers it; an unreachable server is tried again on the next call)."""
-    from orchestration.evaluation import eval_settings, log_evaluation
+    from orchestration.ray.evaluate import eval_settings, log_evaluation
 
-    if target.run_dir is not None and _latest_in(target.run_dir.resolve()) == target.checkpoint.resolve():
-        run_metrics = target.run_dir / "metrics.json"
-        merged = json.loads(run_metrics.read_text()) if run_metrics.is_file() else {}
+    run_folder = RunFolder(target.run_dir.resolve()) if target.run_dir is not None else None
+    if run_folder is not None and run_folder.latest_checkpoint() == target.checkpoint.resolve():
+        merged = run_folder.read_metrics() or {}
         merged = {k: v for k, v in merged.items() if not k.startswith("eval/")}
-        run_metrics.write_text(json.dumps({**merged, **result}, indent=2, sort_keys=True) + "\n")
+        run_folder.write_metrics({**merged, **result})
     if not cfg.tracking.enabled or (folder / ".logged").is_file():
         return
-    from orchestration.tracking import resolve_tracking_uri
+    from orchestration.mlflow.tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking, cfg.output_dir)
     logged = log_evaluation(
         uri, experiment=cfg.tracking.experiment or cfg.name, run_id=target.run_id, step=target.step,
         name=folder.name, metrics=result, settings=eval_settings(cfg, chosen),
-        artifacts=[*sorted((folder / "plots").glob("*.png")), folder / "metrics.json"],
+        artifacts=[*sorted((folder / "plots").glob("*.png")), folder / METRICS],
         tags={"lzn.task": cfg.name, "lzn.checkpoint": str(target.checkpoint), "lzn.checkpoint_sha256": sha})
     if logged:
         (folder / ".logged").write_text(json.dumps({"run_id": logged, "uri": uri}) + "\n")

@@ -36,7 +36,7 @@ def _map_fn(data: DataConfig):
     stay in lzn (no Ray)."""
     executor = data.prepare.executor
     if executor in ("auto", "ray"):
-        from orchestration.data import auto_map, ray_map
+        from orchestration.ray.data import auto_map, ray_map
 
         return (auto_map if executor == "auto" else ray_map)(data.prepare.workers)
     return None

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from orchestration.folder import METRICS, RunFolder
+
 # The paper's LZN results (../shared/paper-notes.md, "Headline results"), as metrics.json keys.
 PAPER = {
     "gen_cifar10": {"eval/fid": 2.59, "eval/reconstruction_l2": 0.41},
@@ -34,17 +36,17 @@ def _table(rows: list[tuple], header: tuple) -> list[str]:
 def write_report(task: str, run_dir: Path, eval_dir: Path, *, title: str | None = None) -> Path:
     """Write <run_dir>/report.md from the run's metrics.json and the evaluation in `eval_dir`."""
     run_dir, eval_dir = Path(run_dir), Path(eval_dir)
-    evaluation = json.loads((eval_dir / "metrics.json").read_text())
-    summary_file = run_dir / "metrics.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    folder = RunFolder(run_dir)
+    evaluation = json.loads((eval_dir / METRICS).read_text())
+    summary = folder.read_metrics() or {}
     settings_file = eval_dir / "settings.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     paper = PAPER.get(task, {})
     lines = [f"# {title or task}: {run_dir.name}", "",
              f"Run folder `{run_dir}`; checkpoint `{settings.get('checkpoint', '?')}` "
              f"(step {int(evaluation.get('eval/checkpoint_step', 0))})."]
-    if (run_dir / "mlflow_run.json").is_file():
-        run = json.loads((run_dir / "mlflow_run.json").read_text())
+    run = folder.mlflow_run_record()
+    if run is not None:
         lines.append(f"MLflow run `{run['run_id']}` on {run.get('uri', '?')}.")
     lines += ["", "## Evaluation", ""]
     rows = [(k, v, _value(paper[k]) if k in paper else "") for k, v in sorted(evaluation.items())]
@@ -58,7 +60,7 @@ def write_report(task: str, run_dir: Path, eval_dir: Path, *, title: str | None 
     if train:
         lines += ["", "## Training", ""] + _table(train, ("metric", "value"))
     plots = [(label, p) for name, label in PLOTS.items()
-             for p in [eval_dir / "plots" / name, run_dir / "artifacts" / name] if p.is_file()]
+             for p in [eval_dir / "plots" / name, folder.artifacts / name] if p.is_file()]
     seen, figures = set(), []
     for label, path in plots:
         if label not in seen:

@@ -30,6 +30,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from orchestration.folder import METRICS, RunFolder
 from pipelines.config import RunConfig, to_run_config
 from pipelines.dag import Pipeline, Stage, StageFailed
 from pipelines.evaluate import EvalRun, Target, evaluate_checkpoint, extractor_digest, main_guarded, print_metrics
@@ -55,8 +56,8 @@ def as_run_config(cfg: RunConfig) -> RunConfig:
 
 
 def _training_inputs(cfg: RunConfig) -> dict:
-    from orchestration.mlflow_runs import resumable
-    from orchestration.tracking import flatten_params
+    from orchestration.mlflow.runs import resumable
+    from orchestration.mlflow.tracker import flatten_params
 
     params = flatten_params(dataclasses.asdict(as_run_config(cfg)))
     return {k: v for k, v in params.items()
@@ -67,10 +68,9 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
     from lzn.evaluate import select_metrics
     from lzn.reference_cache import manifest_checksum
     from lzn.data.shards import MANIFEST
-    from orchestration.evaluation import eval_settings
+    from orchestration.ray.evaluate import eval_settings
     from pipelines.prepare import prepare
     from pipelines.report import write_report
-    from pipelines.evaluate import _latest_in
     from pipelines.train import run as train
 
     d = cfg.data
@@ -86,14 +86,13 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
 
     def do_train() -> dict:
         train(as_run_config(cfg), run_dir, train_dcfg, evaluate=False)
-        return {"checkpoint": _latest_in(run_dir)}
+        return {"checkpoint": RunFolder(run_dir).latest_checkpoint()}
 
     def do_evaluate() -> dict:
         target = Target(record_path("train", "checkpoint"), run_dir=run_dir.resolve())
-        if (run_dir / "mlflow_run.json").is_file():
-            target.run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        target.run_id = RunFolder(run_dir).mlflow_run_id()
         metrics, folder = evaluate_checkpoint(cfg, target)
-        return {"metrics": folder / "metrics.json"}
+        return {"metrics": folder / METRICS}
 
     def do_report() -> dict:
         out = write_report(cfg.name, run_dir, record_path("evaluate", "metrics").parent)
@@ -110,19 +109,19 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
               inputs=lambda: {**eval_settings(cfg, select_metrics(cfg, cfg.metrics)),
                               "extractor": extractor_digest(cfg, select_metrics(cfg, cfg.metrics))}),
         Stage("report", do_report, inputs=lambda: {"format": 1}, needs=("train", "evaluate")),
-    ], run_dir / "pipeline")
+    ], RunFolder(run_dir).pipeline)
     return pipeline
 
 
 def _log_report(cfg, run_dir: Path, report: Path) -> None:
-    if not cfg.tracking.enabled or not (run_dir / "mlflow_run.json").is_file():
+    run = RunFolder(run_dir).mlflow_run_record()
+    if not cfg.tracking.enabled or run is None:
         return
     from mlflow import MlflowClient
 
-    from orchestration.mlflow_pending import fail_fast, warn
+    from orchestration.mlflow.pending import fail_fast, warn
 
     fail_fast()
-    run = json.loads((run_dir / "mlflow_run.json").read_text())
     try:
         MlflowClient(run["uri"]).log_artifact(run["run_id"], str(report))
     except Exception as e:  # noqa: BLE001 - the report is on disk
@@ -151,9 +150,9 @@ def main(dcfg: DictConfig) -> None:
         raise SystemExit(f"error: {e}\nThe outputs of {done or 'no stage'} are kept; run the same command again "
                          f"to resume from stage {e.stage!r} (HYDRA_FULL_ERROR=1 shows the traceback).") from None
     print("stages: " + ", ".join(f"{k} {v}" for k, v in status.items()))
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        print_metrics(json.loads(metrics_file.read_text()))
+    metrics = RunFolder(run_dir).read_metrics()
+    if metrics is not None:
+        print_metrics(metrics)
     print(f"run folder: {run_dir}", flush=True)
 
 

@@ -4,9 +4,9 @@
 (pipelines.sweep) pipeline as a Slurm job, submitted with submitit.
 
 mode=, wait=, poll_s= and slurm.* configure the job (pipelines/conf/slurm.yaml and the
-`slurm` group, orchestration.slurm.SlurmSettings); every other override is the pipeline's,
+`slurm` group, orchestration.slurm.settings.SlurmSettings); every other override is the pipeline's,
 and is checked here against its config before anything is submitted, with the partition
-and the submit host (orchestration.slurm.preflight). The job runs the pipeline command
+and the submit host (orchestration.slurm.submit.preflight). The job runs the pipeline command
 itself, on a Ray cluster brought up on the allocation (slurm.launcher=ray; training gets
 backend=ray) or as plain multi-task DDP (slurm.launcher=ddp, training only, backend=local).
 
@@ -31,11 +31,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestration.slurm import (
-    REQUEUE_GRACE_S, SlurmError, SlurmSettings, check_reachable_tracking, is_final, job_state, preflight, submit,
-    tasks_per_node, validate_settings,
-)
-from orchestration.slurm_job import PipelineJob
+from orchestration.slurm.settings import SlurmError, SlurmSettings, tasks_per_node, validate_settings
+from orchestration.slurm.submit import REQUEUE_GRACE_S, check_reachable_tracking, is_final, job_state, preflight, submit
+from orchestration.slurm.job import PipelineJob
 from pipelines.config import register, to_run_config
 
 register()
@@ -96,7 +94,7 @@ def check_fits(cfg, run: SlurmRun) -> None:
     """The pipeline fits the allocation, named by what does not: a Ray job that cannot get its
     workers would wait forever inside the allocation."""
     from lzn.task import validate_task
-    from orchestration.ray_train import validate_trainer
+    from orchestration.ray.train import validate_trainer
 
     s = run.slurm
     validate_task(cfg)
@@ -130,7 +128,7 @@ def job_command(mode: str, overrides: list[str], launcher: str) -> list[str]:
 def tracking_env(cfg, partition: str) -> dict[str, str]:
     """The job logs where this command would: the same server, resolved here (a local one is
     started here when none is named, as pipelines.train does), and one the nodes can reach."""
-    from orchestration.tracking import resolve_tracking_uri
+    from orchestration.mlflow.tracker import resolve_tracking_uri
 
     if not cfg.tracking.enabled:
         return {}

@@ -14,7 +14,7 @@ $LZN_OUTPUT_DIR as the cluster's nodes define it (shared storage, infra/ray/clus
 The command prints the submission id, follows the job's logs until it ends and exits 0 if
 it SUCCEEDED, 1 if it FAILED or was STOPPED (with Ray's status message), 2 if it could not
 be submitted. `wait=false` returns after submission. How the project, the environment and
-the token reach the cluster: orchestration/ray_jobs.py.
+the token reach the cluster: orchestration/ray/jobs.py.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestration import ray_jobs
+from orchestration.ray import jobs as ray_jobs
 
 # mode -> (the module the job runs, its Hydra config name)
 MODES = {"train": ("pipelines.train", "config"), "run": ("pipelines.run", "run"), "sweep": ("pipelines.sweep", "sweep")}

@@ -3,7 +3,7 @@
 a Ray Tune sweep of a task, every trial a Ray Train run, nested in MLflow.
 
 The search space and the sweep's metric come from pipelines/conf/sweep/<task>.yaml
-(orchestration.sweep.SweepConfig; choice, uniform, loguniform, grid, randint). Everything
+(orchestration.ray.tune.SweepConfig; choice, uniform, loguniform, grid, randint). Everything
 lands in <output_dir>/<task>/sweeps/<sweep.name>/ (<scale> unless named); the same command
 continues an interrupted sweep. At the end the leaderboard is printed and saved
 (leaderboard.md, leaderboard.csv), and the best trial's config is written as a task file:
@@ -21,7 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from orchestration.sweep import SweepConfig
+from orchestration.ray.tune import SweepConfig
 from pipelines.config import RunConfig, register, to_run_config
 
 register()
@@ -55,8 +55,8 @@ def check_values(cfg: RunConfig, sweep) -> None:
     """Every listed value (choice, grid) and range end, set alone on the task, is a valid
     config: a bad one fails here, not as errored trials."""
     from lzn.task import validate_task
-    from orchestration.ray_train import validate_trainer
-    from orchestration.sweep import trial_config
+    from orchestration.ray.train import validate_trainer
+    from orchestration.ray.tune import trial_config
 
     validate_trainer(cfg.trainer, cfg.train.batch_size)  # the task itself first
     for key, spec in sweep.space.items():
@@ -82,7 +82,7 @@ def smoke_space(cfg: "SweepRun") -> list[str]:
 
 
 def write_results(cfg: "SweepRun", rows, sweep_dir: Path) -> dict[str, Path]:
-    from orchestration.sweep import leaderboard_csv, leaderboard_markdown
+    from orchestration.ray.tune import leaderboard_csv, leaderboard_markdown
 
     out = {"leaderboard.md": sweep_dir / "leaderboard.md", "leaderboard.csv": sweep_dir / "leaderboard.csv"}
     title = f"# Sweep {cfg.sweep.name!r} of {cfg.name}: {cfg.sweep.metric} ({cfg.sweep.mode})\n\n"
@@ -100,7 +100,7 @@ def write_results(cfg: "SweepRun", rows, sweep_dir: Path) -> dict[str, Path]:
 def best_task_yaml(cfg: "SweepRun", row) -> str:
     """The best trial as a task file (pipelines/conf/task/ format): every value of the task."""
     from lzn.task import TaskConfig
-    from orchestration.sweep import trial_config
+    from orchestration.ray.tune import trial_config
 
     best = trial_config(cfg, row.params)
     task = TaskConfig(**{f.name: getattr(best, f.name) for f in dataclasses.fields(TaskConfig)})
@@ -119,8 +119,8 @@ def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[
     """Check, run (or resume) and record the sweep; returns (leaderboard rows, files written)."""
     from lzn.evaluate import metric_for_key
     from lzn.task import validate_task
-    from orchestration.sweep import close_trial_runs, run_sweep, validate_sweep
-    from orchestration.tracking import RunTracker, flatten_params
+    from orchestration.ray.tune import close_trial_runs, run_sweep, validate_sweep
+    from orchestration.mlflow.tracker import RunTracker, flatten_params
     from pipelines.train import run_meta
 
     validate_task(cfg)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from orchestration.folder import RunFolder
 from pipelines.config import BACKENDS, RunConfig, register, to_run_config
 
 register()
@@ -76,9 +77,9 @@ def _entry_point() -> str:
 
 def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
     """Where and as what the run is tracked; starts the local MLflow server when needed."""
-    from orchestration.mlflow_runs import check_resumable
-    from orchestration.tracking import flatten_params, resolve_tracking_uri
-    from orchestration.training import RunMeta
+    from orchestration.mlflow.runs import check_resumable
+    from orchestration.mlflow.tracker import flatten_params, resolve_tracking_uri
+    from orchestration.run import RunMeta
 
     t = cfg.tracking
     commit = git_commit()
@@ -105,30 +106,22 @@ def run_meta(cfg: RunConfig, dcfg: DictConfig, run_dir: Path):
 
 
 def _refuse_existing(cfg: RunConfig, run_dir: Path) -> None:
-    from lzn.checkpoint import latest_checkpoint
-    from orchestration.ray_train import has_ray_checkpoints
-
-    if not cfg.resume and (latest_checkpoint(run_dir / "checkpoints") is not None or has_ray_checkpoints(run_dir)):
+    if not cfg.resume and RunFolder(run_dir).has_checkpoints():
         raise SystemExit(f"{run_dir} already holds checkpoints and resume=false: "
                          "choose another run_name= or delete the folder")
-
-
-TRAINED_WITH = "trained_with.json"  # the flattened config a run folder's checkpoints were trained with
 
 
 def check_same_training(cfg: RunConfig, run_dir: Path) -> None:
     """A run folder continues only the training it holds: settings that change what is trained
     (not how long, where or how it runs: RESUMABLE_PARAMS) are refused, with or without MLflow."""
-    from lzn.checkpoint import latest_checkpoint
     from lzn.atomic import write_atomically
-    from orchestration.mlflow_runs import resumable
-    from orchestration.ray_train import has_ray_checkpoints
-    from orchestration.tracking import flatten_params
+    from orchestration.mlflow.runs import resumable
+    from orchestration.mlflow.tracker import flatten_params
 
+    folder = RunFolder(run_dir)
     params = flatten_params(dataclasses.asdict(cfg))
-    record = run_dir / TRAINED_WITH
-    trained = latest_checkpoint(run_dir / "checkpoints") is not None or has_ray_checkpoints(run_dir)
-    if trained and record.is_file():
+    record = folder.trained_with
+    if folder.has_checkpoints() and record.is_file():
         old = json.loads(record.read_text())
         refused = [f"{k}: {old[k]!r} -> {v!r}" for k, v in params.items() if k in old and old[k] != v
                    and not resumable(k)]
@@ -141,7 +134,7 @@ def check_same_training(cfg: RunConfig, run_dir: Path) -> None:
 def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = True) -> dict:
     """Prepare, train and (unless evaluate=False) evaluate `cfg` in `run_dir`; rank 0's metrics."""
     from lzn.task import validate_task
-    from orchestration.training import train_and_evaluate
+    from orchestration.run import train_and_evaluate
     from pipelines.prepare import ensure_prepared
 
     validate_task(cfg)
@@ -151,7 +144,7 @@ def run(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = Tru
     if int(os.environ.get("RANK", "0")) == 0:
         check_same_training(cfg, run_dir)
     if cfg.backend == "ray":
-        from orchestration.ray_train import fit_on_ray, validate_trainer
+        from orchestration.ray.train import fit_on_ray, validate_trainer
 
         validate_trainer(cfg.trainer, cfg.train.batch_size)
         ensure_prepared(cfg.data)  # on the driver, before any worker starts

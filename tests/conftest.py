@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_tracking_uri(tmp_path_factory):
-    from orchestration.mlflow_server import local_server, stop_local_server
+    from orchestration.mlflow.server import local_server, stop_local_server
 
     state = tmp_path_factory.mktemp("mlflow-session")
     uri = local_server(state)

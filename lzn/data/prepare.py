@@ -2,7 +2,7 @@
 
 `prepare_dataset` lists the source, packs its items into shards of bounded size, and
 encodes the shards in parallel through an injected `map_fn` (a process pool here; Ray
-tasks from orchestration.data). It is
+tasks from orchestration.ray.data). It is
 - idempotent: when the manifest's input fingerprint matches and every shard checks out,
   nothing is rewritten;
 - crash-safe: each shard is renamed into place when complete and records the

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.sweep import ParamSpec, SweepConfig, TrialRow, leaderboard, leaderboard_csv
+from orchestration.ray.tune import ParamSpec, SweepConfig, TrialRow, leaderboard, leaderboard_csv
 
 SPACE = {"optim.lr.encoder": ParamSpec(kind="loguniform", low=3e-5, high=1e-3),
          "latent.dim": ParamSpec(kind="choice", values=[8, 16, 32])}

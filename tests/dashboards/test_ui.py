@@ -22,7 +22,7 @@ def make_ui(output_dir: Path, env: dict) -> subprocess.CompletedProcess:
 def local_store(tmp_path):
     """No $MLFLOW_TRACKING_URI: `make ui` starts the project's server under <output_dir>/mlflow,
     stopped by its recorded PID afterwards."""
-    from orchestration.mlflow_server import stop_local_server
+    from orchestration.mlflow.server import stop_local_server
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     yield tmp_path / "outputs", env

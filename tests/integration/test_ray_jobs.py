@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestration import ray_jobs
+from orchestration.ray import jobs as ray_jobs
 from tests.integration.conftest import make_command
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lzn.evaluate import metric_for_key
-from orchestration.sweep import ParamSpec, SweepConfig, validate_sweep
-from orchestration.tracking import flatten_params
+from orchestration.ray.tune import ParamSpec, SweepConfig, validate_sweep
+from orchestration.mlflow.tracker import flatten_params
 from pipelines.config import RunConfig
 from pipelines.sweep import SweepRun, smoke_space
 

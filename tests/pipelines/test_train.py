@@ -111,7 +111,7 @@ def test_short_digits_run_improves_fid_over_untrained(tmp_path):
 def test_without_a_tracking_uri_the_first_run_starts_a_local_server_and_the_next_reuses_it(tmp_path):
     from mlflow import MlflowClient
 
-    from orchestration.mlflow_server import running_server, stop_local_server
+    from orchestration.mlflow.server import running_server, stop_local_server
 
     env_without_uri = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     state = tmp_path / "mlflow"

@@ -1,4 +1,4 @@
-"""What runs inside a Slurm allocation: `PipelineJob`, the submitit job `orchestration.slurm`
+"""What runs inside a Slurm allocation: `PipelineJob`, the submitit job `orchestration.slurm.submit`
 submits. On every task it brings up (launcher=ray) or joins the job's own Ray cluster, or
 exports the torch.distributed environment (launcher=ddp), runs the pipeline command, and
 stops what it started; it is `Checkpointable`, so a preempted or timed-out job requeues
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import submitit
 
-from orchestration.slurm import LAUNCHERS, SlurmError
+from orchestration.slurm.settings import LAUNCHERS, SlurmError
 
 RAY_STARTED = "Ray runtime started"  # what `ray start` prints once every process of the node is up
 

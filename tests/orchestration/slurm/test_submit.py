@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 import submitit
 
-from orchestration.slurm import (
-    SlurmError, SlurmSettings, check_reachable_tracking, executor_parameters, is_final, job_state, preflight, submit,
-    tasks_per_node, validate_settings,
-)
-from orchestration.slurm_job import (
+from orchestration.slurm.settings import SlurmError, SlurmSettings, tasks_per_node, validate_settings
+from orchestration.slurm.submit import check_reachable_tracking, executor_parameters, is_final, job_state, preflight, submit
+from orchestration.slurm.job import (
     RAY_SOCKET_SUFFIX, SOCKET_PATH_MAX, PipelineJob, _ray_temp, _stop_group, _write_private,
 )
 

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from lzn.atomic import write_atomically
+from orchestration.folder import MLFLOW_PENDING
 
-PENDING_FILE = "mlflow_pending.jsonl"
+PENDING_FILE = MLFLOW_PENDING  # in the run folder
 # MLflow's LogBatch limits (mlflow.utils.validation): 1000 entities a request, at most 100 of
 # them params or tags.
 MAX_BATCH, MAX_BATCH_TAGS = 1000, 100

@@ -11,7 +11,7 @@ from lzn.data.digits import digits_split
 from lzn.inference import LZNModel
 from lzn.objectives import AlignConfig, LatentConfig
 from lzn.task import DataConfig, EvalConfig, ModelConfig, TaskConfig, build_objective
-from orchestration.artifacts import (
+from orchestration.plots import (
     GRID_PADDING,
     MIN_CELL_PX,
     image_grid,

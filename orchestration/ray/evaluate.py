@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lzn.eval_data import ShardData
 from lzn.evaluate import Evaluator, PartStore, Unit, evaluate, fid_extractor, load_model, train_probe
-from orchestration.ray_train import RayTrainerConfig, _absolute_paths, _check_cpus, _init_ray
+from orchestration.ray.train import RayTrainerConfig, _absolute_paths, _check_cpus, _init_ray
 
 
 @dataclass
@@ -125,8 +125,8 @@ def log_evaluation(uri: str, *, experiment: str, run_id: str | None, step: int, 
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    from orchestration.mlflow_pending import fail_fast, warn
-    from orchestration.mlflow_runs import find_or_create_experiment
+    from orchestration.mlflow.pending import fail_fast, warn
+    from orchestration.mlflow.runs import find_or_create_experiment
 
     fail_fast()
     client, new = MlflowClient(uri), run_id is None

@@ -20,6 +20,9 @@ from typing import Callable
 
 import torch
 
+from orchestration.folder import RunFolder
+from orchestration.reporting import checkpoint_report, record_checkpoint_metric
+
 
 @dataclass
 class RunMeta:
@@ -106,7 +109,7 @@ def _lock_run_folder(run_dir: Path, wait_s: float = LOCK_WAIT_S):
     """An exclusive lock on the run folder for this rank-0 process: a rerun whose previous
     attempt is still winding down (a driver killed a moment ago) waits for it instead of
     writing the same logs and MLflow run. The lock goes with the process."""
-    handle = open(run_dir / ".lock", "a")
+    handle = open(RunFolder(run_dir).lock, "a")
     deadline, told = time.monotonic() + wait_s, False
     while True:
         try:
@@ -126,7 +129,7 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
     """The rank-0 MLflow run. A server that does not answer (a restarted worker during an
     outage) is retried for `meta.open_timeout_s`; then training goes on untracked, with the
     step metrics in train_metrics.jsonl, rather than dying for its logs."""
-    from orchestration.tracking import RunTracker, flatten_params
+    from orchestration.mlflow.tracker import RunTracker, flatten_params
 
     deadline, told = time.monotonic() + meta.open_timeout_s, False
     while True:
@@ -198,7 +201,7 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     callbacks, tracker, jsonl, lock = [], None, None, None
     if r == 0:
         lock = _lock_run_folder(run_dir)
-        jsonl = JsonlLogger(run_dir / "train_metrics.jsonl")
+        jsonl = JsonlLogger(RunFolder(run_dir).train_log)
         callbacks.append(jsonl)
     timed = TimedCallbacks(callbacks)
     try:
@@ -229,12 +232,9 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     return metrics
 
 
-CHECKPOINT_METRICS = "checkpoint_metrics.jsonl"  # a sweep's metric at each checkpoint (rank 0)
-
-
 def _checkpoint_evaluation(cfg, trainer, device, run_dir: Path, key: str, mode: str) -> Callable[[int], dict]:
     """step -> {tune_key(key): value, "report": checkpoint index} of the EMA model now: the
-    metric alone, read from the shards, also appended to <run_dir>/CHECKPOINT_METRICS. An
+    metric alone, read from the shards, also appended to the run folder's checkpoint log. An
     evaluation that fails (NaN samples of a diverged trial) reports the worst value for `mode`
     instead of failing the run, so the scheduler stops the trial rather than Ray retrying it."""
     import math
@@ -242,7 +242,6 @@ def _checkpoint_evaluation(cfg, trainer, device, run_dir: Path, key: str, mode: 
     from lzn.eval_data import ShardData
     from lzn.evaluate import evaluate_here, metric_for_key
     from lzn.inference import LZNModel
-    from orchestration.ray_train import tune_key
 
     metric, d = metric_for_key(cfg, key), cfg.data
     data = ShardData(d.dataset_dir, image_size=d.image_size, channels=d.channels)
@@ -257,9 +256,8 @@ def _checkpoint_evaluation(cfg, trainer, device, run_dir: Path, key: str, mode: 
             value = math.inf if mode == "min" else -math.inf
             print(f"[sweep] evaluating {key} at step {step} failed ({type(e).__name__}: {e}); reporting {value}",
                   file=sys.stderr, flush=True)
-        with (run_dir / CHECKPOINT_METRICS).open("a") as f:
-            f.write(json.dumps({"step": step, key: value}) + "\n")
-        return {tune_key(key): value, "report": math.ceil(step / cfg.train.checkpoint_every)}
+        record_checkpoint_metric(RunFolder(run_dir), step, key, value)
+        return checkpoint_report(key, value, step, cfg.train)
 
     return evaluate_now
 
@@ -271,10 +269,11 @@ def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMe
     from lzn.eval_data import InMemoryData
     from lzn.evaluate import evaluate_here
     from lzn.inference import LZNModel
-    from orchestration.artifacts import loss_curves, sample_grid, write_run_artifacts
+    from orchestration.plots import loss_curves, sample_grid, write_run_artifacts
 
     model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
-    folder = run_dir / "artifacts"
+    run_folder = RunFolder(run_dir)
+    folder = run_folder.artifacts
     if split is not None:
         with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
             metrics.update(evaluate_here(cfg, model, InMemoryData(split, cfg.data.dataset_dir),
@@ -285,13 +284,13 @@ def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMe
         rows = jsonl.rows()
         pngs = [p for p in (loss_curves(rows, folder / "loss_curves.png") if rows else None,
                             sample_grid(model, cfg, folder / "samples.png")) if p is not None]
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    run_folder.write_metrics(metrics)
     if tracker is None:
         return
     tracker.log_metrics(metrics, step=trainer.step)
     for png in pngs:
         tracker.log_artifact(png, "plots")
-    tracker.log_artifact(run_dir / "metrics.json")
+    tracker.log_artifact(run_folder.metrics)
     if trainer.last_checkpoint is not None:
         tracker.log_artifact(trainer.last_checkpoint, "checkpoint")
     if meta.register_model:

@@ -1,10 +1,10 @@
-"""orchestration.sweep without a cluster: the search space, trial configs, concurrency, ranking."""
+"""orchestration.ray.tune without a cluster: the search space, trial configs, concurrency, ranking."""
 import dataclasses
 
 import pytest
 
-from orchestration.ray_train import RayTrainerConfig
-from orchestration.sweep import (
+from orchestration.ray.train import RayTrainerConfig
+from orchestration.ray.tune import (
     ParamSpec,
     SweepConfig,
     TrialRow,
@@ -15,7 +15,7 @@ from orchestration.sweep import (
     trial_config,
     validate_sweep,
 )
-from orchestration.tracking import flatten_params
+from orchestration.mlflow.tracker import flatten_params
 from pipelines.config import RunConfig
 
 def base() -> RunConfig:
@@ -113,7 +113,7 @@ def test_asha_never_stops_a_trial_at_or_after_its_last_checkpoint():
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from orchestration.sweep import _scheduler
+    from orchestration.ray.tune import _scheduler
 
     cfg = base()
     cfg.train.iterations, cfg.train.checkpoint_every = 400, 100  # 4 checkpoints, a final result as 5

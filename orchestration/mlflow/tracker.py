@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 from lzn.atomic import write_atomically
-from orchestration.mlflow_pending import (
+from orchestration.mlflow.pending import (
     MAX_BATCH, MAX_BATCH_TAGS, PENDING_FILE, append_pending, fail_fast, import_pending, is_permanent, read_pending,
     send_batches, warn,
 )
-from orchestration.mlflow_runs import RUN_FILE, find_or_create_experiment, param_value, stored_run
-from orchestration.mlflow_server import local_server, running_server, stop_local_server
+from orchestration.folder import CONFIG_FILE, RunFolder
+from orchestration.mlflow.runs import find_or_create_experiment, param_value, stored_run
+from orchestration.mlflow.server import local_server, running_server, stop_local_server
 
 # Metrics kept in memory during an outage before the flush thread spills them to the pending
 # file (about 100 bytes each): a long outage must not grow the worker's memory without bound.
@@ -68,7 +69,7 @@ def resolve_tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:
         return info["uri"]
     uri = local_server(state_dir)
     print(f"Started an MLflow server at {uri} (state in {state_dir}); it keeps running for later "
-          f"commands. Stop it with: python -m orchestration.tracking stop --dir {state_dir}", flush=True)
+          f"commands. Stop it with: python -m orchestration.mlflow.tracker stop --dir {state_dir}", flush=True)
     return uri
 
 
@@ -153,7 +154,7 @@ class RunTracker:
         fail_fast()
         uri, run_dir = uri.rstrip("/"), Path(run_dir)
         client = MlflowClient(uri)
-        run_file, pending = run_dir / RUN_FILE, run_dir / PENDING_FILE
+        run_file, pending = RunFolder(run_dir).mlflow_run, RunFolder(run_dir).mlflow_pending
         params = {k: param_value(str(v)) for k, v in params.items()}
         resumed, changes = run_file.exists(), {}
         if resumed:
@@ -177,7 +178,7 @@ class RunTracker:
         for i in range(0, max(len(new), len(all_tags)), MAX_BATCH_TAGS):
             client.log_batch(run_id, params=new[i:i + MAX_BATCH_TAGS], tags=all_tags[i:i + MAX_BATCH_TAGS],
                              synchronous=True)
-        client.log_text(run_id, config_yaml, "config.yaml")
+        client.log_text(run_id, config_yaml, CONFIG_FILE)
         # The latest value of each metric is the one at its largest step, so the run's summary
         # gives the max logged step without reading whole histories. system/ steps count samples.
         steps = [m.step for m in run.data.to_proto().metrics if not m.key.startswith("system/")]
@@ -381,7 +382,7 @@ class RunTracker:
             n_tags = sum("tag" in r for r in kept)
             warn(f"MLflow server {self.uri} unreachable at close: kept {len(kept) - n_tags} metrics and {n_tags} "
                   f"tags of run {self.run_id} in {pending}. Reopening this run folder delivers them, or run: "
-                  f"python -m orchestration.tracking import {pending} --uri {self.uri}")
+                  f"python -m orchestration.mlflow.tracker import {pending} --uri {self.uri}")
         try:
             self._client.set_terminated(self.run_id, status)
         except Exception as e:
@@ -400,7 +401,7 @@ class RunTracker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestration.tracking", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m orchestration.mlflow.tracker", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("server", help="start (or reuse) a local MLflow server and print its URI")
     p.add_argument("--dir", required=True, help="state folder (SQLite database, artifacts, server.json)")

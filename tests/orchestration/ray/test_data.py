@@ -20,7 +20,7 @@ def local_ray():
 
 
 def test_ray_tasks_write_the_same_shards_and_ray_data_reads_them(local_ray, tmp_path):
-    from orchestration.data import ray_map, read_shards
+    from orchestration.ray.data import ray_map, read_shards
 
     good = builders.image_folder(tmp_path / "raw")
     cfg = PrepareConfig(shard_rows=4)
@@ -43,7 +43,7 @@ def test_ray_tasks_write_the_same_shards_and_ray_data_reads_them(local_ray, tmp_
 
 
 def test_read_shards_makes_mixed_sizes_and_channels_square(local_ray, tmp_path):
-    from orchestration.data import read_shards
+    from orchestration.ray.data import read_shards
 
     builders.image_folder(tmp_path / "raw")  # 12 px grey and RGB PNGs, one 80 px JPEG
     prepare_dataset("imagefolder", str(tmp_path / "raw"), tmp_path / "shards", PrepareConfig(executor="serial"))
@@ -56,7 +56,7 @@ def test_read_shards_makes_mixed_sizes_and_channels_square(local_ray, tmp_path):
 
 
 def test_read_shards_keeps_full_resolution_for_cropping_augmentations(local_ray, tmp_path):
-    from orchestration.data import read_shards
+    from orchestration.ray.data import read_shards
 
     builders.image_folder(tmp_path / "raw")  # 12 px grey and RGB PNGs, one 80 px JPEG
     prepare_dataset("imagefolder", str(tmp_path / "raw"), tmp_path / "shards", PrepareConfig(executor="serial"))
@@ -67,7 +67,7 @@ def test_read_shards_keeps_full_resolution_for_cropping_augmentations(local_ray,
 
 
 def test_match_batch_keeps_sizes_and_matches_channels():
-    from orchestration.data import _match_batch
+    from orchestration.ray.data import _match_batch
 
     ragged = np.empty(2, dtype=object)
     ragged[:] = [np.zeros((5, 7, 1), np.uint8), np.zeros((9, 4, 3), np.uint8)]

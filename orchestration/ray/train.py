@@ -1,7 +1,7 @@
 """The Ray Train backend: the same training loop on N Ray workers (gloo on CPU, NCCL on GPU).
 
 `fit_on_ray` connects to $RAY_ADDRESS (an existing cluster) or starts a local Ray on
-127.0.0.1, and runs `orchestration.training.train_and_evaluate` on every worker of a
+127.0.0.1, and runs `orchestration.run.train_and_evaluate` on every worker of a
 `TorchTrainer`. Ray Train owns the process group (rank, world size), the checkpoints
 (reported every `train.checkpoint_every` steps into <run_dir>/ray/ckpt-<step>/) and fault
 tolerance: a worker that dies restarts the group from the last checkpoint
@@ -26,10 +26,9 @@ import torch
 
 from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
-from orchestration.training import RunMeta, train_and_evaluate
-
-STORAGE_NAME = "ray"  # Ray Train's run folder inside the run folder
-CHECKPOINT_FILE = "ckpt.pt"
+from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
+from orchestration.reporting import final_report, finished_result
+from orchestration.run import RunMeta, train_and_evaluate
 
 
 @dataclass
@@ -65,13 +64,13 @@ class RayCheckpoints:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return load_checkpoint(Path(folder) / CHECKPOINT_FILE, map_location=map_location)
+            return load_checkpoint(Path(folder) / RAY_CHECKPOINT_FILE, map_location=map_location)
 
     def latest_path(self) -> Path | None:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return None if checkpoint is None else Path(checkpoint.path) / CHECKPOINT_FILE
+        return None if checkpoint is None else Path(checkpoint.path) / RAY_CHECKPOINT_FILE
 
     def save(self, state: dict, step: int, rank: int) -> Path | None:
         import ray.train
@@ -82,10 +81,10 @@ class RayCheckpoints:
             return None
         metrics = {"step": step, **(self.report_metrics(step) if self.report_metrics else {})}
         with tempfile.TemporaryDirectory(prefix="lzn-ckpt-") as folder:
-            torch.save(state, Path(folder) / CHECKPOINT_FILE)
+            torch.save(state, Path(folder) / RAY_CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name)
-        return self.storage_dir / name / CHECKPOINT_FILE
+        return self.storage_dir / name / RAY_CHECKPOINT_FILE
 
 
 class StreamedBatches:
@@ -139,7 +138,7 @@ def _worker_loop(config: dict) -> None:
     torch.set_num_threads(max(1, round(trainer_cfg.cpus_per_worker)))
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    workers = run_dir / "workers"
+    workers = RunFolder(run_dir).workers
     workers.mkdir(parents=True, exist_ok=True)
     info = {"pid": os.getpid(), "node": socket.gethostname(), "rank": rank, "world": context.get_world_size()}
     write_atomically(workers / f"rank-{rank}.json", lambda f: f.write(json.dumps(info).encode()))
@@ -148,24 +147,19 @@ def _worker_loop(config: dict) -> None:
     if config["stream"]:
         shard = ray.train.get_dataset_shard("train")
         source = lambda batcher: StreamedBatches(shard, batcher, seed=cfg.train.seed)  # noqa: E731
-    checkpoints = RayCheckpoints(run_dir / STORAGE_NAME)
+    checkpoints = RayCheckpoints(RunFolder(run_dir).ray_storage)
     key = config.get("report_metric")
     metrics = train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"], checkpoints=checkpoints,
                                  batch_source=source, evaluate=config.get("evaluate", True), report_metric=key,
                                  report_mode=config.get("report_mode", "min"))
     if key:  # a sweep's last result, once the run is evaluated and recorded (a scheduler may end it here)
-        final = {"step": int(metrics["train/steps"]), "final": 1,
-                 "report": math.ceil(cfg.train.iterations / cfg.train.checkpoint_every) + 1}
+        value = None
         if rank == 0:  # the run's evaluation, else (streamed data: none in the run) the last checkpoint's
-            from orchestration.sweep import finished_result
-
             value = metrics.get(key)
             if value is None:
                 found = finished_result(run_dir, key, cfg.train.iterations)
                 value = None if found is None else found[1]
-            if value is not None:
-                final[tune_key(key)] = float(value)
-        ray.train.report(final)
+        ray.train.report(final_report(metrics["train/steps"], cfg.train, key, value))
 
 
 def _init_ray() -> bool:
@@ -214,15 +208,6 @@ def _check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autosc
                          f"(fractions work, e.g. {max(0.25, (have - 1) / trainer_cfg.num_workers):g}) or num_workers")
 
 
-def tune_key(metric: str) -> str:
-    """The name a metrics.json key is reported under to Tune (no '/': Tune nests on it)."""
-    return metric.replace("/", "_")
-
-
-def has_ray_checkpoints(run_dir: str | Path) -> bool:
-    return any((Path(run_dir) / STORAGE_NAME).glob("ckpt-*"))
-
-
 def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: RunMeta, *,
                evaluate: bool = True, report_metric: str | None = None, report_mode: str = "min",
                callbacks: list | None = None) -> dict:
@@ -246,7 +231,7 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
             import ray.data
 
             ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker line
-            from orchestration.data import read_shards
+            from orchestration.ray.data import read_shards
 
             from lzn.data.augment import crops_any_size
 
@@ -264,7 +249,7 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
                 resources_per_worker={"CPU": trainer_cfg.cpus_per_worker,
                                       **({"GPU": 1} if trainer_cfg.use_gpu else {})}),
             run_config=ray.train.RunConfig(
-                name=STORAGE_NAME, storage_path=str(run_dir),
+                name=RAY_STORAGE, storage_path=str(run_dir),
                 failure_config=ray.train.FailureConfig(max_failures=trainer_cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=callbacks or None),
@@ -273,4 +258,4 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
     finally:
         if started:
             ray.shutdown()
-    return json.loads((run_dir / "metrics.json").read_text())
+    return RunFolder(run_dir).read_metrics()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lzn.data.batches import StepBatcher
-from orchestration.ray_train import RayTrainerConfig, StreamedBatches, _check_cpus, validate_trainer
+from orchestration.ray.train import RayTrainerConfig, StreamedBatches, _check_cpus, validate_trainer
 
 
 class FakeShard:

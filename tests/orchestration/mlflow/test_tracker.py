@@ -15,13 +15,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from orchestration import tracking
-from orchestration.mlflow_pending import FAST_FAIL_ENV, PENDING_FILE, import_pending
-from orchestration.mlflow_runs import RUN_FILE
-from orchestration.mlflow_server import local_server, stop_local_server
-from orchestration.tracking import RunTracker, TrackingConfig, flatten_params, resolve_tracking_uri
+from orchestration.mlflow import tracker as tracking
+from orchestration.mlflow.pending import FAST_FAIL_ENV, PENDING_FILE, import_pending
+from orchestration.mlflow.runs import RUN_FILE
+from orchestration.mlflow.server import local_server, stop_local_server
+from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params, resolve_tracking_uri
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONFIG = {"optim": {"lr": {"encoder": 1e-3, "decoder": 2e-4}, "betas": [0.9, 0.99]}, "steps": 30, "name": "digits"}
 
 
@@ -108,7 +108,7 @@ def test_resolve_tracking_uri_prefers_config_then_environment(monkeypatch, tmp_p
 def test_local_server_is_shared_reused_and_stopped_by_pid(tmp_path, monkeypatch, capsys):
     state = tmp_path / "out" / "mlflow"
     # Two commands starting at once: the file lock gives them one server.
-    cli = [sys.executable, "-m", "orchestration.tracking", "server", "--dir", str(state)]
+    cli = [sys.executable, "-m", "orchestration.mlflow.tracker", "server", "--dir", str(state)]
     procs = [subprocess.Popen(cli, cwd=ROOT, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     uris = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
@@ -238,7 +238,7 @@ def test_close_during_outage_keeps_metrics_for_import(outage, tmp_path, capsys):
     for name, t in trackers.items():
         pending = tmp_path / name / PENDING_FILE
         assert f"kept 6 metrics and 3 tags of run {t.run_id} in {pending}" in err
-        assert f"python -m orchestration.tracking import {pending}" in err
+        assert f"python -m orchestration.mlflow.tracker import {pending}" in err
         lines = [json.loads(line) for line in pending.read_text().splitlines()]
         assert len(lines) == 10 and {r["run_id"] for r in lines} == {t.run_id}
         assert lines[-1]["status"] == "FINISHED"  # set_terminated failed too: kept for import
@@ -283,7 +283,7 @@ def test_register_model_sets_alias_on_the_new_version(server, tmp_path, monkeypa
 def test_a_resumed_run_may_change_how_long_and_where_it_runs_but_not_what_it_trains(tmp_path):
     from types import SimpleNamespace
 
-    from orchestration.mlflow_runs import resume_changes
+    from orchestration.mlflow.runs import resume_changes
 
     run = SimpleNamespace(info=SimpleNamespace(run_id="r1"),
                           data=SimpleNamespace(params={"train.iterations": "2", "trainer.num_workers": "1",

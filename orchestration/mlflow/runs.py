@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from orchestration.mlflow_pending import warn
+from orchestration.folder import MLFLOW_RUN
+from orchestration.mlflow.pending import warn
 
-RUN_FILE = "mlflow_run.json"
+RUN_FILE = MLFLOW_RUN  # in the run folder
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 

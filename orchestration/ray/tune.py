@@ -1,7 +1,7 @@
 """Hyperparameter sweeps on Ray Tune: every trial a Ray Train run of the training pipeline.
 
 The pattern the installed Ray (Train V2) documents for Train inside Tune: a Tune function
-trainable per trial builds a `TorchTrainer` (`orchestration.ray_train.fit_on_ray`) whose
+trainable per trial builds a `TorchTrainer` (`orchestration.ray.train.fit_on_ray`) whose
 `RunConfig` carries `ray.tune.integration.ray_train.TuneReportCallback`, so what the
 workers `ray.train.report` at each checkpoint (here: the sweep's metric, evaluated on rank 0
 on the EMA model) reaches Tune's scheduler. ASHA stops poor trials at checkpoints; Optuna
@@ -30,6 +30,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from orchestration.folder import RunFolder
+from orchestration.reporting import checkpoints_of, final_report, finished_result, tune_key
 
 KINDS = ("choice", "uniform", "loguniform", "grid", "randint")
 # Keys a sweep cannot vary: they decide where trials run, how long they are and what the
@@ -162,7 +165,7 @@ def run_trial(config: dict, spec: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestration.ray_train import fit_on_ray, tune_key
+    from orchestration.ray.train import fit_on_ray
 
     # A trial's workers may wait for those of a stopped trial to go: Ray Train's 60 s default
     # is too short for that on a busy machine (an autoscaling cluster waits longer anyway).
@@ -180,31 +183,10 @@ def run_trial(config: dict, spec: dict) -> None:
     done = finished_result(run_dir, key, cfg.train.iterations)
     if done is not None:  # trained and evaluated before the sweep's driver died: report, do not retrain
         step, value = done
-        ray.tune.report({"step": step, "report": checkpoints_of(cfg) + 1, "final": 1, tune_key(key): value})
+        ray.tune.report(final_report(step, cfg.train, key, value))
         return
     fit_on_ray(cfg, run_dir, cfg.trainer, meta, report_metric=key, report_mode=spec["mode"],
                callbacks=[TuneReportCallback()])
-
-
-def finished_result(run_dir: Path, key: str, iterations: int) -> tuple[int, float] | None:
-    """(steps, value of `key`) of a trial run that trained to the end and was recorded: its
-    metrics.json, or for a run without in-run evaluation (streamed data) its last checkpoint's
-    evaluation (CHECKPOINT_METRICS); None otherwise."""
-    from orchestration.training import CHECKPOINT_METRICS
-
-    done = run_dir / "metrics.json"
-    if not done.is_file():
-        return None
-    result = json.loads(done.read_text())
-    steps = int(result.get("train/steps", 0))
-    if steps < iterations:
-        return None
-    if key in result:
-        return steps, float(result[key])
-    log = run_dir / CHECKPOINT_METRICS
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    last = [r for r in rows if r.get("step") == steps and key in r]
-    return (steps, float(last[-1][key])) if last else None
 
 
 # ------------------------------------------------------------------------------ results
@@ -274,10 +256,6 @@ def _search(sweep: SweepConfig, concurrency: int):
     return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
 
 
-def checkpoints_of(cfg) -> int:
-    return math.ceil(cfg.train.iterations / cfg.train.checkpoint_every)
-
-
 def _scheduler(sweep: SweepConfig, cfg):
     """ASHA on the checkpoint index a trial reports (`report`: 1..n, n + 1 for the final
     result), which a resumed trial continues. ASHA puts rungs up to and including max_t, so
@@ -285,7 +263,7 @@ def _scheduler(sweep: SweepConfig, cfg):
     a trial past max_t run on: a trial that trains to the end is always evaluated and recorded."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    n = checkpoints_of(cfg)
+    n = checkpoints_of(cfg.train)
     if sweep.scheduler == "fifo" or n < 2:
         return FIFOScheduler()
     return ASHAScheduler(time_attr="report", max_t=n - 1, grace_period=min(sweep.grace_period, n - 1),
@@ -293,9 +271,6 @@ def _scheduler(sweep: SweepConfig, cfg):
 
 
 def _rows(grid, cfg, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
-    from orchestration.mlflow_runs import RUN_FILE
-    from orchestration.ray_train import tune_key
-
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -303,8 +278,7 @@ def _rows(grid, cfg, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
         params = {k: v for k, v in (result.config or {}).items()}
         steps = int(metrics.get("step", 0))
         status = "error" if result.error else ("finished" if metrics.get("final") == 1 else "stopped early")
-        run_file = sweep_dir / "trials" / str(trial) / RUN_FILE
-        run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+        run_id = RunFolder(sweep_dir / "trials" / str(trial)).mlflow_run_id()
         value = metrics.get(tune_key(sweep.metric))
         rows.append(TrialRow(str(trial), status, None if value is None else float(value), steps, params, run_id))
     return leaderboard(sweep, rows)
@@ -319,7 +293,7 @@ def run_sweep(cfg, sweep: SweepConfig, sweep_dir: str | Path, *, meta=None, pare
     import ray
     from ray import tune
 
-    from orchestration.ray_train import _absolute_paths, _init_ray, streams, tune_key, validate_trainer
+    from orchestration.ray.train import _absolute_paths, _init_ray, streams, validate_trainer
 
     validate_trainer(cfg.trainer, cfg.train.batch_size)
     sweep_dir = Path(sweep_dir).resolve()

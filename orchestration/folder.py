@@ -1,0 +1,156 @@
+"""A run's folder on disk: the one place that names its files.
+
+    <run folder>/
+      checkpoints/ckpt-<step>.pt        lzn's checkpoint store (local, torchrun, Slurm DDP)
+      ray/ckpt-<step>/ckpt.pt           Ray Train's checkpoint store (backend=ray)
+      metrics.json                      the run's summary: training, then its evaluation
+      train_metrics.jsonl               the step metrics, one JSON line per log step (rank 0)
+      checkpoint_metrics.jsonl          a sweep's metric at each checkpoint (rank 0)
+      mlflow_run.json                   which MLflow run the folder continues
+      mlflow_pending.jsonl              what the MLflow server has not taken yet
+      trained_with.json                 the flattened config the checkpoints were trained with
+      artifacts/                        the run's plots
+      eval/step-<N>-<key>/              one evaluation of the step-N checkpoint (its metrics.json, plots, parts)
+      workers/rank-<r>.json             where each Ray Train worker ran
+      pipeline/                         the stage DAG's records
+      .hydra/config.yaml                the resolved config Hydra composed
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lzn.atomic import write_atomically
+from lzn.checkpoint import CHECKPOINT_DIR, list_checkpoints
+
+RAY_STORAGE = "ray"  # Ray Train's run folder inside the run folder
+RAY_CHECKPOINT_FILE = "ckpt.pt"
+METRICS = "metrics.json"
+CONFIG_FILE = "config.yaml"  # the training config, in .hydra/ and as the MLflow run's artifact
+MLFLOW_RUN = "mlflow_run.json"
+MLFLOW_PENDING = "mlflow_pending.jsonl"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name (ckpt-<step>.pt, or ckpt-<step>/ckpt.pt); -1 if none."""
+    m = re.search(r"ckpt-(\d+)", f"{Path(path).parent.name}/{Path(path).name}")
+    return int(m.group(1)) if m else -1
+
+
+def write_json(path: Path, value) -> None:
+    """`value` as indented, key-sorted JSON, written atomically (a crash leaves the old file)."""
+    write_atomically(path, lambda f: f.write(json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"))
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.path / RAY_STORAGE
+
+    def ray_checkpoint(self, name: str) -> Path:
+        return self.ray_storage / name / RAY_CHECKPOINT_FILE
+
+    def all_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, file) of every checkpoint, in both layouts."""
+        found = list_checkpoints(self.checkpoints)
+        return found + [(checkpoint_step(p), p) for p in self.ray_storage.glob(f"ckpt-*/{RAY_CHECKPOINT_FILE}")]
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.all_checkpoints()
+        return max(found)[1] if found else None
+
+    def has_ray_checkpoints(self) -> bool:
+        return any(self.ray_storage.glob("ckpt-*"))
+
+    def has_checkpoints(self) -> bool:
+        return bool(list_checkpoints(self.checkpoints)) or self.has_ray_checkpoints()
+
+    # ------------------------------------------------------------------ records
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train_metrics.jsonl"
+
+    @property
+    def checkpoint_metrics(self) -> Path:
+        return self.path / "checkpoint_metrics.jsonl"
+
+    @property
+    def mlflow_run(self) -> Path:
+        return self.path / MLFLOW_RUN
+
+    @property
+    def mlflow_pending(self) -> Path:
+        return self.path / MLFLOW_PENDING
+
+    @property
+    def trained_with(self) -> Path:
+        return self.path / "trained_with.json"
+
+    @property
+    def hydra_config(self) -> Path:
+        return self.path / ".hydra" / CONFIG_FILE
+
+    @property
+    def hydra_overrides(self) -> Path:
+        return self.path / ".hydra" / "overrides.yaml"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path / "artifacts"
+
+    @property
+    def workers(self) -> Path:
+        return self.path / "workers"
+
+    @property
+    def pipeline(self) -> Path:
+        return self.path / "pipeline"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / ".lock"
+
+    def eval_dir(self, step: int, key: str) -> Path:
+        return self.path / "eval" / f"step-{step}-{key}"
+
+    def read_metrics(self) -> dict | None:
+        return json.loads(self.metrics.read_text()) if self.metrics.is_file() else None
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.metrics, metrics)
+
+    def mlflow_run_record(self) -> dict | None:
+        """{"run_id", "uri", ...} of the MLflow run this folder continues, if it has one."""
+        return json.loads(self.mlflow_run.read_text()) if self.mlflow_run.is_file() else None
+
+    def mlflow_run_id(self) -> str | None:
+        record = self.mlflow_run_record()
+        return None if record is None else record["run_id"]
+
+    def is_run_folder(self) -> bool:
+        return self.hydra_config.is_file() or self.mlflow_run.is_file()
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> "RunFolder | None":
+        """The run folder a checkpoint file lies in (either layout), if it is in one."""
+        for folder in list(Path(checkpoint).parents)[:3]:
+            if cls(folder).is_run_folder():
+                return cls(folder)
+        return None
