@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lzn import sampling
+from lzn import sampling, seeds
 from lzn.objectives import GenerationObjective, JointObjective
 from lzn.objectives.base import state_dtype
 from lzn.zoning import assign_zones, compute_latents
@@ -67,7 +67,8 @@ class LZNModel:
         out = []
         for i, s in enumerate(_batches(len(images), batch_size)):
             anchors = enc(images[s].to(self.device)).float()
-            noise = sampling.seeded_normal(seed * 100_003 + first_batch + i, *anchors.shape, device=self.device)
+            noise = sampling.seeded_normal(seeds.latent_noise(seed, first_batch + i), *anchors.shape,
+                                           device=self.device)
             out.append(compute_latents(anchors, noise, steps=cfg.steps, solver=cfg.solver,
                                        alpha=alpha, eps=cfg.eps, state_dtype=state_dtype(cfg)).cpu())
         return torch.cat(out)
@@ -122,13 +123,13 @@ class LZNModel:
         out = []
         for i, s in enumerate(_batches(n, batch_size), start=first_batch):
             m = s.stop - s.start
-            noise = sampling.seeded_normal(seed * 100_003 + 2 * i, m, *self.image_shape, device=self.device)
+            noise = sampling.seeded_normal(seeds.sample_noise(seed, i), m, *self.image_shape, device=self.device)
             z = None
             if isinstance(obj, JointObjective):
-                z = self.label_latents(labels[s], seed=seed * 100_003 + 2 * i + 1)
+                z = self.label_latents(labels[s], seed=seeds.sample_latents(seed, i))
             elif isinstance(obj, GenerationObjective) and obj.uses_lzn:
                 # LZN latents are N(0, I) by construction: sample them directly.
-                z = sampling.seeded_normal(seed * 100_003 + 2 * i + 1, m, obj.latent.dim, device=self.device)
+                z = sampling.seeded_normal(seeds.sample_latents(seed, i), m, obj.latent.dim, device=self.device)
             cond = self._condition(z, labels[s] if labels is not None else None)
             out.append(sampling.sample(decoder, noise, cond, method=method, steps=steps).cpu())
         return torch.cat(out)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lzn import distributed as lzn_dist
+from lzn import seeds
 from lzn.checkpoint import CHECKPOINT_DIR, CheckpointStore, FolderCheckpoints, rng_state, set_rng_state
 
 
@@ -160,7 +161,7 @@ class Trainer:
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])
         else:
-            torch.manual_seed(self.cfg.seed * 7919 + self.step * 31 + self.rank)
+            torch.manual_seed(seeds.rank_rng_resumed(self.cfg.seed, self.step, self.rank))
 
     def resume(self) -> bool:
         """Load the latest checkpoint of this run, if any. Raises CheckpointError if corrupt."""
@@ -265,7 +266,7 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         if not self.resume():
-            torch.manual_seed(cfg.seed * 7919 + self.rank)
+            torch.manual_seed(seeds.rank_rng(cfg.seed, self.rank))
         resumed_from = self.step
         bar = None
         if cfg.progress and self.rank == 0 and self.step < cfg.iterations:

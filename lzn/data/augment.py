@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from lzn import seeds
+
 
 def blur_kernel(size: int) -> int:
     """The reference's blur kernel for `size` px crops: int(0.1 size) + 1 at 224 (= 23), in
@@ -104,10 +106,6 @@ def build_augment(name: str, image_size: int) -> v2.Transform | BatchAugment | N
     return PIPELINES[name](image_size)
 
 
-def _sample_seed(seed: int, step: int, position: int, view: int) -> int:
-    return ((seed * 1_000_003 + step) * 65_537 + position) * 4 + view
-
-
 Images = Tensor | Sequence[Tensor]  # (B, C, H, W), or B images (C, H_i, W_i) of any sizes
 
 
@@ -135,11 +133,11 @@ def augment_batch(transform: v2.Transform | BatchAugment | None, images: Images,
     if transform is None:
         return stack_images(images, "without augmentation")
     if isinstance(transform, BatchAugment):
-        g = torch.Generator().manual_seed(_sample_seed(seed, step, 0, view) * 7 + 3)
+        g = torch.Generator().manual_seed(seeds.batch_augmentation(seed, step, view))
         return transform(stack_images(images, f"for {type(transform).__name__}"), g, positions, total)
     out = []
     with torch.random.fork_rng(devices=[]):
         for img, pos in zip(images, positions.tolist()):
-            torch.manual_seed(_sample_seed(seed, step, pos, view))
+            torch.manual_seed(seeds.augmentation(seed, step, pos, view))
             out.append(transform((img + 1) / 2).clamp(0, 1) * 2 - 1)
     return stack_images(out, f"after {type(transform).__name__}")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from lzn import seeds
 from lzn.data.shards import ShardError, decode_image, read_manifest, split_files, verify_shards
 
 _COLUMNS = ["image", "encoding", "height", "width", "channels", "label"]
@@ -294,7 +295,7 @@ class RowGroupSampler(Sampler[int]):
         ds = self.dataset
         bounds = [*ds.starts, len(ds)]
         groups = np.arange(len(ds.groups))
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng(seeds.row_group_order(self.seed, self.epoch))
         if self.shuffle:
             groups = rng.permutation(groups)
         parts = []

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lzn import seeds
+
 
 class BatchStream:
     def __init__(self, num_samples: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1):
@@ -23,7 +25,7 @@ class BatchStream:
         self.steps_per_epoch = num_samples // global_batch  # the tail of each epoch is dropped
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(seeds.epoch_permutation(self.seed, epoch))
         return torch.randperm(self.n, generator=g)
 
     def global_indices(self, step: int) -> torch.Tensor:
@@ -46,7 +48,7 @@ class StepRandom:
     """
 
     def __init__(self, seed: int, step: int, *, rank: int = 0, world: int = 1, device=None):
-        self.generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 1)
+        self.generator = torch.Generator().manual_seed(seeds.step_noise(seed, step))
         self.rank, self.world, self.device = rank, world, device
 
     def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lzn import seeds
 from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
@@ -108,7 +109,7 @@ class StreamedBatches:
                 self._rows = iter(self.shard.iter_batches(
                     batch_size=self.batcher.local_batch, batch_format="numpy", drop_last=True,
                     local_shuffle_buffer_size=self.SHUFFLE_BUFFER,
-                    local_shuffle_seed=(self.seed * 1_000_003 + self.passes) * 64 + self.batcher.rank))
+                    local_shuffle_seed=seeds.stream_shuffle(self.seed, self.passes, self.batcher.rank)))
                 self.passes += 1
             rows = next(self._rows, None)
             if rows is not None:
