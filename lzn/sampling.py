@@ -6,7 +6,6 @@ paper's protocol (the Rectified Flow code does the same, on the flattened batch)
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -60,9 +59,3 @@ def invert(decoder: nn.Module, images: Tensor, cond: Tensor | None = None, **kw)
 def seeded_normal(seed: int, *shape: int, device=None) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(device)
-
-
-def to_numpy_images(images: Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, for grids and files."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()

@@ -49,12 +49,6 @@ class TrainConfig:
     progress: bool = True
 
 
-class Objective(Protocol):
-    """An nn.Module whose direct children are the parameter groups (encoder, decoder, ...)."""
-
-    def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor | float]]: ...
-
-
 class Callback(Protocol):
     """Rank 0's reporting hooks; before_checkpoint and on_checkpoint are optional."""
 
