@@ -36,10 +36,13 @@ def test_a_few_seeds_spelled_out():
     assert seeds.sample_latents(3, 10) == 300_030
 
 
+# A small grid: 64 steps / epochs / batches / passes, 8 ranks, 64 positions, 2 views.
+STEPS, RANKS, POSITIONS, VIEWS = range(64), range(8), range(64), range(2)
+
+
 def _streams(seed: int) -> dict[str, set[int]]:
-    """Every integer stream over a small grid: 64 steps / epochs / batches / passes, 8 ranks,
-    64 positions, 2 views (row_group_order is numpy SeedSequence entropy, not an integer)."""
-    steps, ranks, positions, views = range(64), range(8), range(64), range(2)
+    """Every integer stream over the grid (row_group_order is numpy SeedSequence entropy, not an integer)."""
+    steps, ranks, positions, views = STEPS, RANKS, POSITIONS, VIEWS
     return {
         "rank_rng": {seeds.rank_rng(seed, r) for r in ranks},
         "rank_rng_resumed": {seeds.rank_rng_resumed(seed, k, r) for k in steps for r in ranks},
@@ -78,7 +81,7 @@ def test_streams_of_different_purposes_do_not_share_seeds(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 42])
 def test_each_stream_gives_distinct_seeds_over_the_grid(seed):
-    steps, ranks, positions, views = range(64), range(8), range(64), range(2)
+    steps, ranks, positions, views = STEPS, RANKS, POSITIONS, VIEWS
     grids = {
         seeds.rank_rng_resumed: itertools.product(steps, ranks),
         seeds.augmentation: itertools.product(steps, positions, views),
