@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from lzn.atomic import write_atomically
+from lzn.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"  # a run folder's checkpoint store (lzn.trainer.FolderCheckpoints)
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but cannot be used (corrupt, truncated or from another run)."""
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lzn import sampling, seeds
+from lzn.errors import UserError
 from lzn.objectives import GenerationObjective, JointObjective
 from lzn.objectives.base import state_dtype
 from lzn.zoning import assign_zones, compute_latents
@@ -93,7 +94,7 @@ class LZNModel:
         from g = align.zone_eps (1e-4, as the reference) rather than the alignment's eps."""
         label_anchors, align = self._label_flow()
         if not 0 < align.zone_eps < 1:
-            raise ValueError(f"align.zone_eps must lie in (0, 1), got {align.zone_eps}")
+            raise UserError(f"align.zone_eps must lie in (0, 1), got {align.zone_eps}")
         labels = labels.to(self.device)
         noise = sampling.seeded_normal(seed, len(labels), label_anchors.shape[1], device=self.device)
         return compute_latents(label_anchors[labels], noise, steps=align.steps, solver=align.solver,

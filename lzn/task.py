@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from lzn.data.prepare import EXECUTORS, PrepareConfig
+from lzn.errors import UserError
 from lzn.models import build_decoder, build_encoder
 from lzn.models.anchors import LabelAnchors
 from lzn.objectives import (
@@ -23,25 +24,30 @@ from lzn.objectives import (
     RepresentationObjective,
     SimCLRObjective,
 )
+from lzn.roles import Role, role_field
 from lzn.trainer import OptimConfig, TrainConfig
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # the dataset; its shards live in <shards_dir>/<name>/
-    source: Optional[str] = None  # how to read the raw data (lzn.data.sources.SOURCES); None: same as name
-    root: Optional[str] = None  # the raw data: archives or an image tree (digits needs none)
-    splits: Optional[list[str]] = None  # imagefolder: the split folders to read (None: those found)
-    shards_dir: str = "data"  # where prepared datasets live
-    image_size: int = 8
-    channels: int = 1
-    num_classes: int = 10
-    augment: str = "none"  # lzn.data.augment.PIPELINES
+    # The dataset; its shards live in <shards_dir>/<name>/.
+    name: str = role_field(Role.TASK, default="digits")
+    # How to read the raw data (lzn.data.sources.SOURCES); None: same as name.
+    source: Optional[str] = role_field(Role.TASK, default=None)
+    # The raw data: archives or an image tree (digits needs none).
+    root: Optional[str] = role_field(Role.RUNTIME, default=None)
+    # imagefolder: the split folders to read (None: those found).
+    splits: Optional[list[str]] = role_field(Role.TRAINING, default=None)
+    shards_dir: str = role_field(Role.RUNTIME, default="data")  # where prepared datasets live
+    image_size: int = role_field(Role.TASK, default=8)
+    channels: int = role_field(Role.TASK, default=1)
+    num_classes: int = role_field(Role.TASK, default=10)
+    augment: str = role_field(Role.TRAINING, default="none")  # lzn.data.augment.PIPELINES
     # How training reads the train split: memory (every worker holds it; batches are a function
     # of (seed, step)), stream (Ray Data: each Ray worker streams its shard of the rows, shuffled
     # per epoch; for datasets too large or of mixed image sizes), auto (memory when it fits).
-    loader: str = "auto"
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    loader: str = role_field(Role.RUNTIME, default="auto")
+    prepare: PrepareConfig = role_field(Role.RUNTIME, default_factory=PrepareConfig)
 
     @property
     def source_name(self) -> str:
@@ -68,7 +74,7 @@ class EvalConfig:
     sampler_steps: int = 10
     fid_samples: int = 0  # 0: as many as the reference (training) set
     fid_features: str = "digits_cnn"  # digits_cnn or inception
-    inception_weights: Optional[str] = None
+    inception_weights: Optional[str] = role_field(Role.RUNTIME, default=None)
     probe_epochs: int = 300
     probe_lr: float = 3e-4  # the paper's; small datasets need more (digits: 3e-3)
     probe_batch_size: int = 256  # the probe's SGD batch (the probe trains on the evaluating worker's device)
@@ -100,29 +106,29 @@ class EvalConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "gen_digits"
-    objective: str = "generation"  # OBJECTIVES
+    name: str = role_field(Role.TASK, default="gen_digits")
+    objective: str = role_field(Role.TASK, default="generation")  # OBJECTIVES
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    latent: LatentConfig = field(default_factory=LatentConfig)
-    align: AlignConfig = field(default_factory=AlignConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    symmetric: bool = False  # representation: align both directions
-    simclr_temperature: float = 0.5
+    model: ModelConfig = role_field(Role.MODEL, default_factory=ModelConfig)
+    latent: LatentConfig = role_field(Role.MODEL, default_factory=LatentConfig)
+    align: AlignConfig = role_field(Role.MODEL, default_factory=AlignConfig)
+    optim: OptimConfig = role_field(Role.TRAINING, default_factory=OptimConfig)
+    train: TrainConfig = role_field(Role.TRAINING, default_factory=TrainConfig)
+    eval: EvalConfig = role_field(Role.EVALUATION, default_factory=EvalConfig)
+    symmetric: bool = role_field(Role.MODEL, default=False)  # representation: align both directions
+    simclr_temperature: float = role_field(Role.TRAINING, default=0.5)
 
 
 def _encoder(cfg: TaskConfig) -> nn.Module:
     if not cfg.model.encoder:
-        raise ValueError(f"objective {cfg.objective!r} needs model.encoder")
+        raise UserError(f"objective {cfg.objective!r} needs model.encoder")
     return build_encoder(cfg.model.encoder, latent_dim=cfg.latent.dim, image_size=cfg.data.image_size,
                          channels=cfg.data.channels, **cfg.model.encoder_overrides)
 
 
 def _decoder(cfg: TaskConfig, cond_dim: int) -> nn.Module:
     if not cfg.model.decoder:
-        raise ValueError(f"objective {cfg.objective!r} needs model.decoder")
+        raise UserError(f"objective {cfg.objective!r} needs model.decoder")
     return build_decoder(cfg.model.decoder, image_size=cfg.data.image_size, channels=cfg.data.channels,
                          cond_dim=cond_dim, **cfg.model.decoder_overrides)
 
@@ -146,7 +152,7 @@ LOADERS = ("auto", "memory", "stream")
 
 def build_objective(cfg: TaskConfig, gather=None) -> nn.Module:
     if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {cfg.objective!r}; expected one of {sorted(OBJECTIVES)}")
+        raise UserError(f"unknown objective {cfg.objective!r}; expected one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[cfg.objective](cfg, gather)
 
 
@@ -160,11 +166,11 @@ def validate_task(cfg: TaskConfig) -> None:
 
     def one_of(what: str, value, known) -> None:
         if value not in known:
-            raise ValueError(f"{what}={value!r} is not known; expected one of {sorted(known)}")
+            raise UserError(f"{what}={value!r} is not known; expected one of {sorted(known)}")
 
     def positive(what: str, value) -> None:
         if not value > 0:
-            raise ValueError(f"{what} must be > 0, got {value}")
+            raise UserError(f"{what} must be > 0, got {value}")
 
     one_of("objective", cfg.objective, OBJECTIVES)
     if cfg.model.encoder is not None:
@@ -185,28 +191,28 @@ def validate_task(cfg: TaskConfig) -> None:
         section, key = what.split(".")
         positive(what, getattr(getattr(cfg, section), key))
     if cfg.eval.probe_resize and cfg.eval.probe_resize < cfg.data.image_size:
-        raise ValueError(f"eval.probe_resize must be 0 or >= data.image_size = {cfg.data.image_size} (it is the "
+        raise UserError(f"eval.probe_resize must be 0 or >= data.image_size = {cfg.data.image_size} (it is the "
                          f"shorter side before the centre crop), got {cfg.eval.probe_resize}")
     if cfg.eval.chunk_size < 0 or cfg.eval.fid_samples < 0:
-        raise ValueError(f"eval.chunk_size and eval.fid_samples must be >= 0 (0: the default), got "
+        raise UserError(f"eval.chunk_size and eval.fid_samples must be >= 0 (0: the default), got "
                          f"{cfg.eval.chunk_size} and {cfg.eval.fid_samples}")
     if not 0 < cfg.latent.eps < 1 or not 0 < cfg.align.eps < 1:
-        raise ValueError(f"latent.eps and align.eps must lie in (0, 1), got {cfg.latent.eps}, {cfg.align.eps}")
+        raise UserError(f"latent.eps and align.eps must lie in (0, 1), got {cfg.latent.eps}, {cfg.align.eps}")
     if not 0 < cfg.align.zone_eps < 1:
-        raise ValueError(f"align.zone_eps must lie in (0, 1), got {cfg.align.zone_eps}")
+        raise UserError(f"align.zone_eps must lie in (0, 1), got {cfg.align.zone_eps}")
     if not 0 <= cfg.align.cutoff < 1:
-        raise ValueError(f"align.cutoff must lie in [0, 1), got {cfg.align.cutoff}")
+        raise UserError(f"align.cutoff must lie in [0, 1), got {cfg.align.cutoff}")
     for what, flow in (("latent", cfg.latent), ("align", cfg.align)):
         if flow.solver != "euler" and flow.eps >= 0.5:
-            raise ValueError(f"{what}.eps must be < 0.5 with {what}.solver={flow.solver} (its grid runs from eps "
+            raise UserError(f"{what}.eps must be < 0.5 with {what}.solver={flow.solver} (its grid runs from eps "
                              f"to 1 - eps), got {flow.eps}")
     if cfg.eval.is_splits < 1:
-        raise ValueError(f"eval.is_splits must be >= 1, got {cfg.eval.is_splits}")
+        raise UserError(f"eval.is_splits must be >= 1, got {cfg.eval.is_splits}")
     if cfg.eval.kid_pr_samples != 0 and cfg.eval.kid_pr_samples < 4:
-        raise ValueError("eval.kid_pr_samples must be 0 (no KID or precision/recall) or >= 4 (precision/recall "
+        raise UserError("eval.kid_pr_samples must be 0 (no KID or precision/recall) or >= 4 (precision/recall "
                          f"use each row's 3 nearest neighbours), got {cfg.eval.kid_pr_samples}")
     if cfg.eval.reconstruction_samples < 0 or cfg.eval.reconstruction_draws < 1:
-        raise ValueError(f"eval.reconstruction_samples must be >= 0 and eval.reconstruction_draws >= 1, got "
+        raise UserError(f"eval.reconstruction_samples must be >= 0 and eval.reconstruction_draws >= 1, got "
                          f"{cfg.eval.reconstruction_samples} and {cfg.eval.reconstruction_draws}")
     for name, lr in cfg.optim.lr.items():
         positive(f"optim.lr.{name}", lr)

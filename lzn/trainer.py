@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from lzn import distributed as lzn_dist
 from lzn import seeds
 from lzn.checkpoint import CHECKPOINT_DIR, CheckpointStore, FolderCheckpoints, rng_state, set_rng_state
+from lzn.errors import UserError
+from lzn.roles import Role, role_field
 
 
 @dataclass
@@ -36,17 +38,17 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 1000
+    iterations: int = role_field(Role.LENGTH, default=1000)
     batch_size: int = 256  # global batch, split evenly over the workers
     seed: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 50
+    checkpoint_every: int = role_field(Role.RUNTIME, default=1000)
+    keep_checkpoints: int = role_field(Role.RUNTIME, default=3)
+    log_every: int = role_field(Role.RUNTIME, default=50)
     bf16: bool = False
     deterministic: bool = False
     # Module group -> iteration from which it is frozen, its EMA too (joint case study: the decoder).
     freeze_after: dict[str, int] = field(default_factory=dict)
-    progress: bool = True
+    progress: bool = role_field(Role.RUNTIME, default=True)
 
 
 class Callback(Protocol):
@@ -88,13 +90,13 @@ class Trainer:
         unknown = sorted(set(optim.lr) - set(groups))
         missing = sorted(n for n, m in groups.items() if n not in optim.lr and any(True for _ in m.parameters()))
         if unknown or missing:
-            raise ValueError(
+            raise UserError(
                 f"optim.lr must give one learning rate per module group {sorted(groups)}: "
                 f"unknown {unknown}, missing {missing}"
             )
         bad_freeze = sorted(set(train.freeze_after) - set(groups))
         if bad_freeze:
-            raise ValueError(f"train.freeze_after names unknown module groups {bad_freeze}; known: {sorted(groups)}")
+            raise UserError(f"train.freeze_after names unknown module groups {bad_freeze}; known: {sorted(groups)}")
         self.groups = groups
         self.optimizer = torch.optim.Adam(
             [{"params": list(m.parameters()), "lr": optim.lr[n], "name": n}

@@ -1,5 +1,6 @@
-"""One training run on one rank: the body every backend runs (a plain process, torchrun,
-a Ray Train worker, a submitit task).
+"""One run: its schema (`RunConfig`, the task plus where and how it runs, each field with its
+role), its metadata (`RunMeta`), and `train_and_evaluate`, the body every backend runs on
+each rank (a plain process, torchrun, a Ray Train worker, a submitit task).
 
 The process group (if any) is already set up by the launcher; rank and world size come
 from it. Every rank trains; rank 0 alone writes the run folder's logs, evaluates the EMA
@@ -20,25 +21,95 @@ from typing import Callable
 
 import torch
 
+from lzn.errors import UserError
+from lzn.roles import Role, Roles, role_field
+from lzn.task import TaskConfig, validate_task
 from orchestration.folder import RunFolder
+from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
+
+RUNTIME = Role.RUNTIME
+
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class RayTrainerConfig:
+    """The `trainer:` section: the Ray Train workers of a run (backend=ray)."""
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # Ray's CPU reservation; torch threads: max(1, round(cpus_per_worker))
+    max_failures: int = 3  # worker failures a run recovers from (each restarts from the last checkpoint)
+
+
+@dataclass
+class RunConfig(TaskConfig):
+    """The run schema: lzn's task (what is trained, how long, how it is evaluated) and where
+    and how it runs. Every field's role is declared here or in lzn's dataclasses (`lzn.roles`)."""
+    output_dir: str = role_field(RUNTIME, default="outputs")
+    scale: str = role_field(RUNTIME, default="full")  # set by the scale group (conf/scale/*.yaml)
+    # One folder per (task, scale, seed) unless named: re-running the same command resumes it.
+    run_name: str = role_field(RUNTIME, default="${scale}-seed${train.seed}")
+    resume: bool = role_field(RUNTIME, default=True)
+    device: str = role_field(RUNTIME, default="auto")  # auto: cuda when available, else cpu (the local backend)
+    # local: this process (or torchrun's); ray: Ray Train workers on $RAY_ADDRESS or a local Ray.
+    backend: str = role_field(RUNTIME, default="local")
+    trainer: RayTrainerConfig = role_field(RUNTIME, default_factory=RayTrainerConfig)
+    tracking: TrackingConfig = role_field(RUNTIME, default_factory=TrackingConfig)
+
+
+RUN_ROLES = Roles(RunConfig)
+
+
+def run_params(cfg) -> dict[str, str]:
+    """The run's settings as flat MLflow params: {"optim.lr.encoder": "0.001", ...}."""
+    return flatten_params(dataclasses.asdict(cfg))
+
+
+def as_run_config(cfg: RunConfig) -> RunConfig:
+    """The plain RunConfig of a config that extends it (a sweep's, an evaluation's, the DAG's)."""
+    return RunConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
+
+
+def refused_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """What a run folder may not resume with: the changes `new` makes to `old` (flat params)
+    that change what is trained. Both resume checks call it: the run folder's own record
+    (`trained_with.json`) and the MLflow run it continues."""
+    return RUN_ROLES.refused_changes(old, new)
+
+
+def validate_trainer(cfg: RayTrainerConfig, global_batch: int) -> None:
+    if cfg.num_workers < 1:
+        raise UserError(f"trainer.num_workers must be >= 1, got {cfg.num_workers}")
+    if not cfg.cpus_per_worker > 0:
+        raise UserError(f"trainer.cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
+    if global_batch % cfg.num_workers:
+        raise UserError(f"train.batch_size={global_batch} is the global batch: it must be divisible by "
+                        f"trainer.num_workers={cfg.num_workers}")
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Every check a run's settings get before anything starts: the task's, the backend, the
+    Ray workers (backend=ray)."""
+    validate_task(cfg)
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"backend={cfg.backend!r} is not known; expected one of {list(BACKENDS)}")
+    if cfg.backend == "ray":
+        validate_trainer(cfg.trainer, cfg.train.batch_size)
 
 
 @dataclass
 class RunMeta:
-    """What the launcher knows and the workers need: where to track, and the run's identity."""
+    """What the launcher knows and the workers need: where and how to track (the run's
+    `tracking:` section and the server it resolved to), and the run's identity."""
 
     tracking_uri: str | None = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: str = "lzn"
     run_name: str = "run"
     config_yaml: str = ""
     tags: dict[str, str] = field(default_factory=dict)
-    system_metrics: bool = True
-    system_metrics_every_s: float = 10.0
-    flush_every_s: float = 5.0
-    register_model: bool = True
-    model_alias: str = "candidate"
-    open_timeout_s: float = 300.0  # how long rank 0 waits for an unreachable server at start
 
 
 class JsonlLogger:
@@ -127,18 +198,16 @@ def _lock_run_folder(run_dir: Path, wait_s: float = LOCK_WAIT_S):
 
 def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
     """The rank-0 MLflow run. A server that does not answer (a restarted worker during an
-    outage) is retried for `meta.open_timeout_s`; then training goes on untracked, with the
+    outage) is retried for `tracking.open_timeout_s`; then training goes on untracked, with the
     step metrics in train_metrics.jsonl, rather than dying for its logs."""
-    from orchestration.mlflow.tracker import RunTracker, flatten_params
-
-    deadline, told = time.monotonic() + meta.open_timeout_s, False
+    t = meta.tracking
+    deadline, told = time.monotonic() + t.open_timeout_s, False
     while True:
         try:
             return RunTracker.open(meta.tracking_uri, meta.experiment, run_dir, run_name=meta.run_name,
-                                   params=flatten_params(dataclasses.asdict(cfg)), config_yaml=meta.config_yaml,
-                                   tags=meta.tags, system_metrics=meta.system_metrics,
-                                   flush_every_s=meta.flush_every_s,
-                                   system_metrics_every_s=meta.system_metrics_every_s)
+                                   params=run_params(cfg), config_yaml=meta.config_yaml, tags=meta.tags,
+                                   refused_changes=refused_changes, system_metrics=t.system_metrics,
+                                   flush_every_s=t.flush_every_s, system_metrics_every_s=t.system_metrics_every_s)
         except ValueError:  # the run refuses this config: not a connection problem
             raise
         except Exception as e:
@@ -149,7 +218,7 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
                 return None
             if not told:
                 print(f"[tracking] MLflow server {meta.tracking_uri} unreachable ({type(e).__name__}: "
-                      f"{str(e)[:200]}); retrying for {meta.open_timeout_s:g} s", file=sys.stderr, flush=True)
+                      f"{str(e)[:200]}); retrying for {t.open_timeout_s:g} s", file=sys.stderr, flush=True)
                 told = True
             time.sleep(5.0)
 
@@ -157,7 +226,7 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
 def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
                        checkpoints=None, batch_source: Callable | None = None, evaluate: bool = True,
                        report_metric: str | None = None, report_mode: str = "min") -> dict:
-    """Train task `cfg` (lzn.task.TaskConfig) in `run_dir`, resuming from its latest
+    """Train the run `cfg` in `run_dir`, resuming from its latest
     checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary).
 
     batch_source: None reads the train split into memory (batches a function of (seed,
@@ -293,8 +362,9 @@ def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMe
     tracker.log_artifact(run_folder.metrics)
     if trainer.last_checkpoint is not None:
         tracker.log_artifact(trainer.last_checkpoint, "checkpoint")
-    if meta.register_model:
-        version = tracker.register_model(trainer.ema, f"lzn-{cfg.name}", meta.model_alias)
+    if meta.tracking.register_model:
+        alias = meta.tracking.model_alias
+        version = tracker.register_model(trainer.ema, f"lzn-{cfg.name}", alias)
         if version is not None:
-            print(f"registered model lzn-{cfg.name} version {version} as @{meta.model_alias}", file=sys.stderr)
+            print(f"registered model lzn-{cfg.name} version {version} as @{alias}", file=sys.stderr)
 

@@ -1,36 +1,63 @@
-"""Hydra wiring: the run schema (lzn's TaskConfig plus where and how to run) in the
-ConfigStore, so every YAML in pipelines/conf/ is validated against typed dataclasses."""
+"""Hydra wiring: every command's schema in the ConfigStore, so each YAML in pipelines/conf/ is
+validated against typed dataclasses. A run (`orchestration.run.RunConfig`: lzn's task plus
+where and how it runs) is what `pipelines.train` takes; the other commands extend it:
+an evaluation (`EvalRun`), the stage DAG (`PipelineRun`), a sweep (`SweepRun`); the prepare
+command takes a dataset alone (`PrepareRun`). Every field they add declares its role
+(`lzn.roles`), as RunConfig's do.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from lzn.task import TaskConfig
-from orchestration.ray.train import RayTrainerConfig
-from orchestration.mlflow.tracker import TrackingConfig
+from lzn.errors import UserError
+from lzn.roles import Role, Roles, role_field
+from lzn.task import DataConfig
+from orchestration.ray.tune import SweepConfig
+from orchestration.run import RunConfig
 
-BACKENDS = ("local", "ray")
+STAGES = ("prepare", "train", "evaluate", "report")
 
 
 @dataclass
-class RunConfig(TaskConfig):
-    output_dir: str = "outputs"
-    scale: str = "full"  # set by the scale group (conf/scale/*.yaml)
-    # One folder per (task, scale, seed) unless named: re-running the same command resumes it.
-    run_name: str = "${scale}-seed${train.seed}"
-    resume: bool = True
-    device: str = "auto"  # auto: cuda when available, else cpu (the local backend)
-    # local: this process (or torchrun's); ray: Ray Train workers on $RAY_ADDRESS or a local Ray.
-    backend: str = "local"
-    trainer: RayTrainerConfig = field(default_factory=RayTrainerConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+class EvalRun(RunConfig):
+    # a checkpoint file, a run folder, or an MLflow run id
+    checkpoint: Optional[str] = role_field(Role.EVALUATION, default=None)
+    # None: every metric the objective has (lzn.evaluate.METRICS)
+    metrics: Optional[list[str]] = role_field(Role.EVALUATION, default=None)
+
+
+@dataclass
+class PipelineRun(EvalRun):
+    stages: Optional[list[str]] = role_field(Role.RUNTIME, default=None)  # None: all of STAGES
+
+
+@dataclass
+class SweepRun(RunConfig):
+    sweep: SweepConfig = role_field(Role.TASK, default_factory=SweepConfig)  # another sweep is another sweep.name
+
+
+@dataclass
+class PrepareRun:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# What the command line of an evaluation decides (where and how it runs, how it evaluates);
+# everything else, what was trained, comes from the training run's own config.
+_EVAL_ROLES = Roles(PipelineRun)
+EVAL_KEYS = _EVAL_ROLES.top_level([Role.RUNTIME, Role.EVALUATION])
+DATA_EVAL_KEYS = _EVAL_ROLES.top_level([Role.RUNTIME], "data.")
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    store = ConfigStore.instance()
+    for name, schema in (("run_schema", RunConfig), ("eval_schema", EvalRun), ("pipeline_schema", PipelineRun),
+                         ("sweep_schema", SweepRun), ("prepare_schema", PrepareRun)):
+        store.store(name=name, node=schema)
 
 
 def _reject_unknown_keys(node, path: str = "") -> None:
@@ -43,14 +70,22 @@ def _reject_unknown_keys(node, path: str = "") -> None:
     extra = sorted(set(node.keys()) - fields)
     if extra:
         where = path.rstrip(".") or "the top level"
-        raise ValueError(f"unknown config key(s) {[path + k for k in extra]}; valid keys at {where}: {sorted(fields)}")
+        raise UserError(f"unknown config key(s) {[path + k for k in extra]}; valid keys at {where}: {sorted(fields)}")
     for key in fields:
         child = node._get_node(key)
         if isinstance(child, DictConfig):
             _reject_unknown_keys(child, f"{path}{key}.")
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The composed Hydra config as a validated, typed RunConfig."""
+def to_run_config(cfg: DictConfig):
+    """The composed Hydra config as its validated, typed schema (RunConfig or one above)."""
     _reject_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def training_dcfg(dcfg: DictConfig) -> DictConfig:
+    """The keys of a composed config that a plain training run has (`RunConfig`'s)."""
+    return OmegaConf.masked_copy(dcfg, [f.name for f in dataclasses.fields(RunConfig)])
+
+
+register()

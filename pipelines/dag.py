@@ -26,6 +26,7 @@ from typing import Callable
 
 from lzn.atomic import write_atomically
 from lzn.data.shards import sha256_file
+from lzn.errors import UserError
 
 
 class StageFailed(RuntimeError):
@@ -54,7 +55,7 @@ class Pipeline:
         for s in stages:
             unknown = [n for n in s.needs if n not in self.stages or order.index(n) > order.index(s.name)]
             if unknown:
-                raise ValueError(f"stage {s.name!r} needs {unknown}, which are not stages listed before it")
+                raise UserError(f"stage {s.name!r} needs {unknown}, which are not stages listed before it")
         self.order, self.state_dir = order, Path(state_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -122,7 +123,7 @@ class Pipeline:
         selected = list(self.order) if selected is None else list(selected)
         unknown = [s for s in selected if s not in self.stages]
         if unknown:
-            raise ValueError(f"stages={unknown} are not known; expected some of {self.order}")
+            raise UserError(f"stages={unknown} are not known; expected some of {self.order}")
         status = {}
         for name in self.order:
             if name not in selected:
@@ -130,7 +131,7 @@ class Pipeline:
             stage = self.stages[name]
             missing = [d for d in stage.needs if d not in selected and self.current(d) is None]
             if missing:
-                raise ValueError(f"stage {name!r} needs {missing}, which have not run with this config (or their "
+                raise UserError(f"stage {name!r} needs {missing}, which have not run with this config (or their "
                                  f"outputs changed): add them to stages=, or leave stages= out")
             try:  # the stage's key reads its inputs, which can fail too (a missing weights file)
                 if self.current(name) is not None:

@@ -10,7 +10,6 @@ checkpoint).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import subprocess

@@ -18,63 +18,45 @@ Ray actors, and preparation as Ray tasks. The run folder is that of pipelines.tr
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import sys
-from dataclasses import dataclass
+import traceback
 from pathlib import Path
-from typing import Optional
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from lzn.errors import UserError
+from lzn.roles import Role
 from orchestration.folder import METRICS, RunFolder
-from pipelines.config import RunConfig, to_run_config
+from orchestration.run import RUN_ROLES, RunConfig, as_run_config, run_params
+from pipelines.cli import EXIT_BAD_INPUT, EXIT_FAILED, guarded, print_metrics
+from pipelines.config import STAGES, PipelineRun, to_run_config, training_dcfg
 from pipelines.dag import Pipeline, Stage, StageFailed
-from pipelines.evaluate import EvalRun, Target, evaluate_checkpoint, extractor_digest, main_guarded, print_metrics
+from pipelines.stages.evaluate import Target, evaluate_checkpoint, extractor_digest
 
-STAGES = ("prepare", "train", "evaluate", "report")
-# Beyond RESUMABLE_PARAMS (how or where a run goes), the length of training is an input of
-# the train stage (more iterations train on); where the raw data lies is not.
-TRAIN_LENGTH, NOT_TRAINING = "train.iterations", ("data.root", "run_name")
+# The train stage's inputs: what is trained and how long (more iterations train on), not
+# where or how it runs, nor how it is evaluated.
+TRAIN_INPUTS = (Role.TASK, Role.MODEL, Role.TRAINING, Role.LENGTH)
 PREPARE_KEYS = ("shard_mb", "shard_rows", "raw_max_side")
 
 
-@dataclass
-class PipelineRun(EvalRun):
-    stages: Optional[list[str]] = None  # None: all of STAGES
-
-
-ConfigStore.instance().store(name="pipeline_schema", node=PipelineRun)
-
-
-def as_run_config(cfg: RunConfig) -> RunConfig:
-    """The plain training config (what pipelines.train would log), without the DAG's keys."""
-    return RunConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
-
-
 def _training_inputs(cfg: RunConfig) -> dict:
-    from orchestration.mlflow.runs import resumable
-    from orchestration.mlflow.tracker import flatten_params
-
-    params = flatten_params(dataclasses.asdict(as_run_config(cfg)))
-    return {k: v for k, v in params.items()
-            if k == TRAIN_LENGTH or not (resumable(k) or k in NOT_TRAINING)}
+    params = run_params(as_run_config(cfg))
+    return {k: params[k] for k in RUN_ROLES.keys(params, TRAIN_INPUTS)}
 
 
 def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline:
+    from lzn.data.shards import MANIFEST
     from lzn.evaluate import select_metrics
     from lzn.reference_cache import manifest_checksum
-    from lzn.data.shards import MANIFEST
     from orchestration.ray.evaluate import eval_settings
-    from pipelines.prepare import prepare
-    from pipelines.report import write_report
-    from pipelines.train import run as train
+    from pipelines.stages.prepare import prepare
+    from pipelines.stages.report import write_report
+    from pipelines.stages.train import train
 
     d = cfg.data
-    train_dcfg = OmegaConf.masked_copy(dcfg, [f.name for f in dataclasses.fields(RunConfig)])
+    train_dcfg = training_dcfg(dcfg)
     pipeline: Pipeline
 
     def record_path(stage: str, output: str) -> Path:
@@ -113,7 +95,7 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
     return pipeline
 
 
-def _log_report(cfg, run_dir: Path, report: Path) -> None:
+def _log_report(cfg: PipelineRun, run_dir: Path, report: Path) -> None:
     run = RunFolder(run_dir).mlflow_run_record()
     if not cfg.tracking.enabled or run is None:
         return
@@ -140,15 +122,20 @@ def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    cfg = main_guarded(lambda: to_run_config(dcfg))
+    cfg = guarded(lambda: to_run_config(dcfg))
     try:
-        status = main_guarded(lambda: run_pipeline(cfg, run_dir, dcfg))
+        status = guarded(lambda: run_pipeline(cfg, run_dir, dcfg))
     except StageFailed as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        bad_input = isinstance(e.cause, UserError)
+        if not bad_input:  # a failed run keeps its story
+            traceback.print_exception(e.cause)
         done = [s for s in STAGES[:STAGES.index(e.stage)]]
-        raise SystemExit(f"error: {e}\nThe outputs of {done or 'no stage'} are kept; run the same command again "
-                         f"to resume from stage {e.stage!r} (HYDRA_FULL_ERROR=1 shows the traceback).") from None
+        print(f"error: {e}\nThe outputs of {done or 'no stage'} are kept; run the same command again to resume "
+              f"from stage {e.stage!r}" + (" (HYDRA_FULL_ERROR=1 shows the traceback)." if bad_input else "."),
+              file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT if bad_input else EXIT_FAILED) from None
     print("stages: " + ", ".join(f"{k} {v}" for k, v in status.items()))
     metrics = RunFolder(run_dir).read_metrics()
     if metrics is not None:

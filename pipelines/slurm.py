@@ -33,10 +33,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from orchestration.slurm.settings import SlurmError, SlurmSettings, tasks_per_node, validate_settings
 from orchestration.slurm.submit import REQUEUE_GRACE_S, check_reachable_tracking, is_final, job_state, preflight, submit
+from lzn.errors import UserError
+from lzn.task import validate_task
+from orchestration.run import RunConfig, validate_trainer
 from orchestration.slurm.job import PipelineJob
-from pipelines.config import register, to_run_config
-
-register()
+from pipelines.cli import EXIT_BAD_INPUT
+from pipelines.config import to_run_config
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 OWN_KEYS = ("mode", "wait", "poll_s")  # and slurm, slurm.*: the rest of an override list is the pipeline's
@@ -81,8 +83,6 @@ def job_settings(overrides: list[str]) -> SlurmRun:
 
 def pipeline_config(mode: str, overrides: list[str]):
     """The pipeline's validated config and its run folder (Hydra's hydra.run.dir for it)."""
-    if mode == "sweep":
-        import pipelines.sweep  # noqa: F401  (registers the sweep schema)
     dcfg = _compose(MODES[mode][0], overrides, hydra=True)
     run_dir = Path(dcfg.hydra.run.dir).resolve()
     with open_dict(dcfg):
@@ -90,15 +90,12 @@ def pipeline_config(mode: str, overrides: list[str]):
     return to_run_config(dcfg), run_dir
 
 
-def check_fits(cfg, run: SlurmRun) -> None:
+def check_fits(cfg: RunConfig, run: SlurmRun) -> None:
     """The pipeline fits the allocation, named by what does not: a Ray job that cannot get its
     workers would wait forever inside the allocation."""
-    from lzn.task import validate_task
-    from orchestration.ray.train import validate_trainer
-
     s = run.slurm
-    validate_task(cfg)
     if s.launcher == "ddp":
+        validate_task(cfg)
         if run.mode != "train":
             raise SlurmError(f"mode={run.mode} needs Ray Tune: use slurm.launcher=ray (ddp runs training only)")
         world = s.nodes * tasks_per_node(s)
@@ -107,6 +104,7 @@ def check_fits(cfg, run: SlurmRun) -> None:
                              f"the {world} DDP processes (slurm.nodes x tasks per node)")
         return
     t = cfg.trainer
+    validate_task(cfg)
     validate_trainer(t, cfg.train.batch_size)
     cpus = s.nodes * s.cpus_per_task
     if t.num_workers * t.cpus_per_worker > cpus:
@@ -125,7 +123,7 @@ def job_command(mode: str, overrides: list[str], launcher: str) -> list[str]:
     return command
 
 
-def tracking_env(cfg, partition: str) -> dict[str, str]:
+def tracking_env(cfg: RunConfig, partition: str) -> dict[str, str]:
     """The job logs where this command would: the same server, resolved here (a local one is
     started here when none is named, as pipelines.train does), and one the nodes can reach."""
     from orchestration.mlflow.tracker import resolve_tracking_uri
@@ -218,15 +216,13 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lzn.data.sources import SourceError
-
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except (SlurmError, SourceError, ValueError, HydraException, OmegaConfBaseException) as e:
+    except (UserError, HydraException, OmegaConfBaseException) as e:  # bad input: one line
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ the token reach the cluster: orchestration/ray/jobs.py.
 from __future__ import annotations
 
 import getpass
-import importlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -100,10 +99,9 @@ def compose(mode: str, overrides: list[str]):
     """The typed config the job will load: a wrong key or value fails here, before the upload."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from pipelines.config import to_run_config
+    from pipelines.config import to_run_config  # registers every command's schema in Hydra's ConfigStore
 
     module, config_name = MODES[mode]
-    importlib.import_module(module)  # registers the mode's schema in Hydra's ConfigStore
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return to_run_config(hydra_compose(config_name=config_name, overrides=overrides))
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         elif cfg.tracking.uri:  # the job logs there: this shell's variable neither travels nor is checked
             ray_jobs.check_tracking_uri(cfg.tracking.uri, local=local, what="tracking.uri")
             environ.pop("MLFLOW_TRACKING_URI", None)
-        from pipelines.train import git_commit
+        from pipelines.cli import git_commit
 
         commit = git_commit()  # the job's copy of the project has no .git
         env = ray_jobs.runtime_env(local=local, env=environ, extra_env={"LZN_GIT_COMMIT": commit})

@@ -12,65 +12,39 @@ continues an interrupted sweep. At the end the leaderboard is printed and saved
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from orchestration.ray.tune import SweepConfig
-from pipelines.config import RunConfig, register, to_run_config
-
-register()
-
-
-@dataclass
-class SweepRun(RunConfig):
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-
-ConfigStore.instance().store(name="sweep_schema", node=SweepRun)
+from lzn.errors import UserError
+from lzn.task import TaskConfig, validate_task
+from orchestration.mlflow.tracker import RunTracker
+from orchestration.ray.tune import (
+    SweepConfig, close_trial_runs, leaderboard_csv, leaderboard_markdown, run_sweep, trial_config, validate_sweep,
+)
+from orchestration.run import RunConfig, as_run_config, refused_changes, run_params, validate_run
+from pipelines.cli import guarded, run_meta
+from pipelines.config import SweepRun, to_run_config, training_dcfg
+from pipelines.stages.prepare import check_data
 
 
-def check_data(cfg: RunConfig) -> None:
-    """The task's data is prepared (or can be, here): else say which dataset, where it was
-    looked for and how to prepare it, before any trial starts."""
-    from lzn.data.shards import MANIFEST
-    from lzn.data.sources import SourceError
-    from pipelines.prepare import ensure_prepared
-
-    d = cfg.data
-    try:
-        ensure_prepared(d)
-    except SourceError as e:
-        raise ValueError(f"dataset {d.name!r} is not prepared: no {d.dataset_dir.resolve() / MANIFEST}. Prepare it "
-                         f"with `python -m pipelines.prepare data={d.source_name} data.root=<folder>` (or pass "
-                         f"data.root= to this command; LZN_DATA_DIR moves {Path(d.shards_dir).resolve()}). {e}") from None
-
-
-def check_values(cfg: RunConfig, sweep) -> None:
+def check_values(cfg: RunConfig, sweep: SweepConfig) -> None:
     """Every listed value (choice, grid) and range end, set alone on the task, is a valid
     config: a bad one fails here, not as errored trials."""
-    from lzn.task import validate_task
-    from orchestration.ray.train import validate_trainer
-    from orchestration.ray.tune import trial_config
-
-    validate_trainer(cfg.trainer, cfg.train.batch_size)  # the task itself first
+    on_ray = {"backend": "ray"}  # every trial is a Ray Train run
+    validate_run(trial_config(cfg, on_ray))  # the task itself first
     for key, spec in sweep.space.items():
         values = spec.values if spec.kind in ("choice", "grid") else [spec.low, spec.high]
         for value in values:
-            trial = trial_config(cfg, {key: value})
             try:
-                validate_task(trial)
-                validate_trainer(trial.trainer, trial.train.batch_size)
+                validate_run(trial_config(cfg, {**on_ray, key: value}))
             except ValueError as e:
-                raise ValueError(f"sweep.space.{key}: the value {value!r} makes an invalid trial: {e}") from None
+                raise UserError(f"sweep.space.{key}: the value {value!r} makes an invalid trial: {e}") from None
 
 
-def smoke_space(cfg: "SweepRun") -> list[str]:
+def smoke_space(cfg: SweepRun) -> list[str]:
     """scale=smoke keeps the search space but not the paper's batch sizes: they are fixed at
     the smoke batch, so a smoke sweep stays a CPU job. Returns notes for the user."""
     space = cfg.sweep.space
@@ -81,9 +55,7 @@ def smoke_space(cfg: "SweepRun") -> list[str]:
     return [f"scale=smoke: train.batch_size fixed at {cfg.train.batch_size} (the space's sizes are full-scale)"]
 
 
-def write_results(cfg: "SweepRun", rows, sweep_dir: Path) -> dict[str, Path]:
-    from orchestration.ray.tune import leaderboard_csv, leaderboard_markdown
-
+def write_results(cfg: SweepRun, rows, sweep_dir: Path) -> dict[str, Path]:
     out = {"leaderboard.md": sweep_dir / "leaderboard.md", "leaderboard.csv": sweep_dir / "leaderboard.csv"}
     title = f"# Sweep {cfg.sweep.name!r} of {cfg.name}: {cfg.sweep.metric} ({cfg.sweep.mode})\n\n"
     out["leaderboard.md"].write_text(title + leaderboard_markdown(cfg.sweep, rows))
@@ -97,11 +69,8 @@ def write_results(cfg: "SweepRun", rows, sweep_dir: Path) -> dict[str, Path]:
     return out
 
 
-def best_task_yaml(cfg: "SweepRun", row) -> str:
+def best_task_yaml(cfg: SweepRun, row) -> str:
     """The best trial as a task file (pipelines/conf/task/ format): every value of the task."""
-    from lzn.task import TaskConfig
-    from orchestration.ray.tune import trial_config
-
     best = trial_config(cfg, row.params)
     task = TaskConfig(**{f.name: getattr(best, f.name) for f in dataclasses.fields(TaskConfig)})
     task.name = cfg.name
@@ -115,36 +84,31 @@ def best_task_yaml(cfg: "SweepRun", row) -> str:
             + OmegaConf.to_yaml(values))
 
 
-def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[str, Path]]:
+def run(cfg: SweepRun, sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[str, Path]]:
     """Check, run (or resume) and record the sweep; returns (leaderboard rows, files written)."""
     from lzn.evaluate import metric_for_key
-    from lzn.task import validate_task
-    from orchestration.ray.tune import close_trial_runs, run_sweep, validate_sweep
-    from orchestration.mlflow.tracker import RunTracker, flatten_params
-    from pipelines.train import run_meta
 
     validate_task(cfg)
-    task_cfg = RunConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
+    task_cfg = as_run_config(cfg)
     task_cfg.backend = "ray"
-    validate_sweep(cfg.sweep, flatten_params(dataclasses.asdict(task_cfg)))
+    validate_sweep(cfg.sweep, run_params(task_cfg))
     metric_for_key(task_cfg, cfg.sweep.metric)  # one the task's objective has
     check_values(task_cfg, cfg.sweep)
     for note in smoke_space(cfg):
         print(note, file=sys.stderr)
-    check_data(task_cfg)
+    check_data(task_cfg.data)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     parent, meta = None, None
     if cfg.tracking.enabled:
-        task_dcfg = OmegaConf.masked_copy(dcfg, [f.name for f in dataclasses.fields(RunConfig)])
-        meta = run_meta(task_cfg, task_dcfg, sweep_dir / "trials" / "_")
+        meta = run_meta(task_cfg, training_dcfg(dcfg), sweep_dir / "trials" / "_")
         try:
             parent = RunTracker.open(meta.tracking_uri, meta.experiment, sweep_dir,
-                                     run_name=f"sweep-{cfg.sweep.name}", params=flatten_params(dataclasses.asdict(cfg)),
+                                     run_name=f"sweep-{cfg.sweep.name}", params=run_params(cfg),
                                      config_yaml=OmegaConf.to_yaml(dcfg, resolve=True),
                                      tags={**meta.tags, "lzn.sweep": cfg.sweep.name, "lzn.run_dir": str(sweep_dir)},
-                                     system_metrics=False)
-        except ValueError as e:  # a resumed sweep with other settings
-            raise ValueError(f"{e} (for a sweep: choose another sweep.name= to start a new one)") from None
+                                     refused_changes=refused_changes, system_metrics=False)
+        except UserError as e:  # a resumed sweep with other settings
+            raise UserError(f"{e} (for a sweep: choose another sweep.name= to start a new one)") from None
         print(f"MLflow parent run {parent.run_id} on {meta.tracking_uri}", file=sys.stderr, flush=True)
     status, rows = "FAILED", None
     try:
@@ -173,11 +137,9 @@ def run(cfg: "SweepRun", sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[
 def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from pipelines.evaluate import main_guarded
-
     sweep_dir = Path(HydraConfig.get().runtime.output_dir)
-    cfg = main_guarded(lambda: to_run_config(dcfg))
-    rows, files = main_guarded(lambda: run(cfg, sweep_dir, dcfg))
+    cfg = guarded(lambda: to_run_config(dcfg))
+    rows, files = guarded(lambda: run(cfg, sweep_dir, dcfg))
     print(files["leaderboard.md"].read_text())
     if "best_task.yaml" in files:
         print(f"best config: {files['best_task.yaml']}\n  train it: {sys.executable} -m pipelines.train "

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from lzn import seeds
+from lzn.errors import UserError
 
 
 def blur_kernel(size: int) -> int:
@@ -96,13 +97,13 @@ CROPS_ANY_SIZE = frozenset({"simclr"})
 def crops_any_size(name: str) -> bool:
     """Whether pipeline `name` turns an image of any size into image_size x image_size."""
     if name not in PIPELINES:
-        raise ValueError(f"unknown augmentation {name!r}; expected one of {sorted(PIPELINES)}")
+        raise UserError(f"unknown augmentation {name!r}; expected one of {sorted(PIPELINES)}")
     return name in CROPS_ANY_SIZE
 
 
 def build_augment(name: str, image_size: int) -> v2.Transform | BatchAugment | None:
     if name not in PIPELINES:
-        raise ValueError(f"unknown augmentation {name!r}; expected one of {sorted(PIPELINES)}")
+        raise UserError(f"unknown augmentation {name!r}; expected one of {sorted(PIPELINES)}")
     return PIPELINES[name](image_size)
 
 

@@ -15,13 +15,14 @@ from torch import Tensor
 
 from lzn.data.augment import Images, augment_batch, build_augment
 from lzn.data.stream import BatchStream, StepRandom
+from lzn.errors import UserError
 
 
 class StepBatcher:
     def __init__(self, *, global_batch: int, seed: int, augment: str, image_size: int, two_view: bool,
                  rank: int = 0, world: int = 1, device="cpu"):
         if global_batch % world:
-            raise ValueError(f"global batch size {global_batch} is not divisible by {world} workers")
+            raise UserError(f"global batch size {global_batch} is not divisible by {world} workers")
         self.global_batch, self.seed, self.two_view = global_batch, seed, two_view
         self.rank, self.world, self.device = rank, world, device
         self.transform = build_augment(augment, image_size)

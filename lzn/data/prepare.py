@@ -29,6 +29,7 @@ from lzn.data.shards import (
     split_entry, summarize_shard, verify_shards, write_manifest, write_shard,
 )
 from lzn.data.sources import SOURCES, Item, SourceError
+from lzn.errors import UserError
 
 EXECUTORS = ("auto", "ray", "process", "serial")
 
@@ -151,7 +152,7 @@ def prepare_dataset(source: str, root: Optional[str], dataset_dir: Path, cfg: Pr
     if source not in SOURCES:
         raise SourceError(f"unknown data source {source!r}; expected one of {sorted(SOURCES)}")
     if cfg.shard_mb <= 0 or cfg.shard_rows < 1 or cfg.raw_max_side < 0:
-        raise ValueError(f"data.prepare needs shard_mb > 0, shard_rows >= 1 and raw_max_side >= 0; got "
+        raise UserError(f"data.prepare needs shard_mb > 0, shard_rows >= 1 and raw_max_side >= 0; got "
                          f"{cfg.shard_mb}, {cfg.shard_rows}, {cfg.raw_max_side}")
     dataset_dir = Path(dataset_dir)
     listing = SOURCES[source](root, download=cfg.download, splits=splits)
@@ -228,7 +229,7 @@ def _default_map(cfg: PrepareConfig, tasks: list[ShardTask]) -> MapFn:
         return serial_map
     if cfg.executor in ("process", "auto"):
         return process_map(workers)
-    raise ValueError(f"executor {cfg.executor!r} needs a map function from orchestration (Ray); "
+    raise UserError(f"executor {cfg.executor!r} needs a map function from orchestration (Ray); "
                      f"lzn alone runs 'process' or 'serial'")
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from lzn import seeds
 from lzn.data.shards import ShardError, decode_image, read_manifest, split_files, verify_shards
+from lzn.errors import UserError
 
 _COLUMNS = ["image", "encoding", "height", "width", "channels", "label"]
 
@@ -217,7 +218,7 @@ def square_pixels(image: np.ndarray, size: int, resize: int | None = None) -> np
 
     resize = resize or size
     if resize < size:
-        raise ValueError(f"resize must be >= size: the shorter side {resize} cannot hold a {size} px crop")
+        raise UserError(f"resize must be >= size: the shorter side {resize} cannot hold a {size} px crop")
     h, w = image.shape[:2]
     if (h, w) == (size, size) and resize == size:
         return image
@@ -239,7 +240,7 @@ def resize_centre_crop(images: Tensor, resize: int | None) -> Tensor:
     if resize is None or resize == size:
         return images
     if resize < size:
-        raise ValueError(f"resize must be >= the images' size {size}, got {resize}")
+        raise UserError(f"resize must be >= the images' size {size}, got {resize}")
     x = F.interpolate(images.float(), size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
     lo = (resize - size) // 2
     return x[..., lo : lo + size, lo : lo + size].clamp(-1, 1)
@@ -254,7 +255,7 @@ def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         grey = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         return grey.round().clip(0, 255).astype(np.uint8)[..., None]
-    raise ValueError(f"cannot turn {image.shape[2]}-channel images into {channels} channels")
+    raise UserError(f"cannot turn {image.shape[2]}-channel images into {channels} channels")
 
 
 class _RowGroup:

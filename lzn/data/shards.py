@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lzn.atomic import write_atomically
+from lzn.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,7 +45,7 @@ ROW_GROUP_BYTES = 1 << 20  # a random read loads one row group of about this siz
 FINGERPRINT_KEY, REJECTED_KEY = b"lzn.fingerprint", b"lzn.rejected"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A prepared dataset is missing, incomplete, or its shards no longer match the manifest."""
 
 

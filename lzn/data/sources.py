@@ -22,8 +22,10 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from lzn.errors import UserError
 
-class SourceError(ValueError):
+
+class SourceError(UserError):
     """The raw data is missing, empty or laid out differently from what the source expects."""
 
 

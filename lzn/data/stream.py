@@ -10,16 +10,17 @@ from __future__ import annotations
 import torch
 
 from lzn import seeds
+from lzn.errors import UserError
 
 
 class BatchStream:
     def __init__(self, num_samples: int, global_batch: int, *, seed: int, rank: int = 0, world: int = 1):
         if global_batch < 1 or global_batch > num_samples:
-            raise ValueError(
+            raise UserError(
                 f"global batch size must lie in [1, {num_samples}] (the dataset size), got {global_batch}"
             )
         if global_batch % world:
-            raise ValueError(f"global batch size {global_batch} is not divisible by {world} workers")
+            raise UserError(f"global batch size {global_batch} is not divisible by {world} workers")
         self.n, self.batch, self.seed = num_samples, global_batch, seed
         self.rank, self.world = rank, world
         self.steps_per_epoch = num_samples // global_batch  # the tail of each epoch is dropped

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lzn.errors import UserError
 from lzn.metrics.classification import check_batch_size, check_images
 from lzn.metrics.frechet import gaussian_frechet_distance
 
@@ -301,20 +302,24 @@ class InceptionFeatures(nn.Module):
         return self.features_and_logits(images)[0]
 
 
+class MissingWeights(UserError, FileNotFoundError):
+    """The extractor's weights are not where they were looked for (nothing downloads at run time)."""
+
+
 def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
     """The FID Inception weights file: `weights_path`, else the first of
     INCEPTION_WEIGHTS_FILENAMES in torch hub's checkpoint cache ($TORCH_HOME/hub/checkpoints).
-    Raises FileNotFoundError saying where to put the file and where it comes from."""
+    Raises MissingWeights (a FileNotFoundError) saying where to put the file and where it comes from."""
     if weights_path is not None:
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"FID Inception weights not found at weights_path={str(path)!r}")
+            raise MissingWeights(f"FID Inception weights not found at weights_path={str(path)!r}")
         return path
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     for filename in INCEPTION_WEIGHTS_FILENAMES:
         if (cache / filename).is_file():
             return cache / filename
-    raise FileNotFoundError(
+    raise MissingWeights(
         f"FID Inception-v3 weights not found in {cache} (looked for {', '.join(INCEPTION_WEIGHTS_FILENAMES)}). "
         "Nothing is downloaded at run time: fetch the file from "
         f"{INCEPTION_WEIGHTS_URL} (pytorch-fid's conversion of TensorFlow's inception-2015-12-05) and save it as "

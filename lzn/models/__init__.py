@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from lzn.errors import UserError
 from lzn.models.anchors import LabelAnchors
 from lzn.models.encoders import ENCODER_PRESETS, build_encoder_preset
 from lzn.models.unet import UNET_PRESETS, NCSNppUNet, build_unet
@@ -56,12 +57,12 @@ def build_encoder(name: str, *, latent_dim: int, image_size: int, channels: int,
     """Encoder `name`: forward(images (B, C, H, W) in [-1, 1]) -> (B, latent_dim), plus
     features(images) -> (B, F)."""
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; known encoders: {sorted(ENCODERS)}")
+        raise UserError(f"unknown encoder {name!r}; known encoders: {sorted(ENCODERS)}")
     return ENCODERS[name](latent_dim=latent_dim, image_size=image_size, channels=channels, **overrides)
 
 
 def build_decoder(name: str, *, image_size: int, channels: int, cond_dim: int, **overrides: Any) -> NCSNppUNet:
     """Decoder `name`: forward(x_t (B, C, H, W), t (B,), cond (B, cond_dim) or None) -> (B, C, H, W)."""
     if name not in DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; known decoders: {sorted(DECODERS)}")
+        raise UserError(f"unknown decoder {name!r}; known decoders: {sorted(DECODERS)}")
     return DECODERS[name](image_size=image_size, channels=channels, cond_dim=cond_dim, **overrides)

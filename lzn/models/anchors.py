@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lzn.errors import UserError
+
 
 class LabelAnchors(nn.Module):
     """A learnable (num_classes, latent_dim) matrix, initialised standard normal.
@@ -16,10 +18,10 @@ class LabelAnchors(nn.Module):
     def __init__(self, num_classes: int, latent_dim: int):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2 (zones need at least two anchors), "
+            raise UserError(f"num_classes must be an int >= 2 (zones need at least two anchors), "
                              f"got {num_classes!r}")
         if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be an int >= 1, got {latent_dim!r}")
+            raise UserError(f"latent_dim must be an int >= 1, got {latent_dim!r}")
         self.num_classes, self.latent_dim = num_classes, latent_dim
         self.anchors = nn.Parameter(torch.randn(num_classes, latent_dim))
 

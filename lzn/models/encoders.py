@@ -19,6 +19,7 @@ from functools import partial
 from torch import Tensor, nn
 from torchvision.models import resnet50
 
+from lzn.errors import UserError
 from lzn.models.layers import NCSNppDownPath, check_backbone, conv1x1, fir_kernel_2d, replace_config
 
 
@@ -30,7 +31,7 @@ def _check_images(images: Tensor, channels: int, image_size: int) -> None:
 
 def _check_latent_dim(latent_dim: int) -> None:
     if latent_dim < 1:
-        raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        raise UserError(f"latent_dim must be >= 1, got {latent_dim}")
 
 
 # ------------------------------------------------------------------------------ digits
@@ -51,9 +52,9 @@ class DigitsCNN(nn.Module):
         super().__init__()
         _check_latent_dim(latent_dim)
         if len(config.widths) != 3 or any(w < 1 or w % config.groups for w in config.widths):
-            raise ValueError(f"widths must be 3 positive multiples of groups={config.groups}, got {config.widths}")
+            raise UserError(f"widths must be 3 positive multiples of groups={config.groups}, got {config.widths}")
         if image_size < 4 or channels < 1:
-            raise ValueError(f"need image_size >= 4 and channels >= 1, got image_size={image_size}, "
+            raise UserError(f"need image_size >= 4 and channels >= 1, got image_size={image_size}, "
                              f"channels={channels}")
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         layers: list[nn.Module] = []
@@ -118,7 +119,7 @@ class NCSNppEncoder(nn.Module):
         map_channels = [*self.down.skip_channels, self.down.out_channels]
         map_resolutions = [*self.down.skip_resolutions, self.down.skip_resolutions[-1]]
         if cfg.head_resolutions is not None and not set(cfg.head_resolutions) & set(map_resolutions):
-            raise ValueError(f"head_resolutions {cfg.head_resolutions} match none of the feature map "
+            raise UserError(f"head_resolutions {cfg.head_resolutions} match none of the feature map "
                              f"resolutions {sorted(set(map_resolutions))} of image_size {image_size}")
         self.head_maps: list[int] = []
         self.heads = nn.ModuleList()
@@ -172,10 +173,10 @@ class ResNet50GN(nn.Module):
         _check_latent_dim(latent_dim)
         g = config.groups
         if latent_dim % g or config.head_hidden % g:
-            raise ValueError(f"latent_dim ({latent_dim}) and head_hidden ({config.head_hidden}) must be "
+            raise UserError(f"latent_dim ({latent_dim}) and head_hidden ({config.head_hidden}) must be "
                              f"multiples of groups={g} for the head's GroupNorm")
         if image_size < 32 or channels < 1:
-            raise ValueError(f"need image_size >= 32 (five stride-2 stages) and channels >= 1, "
+            raise UserError(f"need image_size >= 32 (five stride-2 stages) and channels >= 1, "
                              f"got image_size={image_size}, channels={channels}")
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         self.backbone = resnet50(weights=None, norm_layer=partial(nn.GroupNorm, g),
@@ -214,7 +215,7 @@ def build_encoder_preset(preset: str, *, latent_dim: int, image_size: int, chann
                          **overrides) -> nn.Module:
     """An encoder from a preset name, with config fields replaced by `overrides`."""
     if preset not in ENCODER_PRESETS:
-        raise ValueError(f"unknown encoder preset {preset!r}; known: {sorted(ENCODER_PRESETS)}")
+        raise UserError(f"unknown encoder preset {preset!r}; known: {sorted(ENCODER_PRESETS)}")
     cls, config = ENCODER_PRESETS[preset]
     return cls(replace_config(config, overrides), latent_dim=latent_dim, image_size=image_size,
                channels=channels)

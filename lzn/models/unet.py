@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lzn.errors import UserError
 from lzn.models.layers import (
     GaussianFourierProjection,
     NCSNppDownPath,
@@ -91,9 +92,9 @@ class NCSNppUNet(nn.Module):
         check_backbone(image_size=image_size, channels=channels, nf=cfg.nf, ch_mult=cfg.ch_mult,
                        num_res_blocks=cfg.num_res_blocks, dropout=cfg.dropout)
         if cond_dim < 0:
-            raise ValueError(f"cond_dim must be >= 0 (0 = unconditional), got {cond_dim}")
+            raise UserError(f"cond_dim must be >= 0 (0 = unconditional), got {cond_dim}")
         if cfg.embedding not in ("positional", "fourier"):
-            raise ValueError(f"embedding must be 'positional' or 'fourier', got {cfg.embedding!r}")
+            raise UserError(f"embedding must be 'positional' or 'fourier', got {cfg.embedding!r}")
         self.config, self.image_size, self.channels, self.cond_dim = cfg, image_size, channels, cond_dim
         nf = cfg.nf
         kernel = fir_kernel_2d(cfg.fir_kernel) if cfg.fir else None
@@ -191,7 +192,7 @@ class NCSNppUNet(nn.Module):
 def build_unet(preset: str, *, image_size: int, channels: int, cond_dim: int, **overrides) -> NCSNppUNet:
     """A U-Net from a preset name, with config fields replaced by `overrides`."""
     if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset {preset!r}; known: {sorted(UNET_PRESETS)}")
+        raise UserError(f"unknown U-Net preset {preset!r}; known: {sorted(UNET_PRESETS)}")
     return NCSNppUNet(replace_config(UNET_PRESETS[preset], overrides), image_size=image_size,
                       channels=channels, cond_dim=cond_dim)
 

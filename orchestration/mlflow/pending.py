@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lzn.atomic import write_atomically
+from lzn.errors import UserError
 from orchestration.folder import MLFLOW_PENDING
 
 PENDING_FILE = MLFLOW_PENDING  # in the run folder
@@ -100,7 +101,7 @@ def import_pending(path: str | Path, uri: str | None = None) -> int:
     for r in records:
         target = uri or r.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
         if not target:
-            raise ValueError(f"{path}: a line names no server and neither --uri nor $MLFLOW_TRACKING_URI is set")
+            raise UserError(f"{path}: a line names no server and neither --uri nor $MLFLOW_TRACKING_URI is set")
         groups.setdefault((target, r["run_id"]), []).append(r)
     delivered = 0
     for n, ((target, run_id), group) in enumerate(groups.items()):

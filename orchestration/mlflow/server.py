@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lzn.atomic import write_atomically
+from lzn.errors import UserError
 
 SERVER_FILE = "server.json"
 
@@ -124,7 +125,7 @@ def local_server(state_dir: str | Path, *, timeout_s: float = 120, port: int | N
     with _locked(state_dir):
         if info := running_server(state_dir):
             if port is not None and port != info["port"]:
-                raise ValueError(f"an MLflow server for {state_dir} already runs on port {info['port']}, "
+                raise UserError(f"an MLflow server for {state_dir} already runs on port {info['port']}, "
                                  f"not the requested port {port}; stop it first")
             return info["uri"]
         old = _read_state(state_dir) or {}

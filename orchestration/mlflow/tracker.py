@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 from lzn.atomic import write_atomically
+from lzn.errors import UserError
 from orchestration.mlflow.pending import (
     MAX_BATCH, MAX_BATCH_TAGS, PENDING_FILE, append_pending, fail_fast, import_pending, is_permanent, read_pending,
     send_batches, warn,
 )
 from orchestration.folder import CONFIG_FILE, RunFolder
-from orchestration.mlflow.runs import find_or_create_experiment, param_value, stored_run
+from orchestration.mlflow.runs import RefusedChanges, find_or_create_experiment, param_value, stored_run
 from orchestration.mlflow.server import local_server, running_server, stop_local_server
 
 # Metrics kept in memory during an outage before the flush thread spills them to the pending
@@ -61,7 +62,7 @@ def resolve_tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         if not uri.startswith(("http://", "https://")):
-            raise ValueError(f"tracking URI {uri!r} is not an MLflow server: expected http(s)://host:port "
+            raise UserError(f"tracking URI {uri!r} is not an MLflow server: expected http(s)://host:port "
                              "(the file store and direct database URIs are not supported; workers log over HTTP)")
         return uri.rstrip("/")
     state_dir = (Path(output_dir) / "mlflow").resolve()
@@ -145,7 +146,7 @@ class RunTracker:
 
     @classmethod
     def open(cls, uri: str, experiment: str, run_dir: str | Path, *, run_name: str, params: dict[str, str],
-             config_yaml: str, tags: dict[str, str], system_metrics: bool = True,
+             config_yaml: str, tags: dict[str, str], refused_changes: RefusedChanges, system_metrics: bool = True,
              flush_every_s: float = 5.0, system_metrics_every_s: float = 10.0) -> "RunTracker":
         """Continue the run recorded in <run_dir>/mlflow_run.json, or create one in `experiment`."""
         from mlflow import MlflowClient
@@ -158,7 +159,7 @@ class RunTracker:
         params = {k: param_value(str(v)) for k, v in params.items()}
         resumed, changes = run_file.exists(), {}
         if resumed:
-            run, changes = stored_run(client, run_file, uri, params)
+            run, changes = stored_run(client, run_file, uri, params, refused_changes)
             run_id = run.info.run_id
         if pending.exists():  # before RUNNING: the file may end with the previous attempt's status
             n = import_pending(pending, uri)

@@ -22,9 +22,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lzn.errors import UserError
 from lzn.eval_data import ShardData
 from lzn.evaluate import Evaluator, PartStore, Unit, evaluate, fid_extractor, load_model, train_probe
-from orchestration.ray.train import RayTrainerConfig, _absolute_paths, _check_cpus, _init_ray
+from orchestration.ray.train import RayTrainerConfig, absolute_paths, check_cpus, init_ray
 
 
 @dataclass
@@ -66,21 +67,21 @@ def evaluate_on_ray(cfg, checkpoint: str | Path, *, chosen: list[str], parts_dir
     from ray.util import ActorPool
 
     if trainer.num_workers < 1 or not trainer.cpus_per_worker > 0:
-        raise ValueError(f"trainer.num_workers must be >= 1 and trainer.cpus_per_worker > 0, got "
+        raise UserError(f"trainer.num_workers must be >= 1 and trainer.cpus_per_worker > 0, got "
                          f"{trainer.num_workers} and {trainer.cpus_per_worker}")
-    cfg = _absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     parts_dir, cache_dir = Path(parts_dir).resolve(), Path(cache_dir).resolve()
     data = ShardData(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
     spec = WorkerSpec(cfg, str(Path(checkpoint).resolve()), str(parts_dir), str(cache_dir), trainer.use_gpu,
                       trainer.cpus_per_worker)
-    started = _init_ray()
+    started = init_ray()
     actors = []
     try:
         autoscaling = bool(os.environ.get("RAY_ADDRESS"))
-        _check_cpus(trainer, ray.cluster_resources().get("CPU", 0), stream=False, autoscaling=autoscaling)
+        check_cpus(trainer, ray.cluster_resources().get("CPU", 0), stream=False, autoscaling=autoscaling)
         gpus = ray.cluster_resources().get("GPU", 0)
         if trainer.use_gpu and gpus < trainer.num_workers and not autoscaling:
-            raise ValueError(f"trainer.use_gpu=true with trainer.num_workers={trainer.num_workers} needs a GPU per "
+            raise UserError(f"trainer.use_gpu=true with trainer.num_workers={trainer.num_workers} needs a GPU per "
                              f"worker; this Ray has {gpus:g}. Lower trainer.num_workers, or trainer.use_gpu=false")
         worker = ray.remote(EvalWorker).options(
             num_cpus=trainer.cpus_per_worker, num_gpus=1 if trainer.use_gpu else 0,

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +25,10 @@ import torch
 from lzn import seeds
 from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
+from lzn.errors import UserError
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
 from orchestration.reporting import final_report, finished_result
-from orchestration.run import RunMeta, train_and_evaluate
-
-
-@dataclass
-class RayTrainerConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # Ray's CPU reservation; torch threads: max(1, round(cpus_per_worker))
-    max_failures: int = 3  # worker failures a run recovers from (each restarts from the last checkpoint)
-
-
-def validate_trainer(cfg: RayTrainerConfig, global_batch: int) -> None:
-    if cfg.num_workers < 1:
-        raise ValueError(f"trainer.num_workers must be >= 1, got {cfg.num_workers}")
-    if not cfg.cpus_per_worker > 0:
-        raise ValueError(f"trainer.cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
-    if global_batch % cfg.num_workers:
-        raise ValueError(f"train.batch_size={global_batch} is the global batch: it must be divisible by "
-                         f"trainer.num_workers={cfg.num_workers}")
+from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, train_and_evaluate
 
 
 class RayCheckpoints:
@@ -115,7 +96,7 @@ class StreamedBatches:
             if rows is not None:
                 return rows
             self._rows = None
-        raise ValueError(f"a pass over this worker's shard holds no full batch of {self.batcher.local_batch} "
+        raise UserError(f"a pass over this worker's shard holds no full batch of {self.batcher.local_batch} "
                          "rows: lower train.batch_size or use fewer workers")
 
     def __call__(self, step: int) -> dict:
@@ -163,7 +144,7 @@ def _worker_loop(config: dict) -> None:
         ray.train.report(final_report(metrics["train/steps"], cfg.train, key, value))
 
 
-def _init_ray() -> bool:
+def init_ray() -> bool:
     """Connect to $RAY_ADDRESS or start a local Ray; True if this call started it."""
     import ray
 
@@ -176,7 +157,7 @@ def _init_ray() -> bool:
     return True
 
 
-def _absolute_paths(cfg):
+def absolute_paths(cfg: RunConfig) -> RunConfig:
     """Ray Train runs workers in their own working directory: ship absolute paths."""
     cfg = copy.deepcopy(cfg)
     cfg.data.shards_dir = str(Path(cfg.data.shards_dir).resolve())
@@ -196,23 +177,23 @@ def streams(data) -> bool:
     return in_memory_problem(data.dataset_dir, image_size=data.image_size, channels=data.channels) is not None
 
 
-def _check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autoscaling: bool) -> None:
+def check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autoscaling: bool) -> None:
     """Fail before scheduling anything that would wait forever: workers that do not fit, or
     Ray Data's read tasks left without a CPU next to the workers (a silent deadlock)."""
     needed = trainer_cfg.num_workers * trainer_cfg.cpus_per_worker
     what = f"trainer.num_workers={trainer_cfg.num_workers} x trainer.cpus_per_worker={trainer_cfg.cpus_per_worker:g}"
     if needed > have and not autoscaling:
-        raise ValueError(f"{what} needs {needed:g} CPUs; this Ray has {have:g}")
+        raise UserError(f"{what} needs {needed:g} CPUs; this Ray has {have:g}")
     if stream and have - needed < 1 and not autoscaling:
-        raise ValueError(f"data.loader=stream reads with Ray Data tasks, which need at least 1 CPU beside the "
+        raise UserError(f"data.loader=stream reads with Ray Data tasks, which need at least 1 CPU beside the "
                          f"workers: {what} takes {needed:g} of this Ray's {have:g}. Lower trainer.cpus_per_worker "
                          f"(fractions work, e.g. {max(0.25, (have - 1) / trainer_cfg.num_workers):g}) or num_workers")
 
 
-def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: RunMeta, *,
+def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,
                evaluate: bool = True, report_metric: str | None = None, report_mode: str = "min",
                callbacks: list | None = None) -> dict:
-    """Train and evaluate task `cfg` on Ray workers; returns rank 0's metrics.json
+    """Train and evaluate the run `cfg` (checked by `validate_run`) on Ray workers; returns rank 0's metrics.json
     (evaluate=False: training only, the evaluation is a later stage). report_metric: a
     metrics.json key evaluated at every checkpoint and reported with it (as `tune_key`), for
     a Tune scheduler that `callbacks` (TuneReportCallback) feeds."""
@@ -220,13 +201,13 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    validate_trainer(trainer_cfg, cfg.train.batch_size)
+    trainer_cfg = cfg.trainer
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = _init_ray()
+    started = init_ray()
     try:
         stream, datasets = streams(cfg.data), {}
-        _check_cpus(trainer_cfg, ray.cluster_resources().get("CPU", 0), stream,
+        check_cpus(trainer_cfg, ray.cluster_resources().get("CPU", 0), stream,
                     autoscaling=bool(os.environ.get("RAY_ADDRESS")))
         if stream:
             import ray.data
@@ -241,7 +222,7 @@ def fit_on_ray(cfg, run_dir: str | Path, trainer_cfg: RayTrainerConfig, meta: Ru
                                             full_resolution=crops_any_size(cfg.data.augment))
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"cfg": _absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
+            train_loop_config={"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
                                "meta": meta, "stream": stream, "evaluate": evaluate,
                                "report_metric": report_metric, "report_mode": report_mode},
             datasets=datasets or None,

@@ -23,7 +23,6 @@ import copy
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import sys
@@ -31,14 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lzn.errors import UserError
+from lzn.roles import Role
 from orchestration.folder import RunFolder
 from orchestration.reporting import checkpoints_of, final_report, finished_result, tune_key
+from orchestration.run import RUN_ROLES, RayTrainerConfig, RunConfig, RunMeta
 
 KINDS = ("choice", "uniform", "loguniform", "grid", "randint")
 # Keys a sweep cannot vary: they decide where trials run, how long they are and what the
 # metric means, which the sweep's concurrency, ASHA's budget and the leaderboard rely on.
-FIXED = ("trainer.", "tracking.", "data.", "eval.", "train.iterations", "train.checkpoint_every", "backend",
-         "device", "output_dir", "run_name", "resume", "name", "objective")
+# What a sweep may vary: what is trained (the model, how it is trained), never the task its
+# metric is of, how long trials are, where they run or how they are evaluated (lzn.roles).
+SWEEPABLE = (Role.MODEL, Role.TRAINING)
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
 
@@ -73,37 +76,37 @@ def validate_sweep(sweep: SweepConfig, base_params: dict[str, str]) -> None:
     """Every name and range, and every swept key a key of the task's config."""
     def one_of(what, value, known):
         if value not in known:
-            raise ValueError(f"{what}={value!r} is not known; expected one of {list(known)}")
+            raise UserError(f"{what}={value!r} is not known; expected one of {list(known)}")
 
     one_of("sweep.search", sweep.search, SEARCHES)
     one_of("sweep.scheduler", sweep.scheduler, SCHEDULERS)
     one_of("sweep.mode", sweep.mode, ("min", "max"))
     if sweep.num_samples < 1 or sweep.grace_period < 1 or sweep.reduction_factor < 2 or sweep.max_concurrent_trials < 0:
-        raise ValueError(f"need sweep.num_samples >= 1, grace_period >= 1, reduction_factor >= 2 and "
+        raise UserError(f"need sweep.num_samples >= 1, grace_period >= 1, reduction_factor >= 2 and "
                          f"max_concurrent_trials >= 0; got {sweep.num_samples}, {sweep.grace_period}, "
                          f"{sweep.reduction_factor}, {sweep.max_concurrent_trials}")
     if not sweep.space:
-        raise ValueError("sweep.space is empty: nothing to search (pipelines/conf/sweep/<task>.yaml)")
+        raise UserError("sweep.space is empty: nothing to search (pipelines/conf/sweep/<task>.yaml)")
     for key, spec in sweep.space.items():
         where = f"sweep.space.{key}"
         if key not in base_params:
             near = sorted(k for k in base_params if k.split(".")[-1] == key.split(".")[-1])
-            raise ValueError(f"{where}: {key!r} is not a key of the task's config" + (f" (did you mean {near}?)"
+            raise UserError(f"{where}: {key!r} is not a key of the task's config" + (f" (did you mean {near}?)"
                                                                                     if near else ""))
-        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in FIXED):
-            raise ValueError(f"{where}: {key!r} cannot be swept (it sets where trials run, how long they are or "
+        if RUN_ROLES.of(key) not in SWEEPABLE:
+            raise UserError(f"{where}: {key!r} cannot be swept (it sets where trials run, how long they are or "
                              "what the metric means); set it for the whole sweep instead (ARGS=\"{key}=...\")")
         one_of(f"{where}.kind", spec.kind, KINDS)
         if spec.kind in ("choice", "grid"):
             if not spec.values:
-                raise ValueError(f"{where}: kind {spec.kind} needs a non-empty `values` list")
+                raise UserError(f"{where}: kind {spec.kind} needs a non-empty `values` list")
         else:
             if spec.low is None or spec.high is None or not spec.low < spec.high:
-                raise ValueError(f"{where}: kind {spec.kind} needs low < high, got low={spec.low}, high={spec.high}")
+                raise UserError(f"{where}: kind {spec.kind} needs low < high, got low={spec.low}, high={spec.high}")
             if spec.kind == "loguniform" and spec.low <= 0:
-                raise ValueError(f"{where}: loguniform needs low > 0, got {spec.low}")
+                raise UserError(f"{where}: loguniform needs low > 0, got {spec.low}")
     if sweep.search == "optuna" and any(s.kind == "grid" for s in sweep.space.values()):
-        raise ValueError("sweep.search=optuna cannot take grid dimensions; use choice instead")
+        raise UserError("sweep.search=optuna cannot take grid dimensions; use choice instead")
 
 
 def search_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -119,7 +122,7 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
     return out
 
 
-def trial_config(cfg, overrides: dict[str, Any]):
+def trial_config(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """A copy of the task config `cfg` with a trial's values set at their dotted keys
     (dict fields such as optim.lr take new keys' values too)."""
     cfg = copy.deepcopy(cfg)
@@ -139,7 +142,7 @@ def trial_config(cfg, overrides: dict[str, Any]):
     return cfg
 
 
-def concurrent_trials(sweep: SweepConfig, trainer, resources: dict[str, float], stream: bool,
+def concurrent_trials(sweep: SweepConfig, trainer: RayTrainerConfig, resources: dict[str, float], stream: bool,
                       autoscaling: bool = False) -> int:
     """How many trials fit at once: each takes num_workers x cpus_per_worker CPUs (and a GPU
     per worker), plus a CPU for Ray Data when it streams. Refuses a trial that cannot fit,
@@ -154,7 +157,7 @@ def concurrent_trials(sweep: SweepConfig, trainer, resources: dict[str, float], 
         needs = (f"{trainer.num_workers} worker(s) x {trainer.cpus_per_worker:g} CPU"
                  + (" + 1 CPU for Ray Data's reads" if stream else "")
                  + (f" and {trainer.num_workers} GPU(s)" if trainer.use_gpu else ""))
-        raise ValueError(f"one trial needs {cpus:g} CPUs ({needs}); this Ray has {resources.get('CPU', 0):g} CPUs, "
+        raise UserError(f"one trial needs {cpus:g} CPUs ({needs}); this Ray has {resources.get('CPU', 0):g} CPUs, "
                          f"{resources.get('GPU', 0):g} GPUs. Lower trainer.num_workers or trainer.cpus_per_worker")
     return min(fit, sweep.max_concurrent_trials) if sweep.max_concurrent_trials else fit
 
@@ -176,7 +179,8 @@ def run_trial(config: dict, spec: dict) -> None:
     meta = copy.deepcopy(spec["meta"])
     if meta is not None:
         meta.run_name = f"{spec['name']}-{trial_id}"
-        meta.register_model = False  # the sweep's best config is trained (and registered) on its own
+        # the sweep's best config is trained (and registered) on its own
+        meta.tracking = dataclasses.replace(meta.tracking, register_model=False)
         meta.tags = {**meta.tags, "mlflow.parentRunId": spec["parent_run_id"], "lzn.sweep": spec["name"],
                      "lzn.trial": trial_id, "lzn.run_dir": str(run_dir)}
     key = spec["metric"]
@@ -185,7 +189,7 @@ def run_trial(config: dict, spec: dict) -> None:
         step, value = done
         ray.tune.report(final_report(step, cfg.train, key, value))
         return
-    fit_on_ray(cfg, run_dir, cfg.trainer, meta, report_metric=key, report_mode=spec["mode"],
+    fit_on_ray(cfg, run_dir, meta, report_metric=key, report_mode=spec["mode"],
                callbacks=[TuneReportCallback()])
 
 
@@ -247,7 +251,7 @@ def _search(sweep: SweepConfig, concurrency: int):
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as err:  # pragma: no cover - optuna is a dependency
-            raise ValueError(f"sweep.search=optuna needs the optuna package ({err})") from None
+            raise UserError(f"sweep.search=optuna needs the optuna package ({err})") from None
         from ray.tune.search import ConcurrencyLimiter
 
         return ConcurrencyLimiter(OptunaSearch(seed=sweep.seed), max_concurrent=concurrency)
@@ -256,7 +260,7 @@ def _search(sweep: SweepConfig, concurrency: int):
     return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency)
 
 
-def _scheduler(sweep: SweepConfig, cfg):
+def _scheduler(sweep: SweepConfig, cfg: RunConfig):
     """ASHA on the checkpoint index a trial reports (`report`: 1..n, n + 1 for the final
     result), which a resumed trial continues. ASHA puts rungs up to and including max_t, so
     max_t = n - 1 keeps every rung before the last checkpoint, and stop_last_trials=False lets
@@ -270,7 +274,7 @@ def _scheduler(sweep: SweepConfig, cfg):
                          reduction_factor=sweep.reduction_factor, stop_last_trials=False)
 
 
-def _rows(grid, cfg, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
+def _rows(grid, cfg: RunConfig, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -284,23 +288,22 @@ def _rows(grid, cfg, sweep: SweepConfig, sweep_dir: Path) -> list[TrialRow]:
     return leaderboard(sweep, rows)
 
 
-def run_sweep(cfg, sweep: SweepConfig, sweep_dir: str | Path, *, meta=None, parent_run_id: str | None = None,
+def run_sweep(cfg: RunConfig, sweep: SweepConfig, sweep_dir: str | Path, *, meta: RunMeta | None = None, parent_run_id: str | None = None,
               verbose: int = 1) -> list[TrialRow]:
     """Run (or resume) the sweep in `sweep_dir`; returns the leaderboard rows, best first.
 
-    cfg: the task's RunConfig (backend, trainer.* per trial); meta: the trials' RunMeta
+    cfg: the task's run (backend, trainer.* per trial; checked by `validate_run`); meta: the trials' RunMeta
     (None: untracked), nested under MLflow run `parent_run_id`."""
     import ray
     from ray import tune
 
-    from orchestration.ray.train import _absolute_paths, _init_ray, streams, validate_trainer
+    from orchestration.ray.train import absolute_paths, init_ray, streams
 
-    validate_trainer(cfg.trainer, cfg.train.batch_size)
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"cfg": _absolute_paths(cfg), "sweep_dir": str(sweep_dir), "meta": meta, "name": sweep.name,
+    spec = {"cfg": absolute_paths(cfg), "sweep_dir": str(sweep_dir), "meta": meta, "name": sweep.name,
             "parent_run_id": parent_run_id, "metric": sweep.metric, "mode": sweep.mode}
-    started = _init_ray()
+    started = init_ray()
     try:
         concurrency = concurrent_trials(sweep, cfg.trainer, ray.cluster_resources(), streams(cfg.data),
                                         autoscaling=bool(os.environ.get("RAY_ADDRESS")))

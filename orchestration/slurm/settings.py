@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lzn.errors import UserError
+
 LAUNCHERS = ("ray", "ddp")
-class SlurmError(ValueError):
+class SlurmError(UserError):
     """The submit host or the settings cannot run the job: said before anything is submitted."""
 
 

@@ -20,6 +20,7 @@ from orchestration.mlflow.pending import FAST_FAIL_ENV, PENDING_FILE, import_pen
 from orchestration.mlflow.runs import RUN_FILE
 from orchestration.mlflow.server import local_server, stop_local_server
 from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params, resolve_tracking_uri
+from orchestration.run import refused_changes
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG = {"optim": {"lr": {"encoder": 1e-3, "decoder": 2e-4}, "betas": [0.9, 0.99]}, "steps": 30, "name": "digits"}
@@ -55,7 +56,7 @@ def _open(uri, run_dir, params=None, **kw):
     return RunTracker.open(uri, "lzn-tracking-tests", run_dir, run_name=Path(run_dir).name,
                            params=flatten_params(CONFIG) if params is None else params,
                            config_yaml="optim:\n  lr: 0.001\n", tags={"lzn.git_commit": "abc123"},
-                           system_metrics=False, flush_every_s=kw.pop("flush_every_s", 0.2), **kw)
+                           refused_changes=refused_changes, system_metrics=False, flush_every_s=kw.pop("flush_every_s", 0.2), **kw)
 
 
 def _history(client, run_id, key):
@@ -289,7 +290,9 @@ def test_a_resumed_run_may_change_how_long_and_where_it_runs_but_not_what_it_tra
                           data=SimpleNamespace(params={"train.iterations": "2", "trainer.num_workers": "1",
                                                        "optim.lr.encoder": "0.001", "backend": "local"}))
     changed = resume_changes(run, {"train.iterations": "4", "trainer.num_workers": "2", "backend": "ray",
-                                   "optim.lr.encoder": "0.001", "new.key": "x"}, tmp_path / "mlflow_run.json")
+                                   "optim.lr.encoder": "0.001", "new.key": "x"}, tmp_path / "mlflow_run.json",
+                             refused_changes)
     assert changed == {"train.iterations": "4", "trainer.num_workers": "2", "backend": "ray"}
     with pytest.raises(ValueError, match=r"optim\.lr\.encoder: '0\.001' -> '0\.01'.*another run_name="):
-        resume_changes(run, {"optim.lr.encoder": "0.01", "train.iterations": "9"}, tmp_path / "mlflow_run.json")
+        resume_changes(run, {"optim.lr.encoder": "0.01", "train.iterations": "9"}, tmp_path / "mlflow_run.json",
+                       refused_changes)

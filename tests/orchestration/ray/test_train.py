@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lzn.data.batches import StepBatcher
-from orchestration.ray.train import RayTrainerConfig, StreamedBatches, _check_cpus, validate_trainer
+from orchestration.ray.train import StreamedBatches, check_cpus
+from orchestration.run import RayTrainerConfig, validate_trainer
 
 
 class FakeShard:
@@ -75,11 +76,11 @@ def test_a_shard_without_a_full_batch_says_so():
 def test_configurations_that_would_wait_forever_are_refused():
     two = RayTrainerConfig(num_workers=2, cpus_per_worker=1)
     with pytest.raises(ValueError, match="needs 2 CPUs; this Ray has 1"):
-        _check_cpus(two, 1, stream=False, autoscaling=False)
+        check_cpus(two, 1, stream=False, autoscaling=False)
     with pytest.raises(ValueError, match=r"at least 1 CPU beside the workers.*e\.g\. 0\.5"):
-        _check_cpus(two, 2, stream=True, autoscaling=False)
-    _check_cpus(RayTrainerConfig(num_workers=2, cpus_per_worker=0.5), 2, stream=True, autoscaling=False)
-    _check_cpus(two, 1, stream=True, autoscaling=True)  # a cluster that can add nodes may fit it later
+        check_cpus(two, 2, stream=True, autoscaling=False)
+    check_cpus(RayTrainerConfig(num_workers=2, cpus_per_worker=0.5), 2, stream=True, autoscaling=False)
+    check_cpus(two, 1, stream=True, autoscaling=True)  # a cluster that can add nodes may fit it later
     with pytest.raises(ValueError, match="divisible by trainer.num_workers=3"):
         validate_trainer(RayTrainerConfig(num_workers=3), 8)
     with pytest.raises(ValueError, match="num_workers must be >= 1"):

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from orchestration.ray.train import RayTrainerConfig
+from orchestration.run import RayTrainerConfig, RunConfig
 from orchestration.ray.tune import (
     ParamSpec,
     SweepConfig,
@@ -16,7 +16,6 @@ from orchestration.ray.tune import (
     validate_sweep,
 )
 from orchestration.mlflow.tracker import flatten_params
-from pipelines.config import RunConfig
 
 def base() -> RunConfig:
     cfg = RunConfig()

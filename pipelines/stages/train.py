@@ -1,0 +1,76 @@
+"""The train stage: prepare the data if needed, then train (and, unless the DAG evaluates on
+its own, evaluate) a run in its folder, on this process (or torchrun's) or on Ray Train."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from lzn.atomic import write_atomically
+from lzn.errors import UserError
+from orchestration.folder import RunFolder
+from orchestration.run import RunConfig, refused_changes, run_params, train_and_evaluate, validate_run
+from pipelines.cli import device as pick_device, run_meta
+from pipelines.stages.prepare import ensure_prepared
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _refuse_existing(cfg: RunConfig, folder: RunFolder) -> None:
+    if not cfg.resume and folder.has_checkpoints():
+        raise UserError(f"{folder.path} already holds checkpoints and resume=false: "
+                        "choose another run_name= or delete the folder")
+
+
+def check_same_training(cfg: RunConfig, folder: RunFolder) -> None:
+    """A run folder continues only the training it holds: settings that change what is trained
+    (not how long, where or how it runs: `orchestration.run.refused_changes`) are refused, with
+    or without MLflow."""
+    params = run_params(cfg)
+    record = folder.trained_with
+    if folder.has_checkpoints() and record.is_file():
+        refused = refused_changes(json.loads(record.read_text()), params)
+        if refused:
+            raise UserError(f"{folder.path} holds a model trained with other settings ({'; '.join(refused)}): "
+                            "restore them, or choose another run_name= (or delete the folder) to train anew")
+    write_atomically(record, lambda f: f.write(json.dumps(params, indent=1, sort_keys=True).encode() + b"\n"))
+
+
+def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = True) -> dict:
+    """Prepare, train and (unless evaluate=False) evaluate `cfg` in `run_dir`; rank 0's metrics."""
+    validate_run(cfg)
+    folder = RunFolder(run_dir)
+    _refuse_existing(cfg, folder)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_same_training(cfg, folder)
+    if cfg.backend == "ray":
+        from orchestration.ray.train import fit_on_ray
+
+        ensure_prepared(cfg.data)  # on the driver, before any worker starts
+        return fit_on_ray(cfg, run_dir, run_meta(cfg, dcfg, run_dir), evaluate=evaluate)
+    device = pick_device(cfg.device)
+    rank, _ = _init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    meta = None
+    if rank == 0:
+        ensure_prepared(cfg.data)
+        meta = run_meta(cfg, dcfg, run_dir)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks read the shards rank 0 prepared
+    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta, evaluate=evaluate)
+    if dist.is_initialized():  # not on failure: the other ranks may sit in another collective
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
