@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from benchmarks.report import table
+from orchestration.folder import RunFolder
 
 CONF = Path(__file__).resolve().parents[1] / "pipelines" / "conf"
 
@@ -53,7 +54,7 @@ def measure(run_dir: Path, batches: int) -> list[dict]:
     from pipelines.config import register, to_run_config
 
     register()
-    overrides = [o for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    overrides = [o for o in OmegaConf.load(RunFolder(run_dir).hydra_overrides)
                  if not o.startswith(("run_name=", "output_dir="))]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = to_run_config(compose("config", overrides=overrides))
@@ -63,7 +64,7 @@ def measure(run_dir: Path, batches: int) -> list[dict]:
     batch_of = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
                             seed=cfg.train.seed, augment=cfg.data.augment, two_view=True)
     rows = []
-    for ckpt in sorted((run_dir / "checkpoints").glob("ckpt-*.pt")):
+    for ckpt in sorted(RunFolder(run_dir).checkpoints.glob("ckpt-*.pt")):
         state = load_checkpoint(ckpt, map_location="cpu")
         models = {}
         for name, exact_state in (("f32", False), ("f32 + f64 state", True)):

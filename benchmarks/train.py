@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.report import table
+from orchestration.folder import RunFolder
 
 OUT = Path("bench-results")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def _run(out: Path, uri: str, backend: str, iterations: int, name: str, log_ever
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{backend} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return json.loads((out / "gen_digits" / name / "metrics.json").read_text())
+    return RunFolder(out / "gen_digits" / name).read_metrics()
 
 
 def _checkpoint_every(iterations: int) -> int:

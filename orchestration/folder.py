@@ -13,6 +13,7 @@
       eval/step-<N>-<key>/              one evaluation of the step-N checkpoint (its metrics.json, plots, parts)
       workers/rank-<r>.json             where each Ray Train worker ran
       pipeline/                         the stage DAG's records
+      report.md                         the report stage's page
       .hydra/config.yaml                the resolved config Hydra composed
 """
 from __future__ import annotations
@@ -122,6 +123,10 @@ class RunFolder:
     @property
     def pipeline(self) -> Path:
         return self.path / "pipeline"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
 
     @property
     def lock(self) -> Path:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lzn.inference import LZNModel
+from lzn.task import TaskConfig
 from lzn.zoning import assign_zones
 
 MIN_CELL_PX = 64  # small images (digits are 8 x 8) are upscaled to at least this many pixels
@@ -32,7 +33,7 @@ _GRID_CHUNK = 8192  # grid points per assign_zones call: bounds the (chunk, N) p
 
 
 # ------------------------------------------------------------------------------ samples
-def _grid_layout(cfg) -> tuple[int, Tensor | None, int] | None:
+def _grid_layout(cfg: TaskConfig) -> tuple[int, Tensor | None, int] | None:
     """(number of samples, class labels (n,) or None, images per row) for cfg.objective;
     None when the objective has no decoder to sample from."""
     objective = cfg.objective
@@ -61,7 +62,7 @@ def image_grid(images: Tensor, nrow: int) -> Tensor:
     return make_grid(x, nrow=nrow, padding=GRID_PADDING, pad_value=1.0)
 
 
-def sample_grid(model: LZNModel, cfg, path: str | Path) -> Path | None:
+def sample_grid(model: LZNModel, cfg: TaskConfig, path: str | Path) -> Path | None:
     """Write a PNG of generated images; None (nothing written) for objectives without a decoder.
 
     cfg: `lzn.task.TaskConfig`. generation / rf: 8 x 8 samples; joint: num_classes rows of
@@ -305,7 +306,7 @@ def latent_zones(model: LZNModel, images: Tensor, labels: Tensor, path: str | Pa
 
 
 # ---------------------------------------------------------------------------- together
-def write_run_artifacts(cfg, model: LZNModel, split, rows: list[dict], out_dir: str | Path) -> list[Path]:
+def write_run_artifacts(cfg: TaskConfig, model: LZNModel, split, rows: list[dict], out_dir: str | Path) -> list[Path]:
     """samples.png, loss_curves.png and latent_zones.png, each where it applies, into out_dir.
 
     cfg: `lzn.task.TaskConfig`; split: `lzn.data.reader.ImageSplit`, whose first

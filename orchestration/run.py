@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import sys
 import tempfile
 import time
@@ -21,11 +22,19 @@ from typing import Callable
 
 import torch
 
+from lzn.data.batches import StepBatcher, make_batches
+from lzn.data.reader import ImageSplit, in_memory_problem, load_training_split
+from lzn.distributed import make_gather, rank, world_size
 from lzn.errors import UserError
+from lzn.eval_data import InMemoryData, ShardData
+from lzn.evaluate import evaluate_here, metric_for_key
+from lzn.inference import LZNModel
 from lzn.roles import Role, Roles, role_field
-from lzn.task import TaskConfig, validate_task
+from lzn.task import TWO_VIEW_OBJECTIVES, TaskConfig, build_objective, validate_task
+from lzn.trainer import Trainer
 from orchestration.folder import RunFolder
 from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
+from orchestration.plots import loss_curves, sample_grid, write_run_artifacts
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
 
 RUNTIME = Role.RUNTIME
@@ -62,7 +71,7 @@ class RunConfig(TaskConfig):
 RUN_ROLES = Roles(RunConfig)
 
 
-def run_params(cfg) -> dict[str, str]:
+def run_params(cfg: RunConfig) -> dict[str, str]:
     """The run's settings as flat MLflow params: {"optim.lr.encoder": "0.001", ...}."""
     return flatten_params(dataclasses.asdict(cfg))
 
@@ -196,7 +205,7 @@ def _lock_run_folder(run_dir: Path, wait_s: float = LOCK_WAIT_S):
             time.sleep(1.0)
 
 
-def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
+def _open_tracker(cfg: RunConfig, run_dir: Path, meta: RunMeta) -> RunTracker | None:
     """The rank-0 MLflow run. A server that does not answer (a restarted worker during an
     outage) is retried for `tracking.open_timeout_s`; then training goes on untracked, with the
     step metrics in train_metrics.jsonl, rather than dying for its logs."""
@@ -223,7 +232,7 @@ def _open_tracker(cfg, run_dir: Path, meta: RunMeta):
             time.sleep(5.0)
 
 
-def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
+def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
                        checkpoints=None, batch_source: Callable | None = None, evaluate: bool = True,
                        report_metric: str | None = None, report_mode: str = "min") -> dict:
     """Train the run `cfg` in `run_dir`, resuming from its latest
@@ -237,12 +246,6 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     key that rank 0 evaluates on the EMA model at every checkpoint and hands to the checkpoint
     store's report (a sweep's early-stopping signal).
     """
-    from lzn.data.batches import StepBatcher, make_batches
-    from lzn.data.reader import in_memory_problem, load_training_split
-    from lzn.distributed import make_gather, rank, world_size
-    from lzn.task import TWO_VIEW_OBJECTIVES, build_objective
-    from lzn.trainer import Trainer
-
     meta = meta or RunMeta()
     run_dir = Path(run_dir)
     r, world = rank(), world_size()
@@ -301,17 +304,12 @@ def train_and_evaluate(cfg, run_dir: str | Path, *, device: torch.device, meta: 
     return metrics
 
 
-def _checkpoint_evaluation(cfg, trainer, device, run_dir: Path, key: str, mode: str) -> Callable[[int], dict]:
+def _checkpoint_evaluation(cfg: RunConfig, trainer: Trainer, device: torch.device, run_dir: Path, key: str,
+                           mode: str) -> Callable[[int], dict]:
     """step -> {tune_key(key): value, "report": checkpoint index} of the EMA model now: the
     metric alone, read from the shards, also appended to the run folder's checkpoint log. An
     evaluation that fails (NaN samples of a diverged trial) reports the worst value for `mode`
     instead of failing the run, so the scheduler stops the trial rather than Ray retrying it."""
-    import math
-
-    from lzn.eval_data import ShardData
-    from lzn.evaluate import evaluate_here, metric_for_key
-    from lzn.inference import LZNModel
-
     metric, d = metric_for_key(cfg, key), cfg.data
     data = ShardData(d.dataset_dir, image_size=d.image_size, channels=d.channels)
 
@@ -331,15 +329,11 @@ def _checkpoint_evaluation(cfg, trainer, device, run_dir: Path, key: str, mode: 
     return evaluate_now
 
 
-def _evaluate_and_report(cfg, trainer, split, run_dir: Path, device, meta: RunMeta, jsonl, tracker,
+def _evaluate_and_report(cfg: RunConfig, trainer: Trainer, split: ImageSplit | None, run_dir: Path,
+                         device: torch.device, meta: RunMeta, jsonl: JsonlLogger, tracker: RunTracker | None,
                          metrics: dict) -> None:
     """Add the evaluation to `metrics` (the training summary), write metrics.json and the
     plots, and send it all to MLflow with the final checkpoint and the registered model."""
-    from lzn.eval_data import InMemoryData
-    from lzn.evaluate import evaluate_here
-    from lzn.inference import LZNModel
-    from orchestration.plots import loss_curves, sample_grid, write_run_artifacts
-
     model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
     run_folder = RunFolder(run_dir)
     folder = run_folder.artifacts

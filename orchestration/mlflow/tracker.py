@@ -1,6 +1,6 @@
 """MLflow tracking for LZN training runs: the `tracking:` config, the tracking URI, and the
-rank-0 logger. Beside it: `mlflow_server` (the local server), `mlflow_pending` (batched
-delivery and the pending file), `mlflow_runs` (which run a run folder continues).
+rank-0 logger. Beside it: `server` (the local server), `pending` (batched delivery and the
+pending file), `runs` (which run a run folder continues).
 
 Every writer talks to an MLflow *server* over HTTP, never to the file store (`./mlruns`):
 either the one $MLFLOW_TRACKING_URI / `tracking.uri` names, or a local one this module

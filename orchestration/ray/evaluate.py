@@ -26,6 +26,7 @@ from lzn.errors import UserError
 from lzn.eval_data import ShardData
 from lzn.evaluate import Evaluator, PartStore, Unit, evaluate, fid_extractor, load_model, train_probe
 from orchestration.ray.train import RayTrainerConfig, absolute_paths, check_cpus, init_ray
+from orchestration.run import RunConfig
 
 
 @dataclass
@@ -60,7 +61,7 @@ class EvalWorker:
         return train_probe(self.spec.cfg, self.store, train_units, test_units, device=self.device)
 
 
-def evaluate_on_ray(cfg, checkpoint: str | Path, *, chosen: list[str], parts_dir: str | Path,
+def evaluate_on_ray(cfg: RunConfig, checkpoint: str | Path, *, chosen: list[str], parts_dir: str | Path,
                     cache_dir: str | Path, trainer: RayTrainerConfig, progress: bool = True) -> dict:
     """The evaluation of `checkpoint` sharded over Ray actors ($RAY_ADDRESS or a local Ray)."""
     import ray
@@ -153,5 +154,5 @@ def log_evaluation(uri: str, *, experiment: str, run_id: str | None, step: int, 
         return None
 
 
-def eval_settings(cfg, chosen: list[str]) -> dict:
+def eval_settings(cfg: RunConfig, chosen: list[str]) -> dict:
     return {"metrics": chosen, **{f"eval.{k}": v for k, v in dataclasses.asdict(cfg.eval).items()}}

@@ -26,6 +26,7 @@ from lzn import seeds
 from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
 from lzn.errors import UserError
+from lzn.task import DataConfig
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
 from orchestration.reporting import final_report, finished_result
 from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, train_and_evaluate
@@ -168,7 +169,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def streams(data) -> bool:
+def streams(data: DataConfig) -> bool:
     """Whether the train split streams through Ray Data (data.loader, auto: when it does not fit)."""
     from lzn.data.reader import in_memory_problem
 

@@ -68,6 +68,6 @@ def write_report(task: str, run_dir: Path, eval_dir: Path, *, title: str | None 
             figures += [f"### {label}", "", f"![{label}]({os.path.relpath(path, run_dir)})", ""]
     if figures:
         lines += ["", "## Plots", ""] + figures
-    out = run_dir / "report.md"
+    out = folder.report
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
