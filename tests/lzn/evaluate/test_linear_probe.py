@@ -1,4 +1,4 @@
-"""The linear probe inside lzn.evaluate, as the reference's: both splits' images through
+"""lzn.evaluate.linear_probe, as the reference's probe: both splits' images through
 Resize(probe_resize) + CenterCrop(image_size), features raw unless eval.probe_standardize."""
 from pathlib import Path
 
@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lzn import evaluate as ev
+from lzn.evaluate import linear_probe
 from lzn.eval_data import InMemoryData, ShardData
 from lzn.data.prepare import PrepareConfig, prepare_dataset
 from lzn.objectives import AlignConfig, LatentConfig
@@ -78,7 +79,8 @@ def test_in_memory_images_get_the_same_resize(folder):
 
 def test_standardisation_is_a_setting_and_raw_is_the_default(folder, monkeypatch):
     seen = {}
-    monkeypatch.setattr(ev.metrics, "linear_probe", lambda *a, **kw: seen.update(kw) or {"top1": 1.0, "top5": 1.0})
+    monkeypatch.setattr(linear_probe.metrics, "linear_probe",
+                        lambda *a, **kw: seen.update(kw) or {"top1": 1.0, "top5": 1.0})
     store = ev.PartStore(folder / "parts")
     unit = ev.Unit("probe_train", 0, 0, 2)
     store.save(unit, {"features": torch.zeros(2, 3), "labels": torch.tensor([0, 1])})
