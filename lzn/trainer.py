@@ -76,6 +76,7 @@ class Trainer:
         callbacks: list[Callback] | tuple = (),
         device: torch.device | str = "cpu",
         checkpoints: CheckpointStore | None = None,
+        progress: bool | Callable = True,
     ):
         self.objective, self.optim_cfg, self.cfg = objective, optim, train
         self.batches = batches
@@ -84,6 +85,9 @@ class Trainer:
         # Ray Train hands checkpoints to its own storage; torchrun and plain runs use a folder.
         self.checkpoints = checkpoints or FolderCheckpoints(self.ckpt_dir, train.keep_checkpoints)
         self.callbacks = list(callbacks)
+        # Rank 0's bar, with train.progress: True tqdm on this process's terminal, False none,
+        # or a tqdm-like class to draw it with (a Ray worker's, which the Ray driver draws).
+        self.progress = progress
         self.device = torch.device(device)
         self.rank, self.world = lzn_dist.rank(), lzn_dist.world_size()
         groups = dict(objective.named_children())
@@ -265,10 +269,11 @@ class Trainer:
             torch.manual_seed(seeds.rank_rng(cfg.seed, self.rank))
         resumed_from = self.step
         bar = None
-        if cfg.progress and self.rank == 0 and self.step < cfg.iterations:
+        if cfg.progress and self.progress and self.rank == 0 and self.step < cfg.iterations:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.iterations, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
+            make_bar = self.progress if callable(self.progress) else tqdm
+            bar = make_bar(total=cfg.iterations, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}  # finite values per key
         start = time.perf_counter()

@@ -234,7 +234,8 @@ def _open_tracker(cfg: RunConfig, run_dir: Path, meta: RunMeta) -> RunTracker | 
 
 def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,
                        checkpoints=None, batch_source: Callable | None = None, evaluate: bool = True,
-                       report_metric: str | None = None, report_mode: str = "min") -> dict:
+                       report_metric: str | None = None, report_mode: str = "min",
+                       progress: bool | Callable = True) -> dict:
     """Train the run `cfg` in `run_dir`, resuming from its latest
     checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary).
 
@@ -244,7 +245,8 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
     run says so and leaves evaluation to a separate stage. evaluate=False leaves it to the
     pipeline's evaluate stage (`pipelines.evaluate`) in any case. report_metric: a metrics.json
     key that rank 0 evaluates on the EMA model at every checkpoint and hands to the checkpoint
-    store's report (a sweep's early-stopping signal).
+    store's report (a sweep's early-stopping signal). progress: rank 0's training and evaluation
+    bars (`Trainer`'s: True tqdm here, False none, or a tqdm-like class to draw them with).
     """
     meta = meta or RunMeta()
     run_dir = Path(run_dir)
@@ -278,7 +280,8 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
     timed = TimedCallbacks(callbacks)
     try:
         trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir,
-                          callbacks=[timed] if r == 0 else [], device=device, checkpoints=checkpoints)
+                          callbacks=[timed] if r == 0 else [], device=device, checkpoints=checkpoints,
+                          progress=progress)
         if r == 0 and report_metric:
             checkpoints.report_metrics = _checkpoint_evaluation(cfg, trainer, device, run_dir, report_metric,
                                                                 report_mode)
@@ -340,7 +343,8 @@ def _evaluate_and_report(cfg: RunConfig, trainer: Trainer, split: ImageSplit | N
     if split is not None:
         with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
             metrics.update(evaluate_here(cfg, model, InMemoryData(split, cfg.data.dataset_dir),
-                                         cache_dir=Path(cfg.output_dir) / ".cache", parts_dir=parts))
+                                         cache_dir=Path(cfg.output_dir) / ".cache", parts_dir=parts,
+                                         progress=trainer.progress))
         pngs = write_run_artifacts(cfg, model, split, jsonl.rows(), folder)
     else:  # streamed data or a separate evaluate stage: no held-out images here for the zone map
         folder.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from lzn.checkpoint import load_checkpoint
 from lzn.errors import UserError
 from lzn.task import DataConfig
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
+from orchestration.ray.console import quiet_local_ray, quiet_train_worker, worker_progress
 from orchestration.reporting import final_report, finished_result
 from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, train_and_evaluate
 
@@ -117,6 +118,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    quiet_train_worker()
     cfg, run_dir, trainer_cfg = config["cfg"], Path(config["run_dir"]), config["trainer"]
     torch.set_num_threads(max(1, round(trainer_cfg.cpus_per_worker)))
     context = ray.train.get_context()
@@ -134,7 +136,8 @@ def _worker_loop(config: dict) -> None:
     key = config.get("report_metric")
     metrics = train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"], checkpoints=checkpoints,
                                  batch_source=source, evaluate=config.get("evaluate", True), report_metric=key,
-                                 report_mode=config.get("report_mode", "min"))
+                                 report_mode=config.get("report_mode", "min"),
+                                 progress=worker_progress(config.get("progress", True)))
     if key:  # a sweep's last result, once the run is evaluated and recorded (a scheduler may end it here)
         value = None
         if rank == 0:  # the run's evaluation, else (streamed data: none in the run) the last checkpoint's
@@ -154,6 +157,7 @@ def init_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:  # the dashboard serves the state API that Ray Train's controller polls
+        quiet_local_ray()
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 
@@ -193,11 +197,12 @@ def check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autosca
 
 def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,
                evaluate: bool = True, report_metric: str | None = None, report_mode: str = "min",
-               callbacks: list | None = None) -> dict:
+               callbacks: list | None = None, progress: bool = True) -> dict:
     """Train and evaluate the run `cfg` (checked by `validate_run`) on Ray workers; returns rank 0's metrics.json
     (evaluate=False: training only, the evaluation is a later stage). report_metric: a
     metrics.json key evaluated at every checkpoint and reported with it (as `tune_key`), for
-    a Tune scheduler that `callbacks` (TuneReportCallback) feeds."""
+    a Tune scheduler that `callbacks` (TuneReportCallback) feeds. progress: rank 0's bars
+    (orchestration.ray.console; False: none, as in a sweep's trials)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -225,7 +230,8 @@ def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,
             _worker_loop,
             train_loop_config={"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
                                "meta": meta, "stream": stream, "evaluate": evaluate,
-                               "report_metric": report_metric, "report_mode": report_mode},
+                               "report_metric": report_metric, "report_mode": report_mode,
+                               "progress": progress},
             datasets=datasets or None,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=trainer_cfg.num_workers, use_gpu=trainer_cfg.use_gpu,

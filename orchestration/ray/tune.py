@@ -189,8 +189,9 @@ def run_trial(config: dict, spec: dict) -> None:
         step, value = done
         ray.tune.report(final_report(step, cfg.train, key, value))
         return
+    # No bars in a trial: Tune's trial table is the sweep's one progress display.
     fit_on_ray(cfg, run_dir, meta, report_metric=key, report_mode=spec["mode"],
-               callbacks=[TuneReportCallback()])
+               callbacks=[TuneReportCallback()], progress=False)
 
 
 # ------------------------------------------------------------------------------ results

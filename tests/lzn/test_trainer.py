@@ -175,3 +175,45 @@ def test_reported_means_skip_non_finite_values_without_dropping_the_key(tmp_path
     t.fit()
     # Steps 1-2: one NaN and one 2.0 -> 2.0 (not 1.0, the NaN counted as a zero); steps 3-4: 2.0.
     assert reported == [(2, 2.0), (4, 2.0)]
+
+
+class _Bar:
+    """A tqdm stand-in that records the bars a trainer draws."""
+
+    drawn: list = []
+
+    def __init__(self, *, total, initial, desc, unit, **_tqdm_only):
+        self.total, self.n, self.postfix, self.closed = total, initial, None, False
+        _Bar.drawn.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, **values):
+        self.postfix = values
+
+    def close(self):
+        self.closed = True
+
+
+def _drawn_bars(run_dir, progress, rank=0, monkeypatch=None):
+    """The bars one fit() of 4 steps draws with train.progress=True, at `rank` (faked, world 1)."""
+    import lzn.distributed
+
+    if rank:
+        monkeypatch.setattr(lzn.distributed, "rank", lambda: rank)
+    t, _ = _trainer(run_dir, iterations=4)
+    t.cfg.progress = True
+    _Bar.drawn = []
+    Trainer(t.objective, t.optim_cfg, t.cfg, t.batches, run_dir=run_dir, progress=progress).fit()
+    return _Bar.drawn
+
+
+def test_rank_0_draws_one_bar_with_the_class_it_is_given(tmp_path):
+    (bar,) = _drawn_bars(tmp_path, _Bar)
+    assert (bar.total, bar.n, bar.closed) == (4, 4, True) and set(bar.postfix) == {"loss"}
+
+
+def test_other_ranks_and_progress_false_draw_no_bar(tmp_path, monkeypatch):
+    assert _drawn_bars(tmp_path / "off", False) == []
+    assert _drawn_bars(tmp_path / "rank1", _Bar, rank=1, monkeypatch=monkeypatch) == []
