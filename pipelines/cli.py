@@ -44,6 +44,13 @@ def device(name: str):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
+def print_header(title: str) -> None:
+    """The line that opens a command's own last words (its results, where they are, what to
+    run next), below all that Ray, Tune and MLflow printed: their stderr is flushed first."""
+    sys.stderr.flush()
+    print(f"\n=== {title} ===", flush=True)
+
+
 def print_metrics(metrics: dict) -> None:
     width = max(len(k) for k in metrics)
     for key in sorted(metrics):

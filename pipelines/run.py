@@ -30,7 +30,7 @@ from lzn.errors import UserError
 from lzn.roles import Role
 from orchestration.folder import METRICS, RunFolder
 from orchestration.run import RUN_ROLES, RunConfig, as_run_config, run_params
-from pipelines.cli import EXIT_BAD_INPUT, EXIT_FAILED, guarded, print_metrics
+from pipelines.cli import EXIT_BAD_INPUT, EXIT_FAILED, guarded, print_header, print_metrics
 from pipelines.config import STAGES, PipelineRun, to_run_config, training_dcfg
 from pipelines.dag import Pipeline, Stage, StageFailed
 from pipelines.stages.evaluate import Target, evaluate_checkpoint, extractor_digest
@@ -136,6 +136,7 @@ def main(dcfg: DictConfig) -> None:
               f"from stage {e.stage!r}" + (" (HYDRA_FULL_ERROR=1 shows the traceback)." if bad_input else "."),
               file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT if bad_input else EXIT_FAILED) from None
+    print_header("run done")
     print("stages: " + ", ".join(f"{k} {v}" for k, v in status.items()))
     metrics = RunFolder(run_dir).read_metrics()
     if metrics is not None:

@@ -25,7 +25,7 @@ from orchestration.ray.tune import (
     SweepConfig, close_trial_runs, leaderboard_csv, leaderboard_markdown, run_sweep, trial_config, validate_sweep,
 )
 from orchestration.run import RunConfig, as_run_config, refused_changes, run_params, validate_run
-from pipelines.cli import guarded, run_meta
+from pipelines.cli import guarded, print_header, run_meta
 from pipelines.config import SweepRun, to_run_config, training_dcfg
 from pipelines.stages.prepare import check_data
 
@@ -140,12 +140,13 @@ def main(dcfg: DictConfig) -> None:
     sweep_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg = guarded(lambda: to_run_config(dcfg))
     rows, files = guarded(lambda: run(cfg, sweep_dir, dcfg))
+    print_header(f"sweep {cfg.sweep.name!r} of {cfg.name}: done")
     print(files["leaderboard.md"].read_text())
     if "best_task.yaml" in files:
         print(f"best config: {files['best_task.yaml']}\n  train it: {sys.executable} -m pipelines.train "
               f"--config-dir {sweep_dir} task=best_{cfg.name}")
     else:
-        print("no trial finished: no best config", file=sys.stderr)
+        print("no trial finished: no best config", file=sys.stderr, flush=True)
     if cfg.tracking.enabled:
         print(f"report: make report EXPERIMENT={cfg.tracking.experiment or cfg.name} ARGS='--sweep {cfg.sweep.name}'"
               " (or browse: make ui)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.cli import guarded, print_metrics
+from pipelines.cli import guarded, print_header, print_metrics
 from pipelines.config import to_run_config
 from pipelines.stages.train import train
 
@@ -31,6 +31,7 @@ def main(dcfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = guarded(lambda: train(to_run_config(dcfg), run_dir, dcfg))
     if int(os.environ.get("RANK", "0")) == 0:
+        print_header("run done")
         print_metrics(metrics)
         print(f"run folder: {run_dir}", flush=True)
 
