@@ -64,3 +64,18 @@ def sample_noise(seed: int, batch: int) -> int:
 def sample_latents(seed: int, batch: int) -> int:
     """The latents (or label-zone latent noise) of generated global batch `batch` (LZNModel.generate)."""
     return seed * 100_003 + 2 * batch + 1
+
+
+# ---------------------------------------------------------------- evaluation (lzn.evaluate)
+RECONSTRUCTION_DRAWS = 1000  # draws per image at most: draw d of seed s is seed s * 1000 + d
+
+
+def reconstruction_draw(seed: int, draw: int) -> int:
+    """The latent-noise seed of reconstruction draw `draw` (0 <= draw < RECONSTRUCTION_DRAWS):
+    every draw a new latent in each image's zone, the same for the Euler set."""
+    return seed * RECONSTRUCTION_DRAWS + draw
+
+
+def conditional_set(seed: int) -> int:
+    """The seed of the class-conditional set (one apart from the FID set's `seed`)."""
+    return seed + 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lzn import metrics
+from lzn import metrics, seeds
 from lzn.evaluate.core import Evaluator, Job, Metric, Parts, Unit, register, sampling, units_of
 
 
@@ -33,7 +33,7 @@ class Conditional(Metric):
         classifier = evaluator.once(digits_classifier)
         labels = torch.arange(cfg.data.num_classes).repeat(cfg.eval.per_class)[unit.lo:unit.hi]
         images = model.generate(n, labels, first_batch=unit.lo // cfg.eval.batch_size,
-                                **{**sampling(cfg), "seed": cfg.eval.seed + 1})
+                                **{**sampling(cfg), "seed": seeds.conditional_set(cfg.eval.seed)})
         pred = classifier(images.to(model.device)).argmax(dim=1).cpu()
         return {"correct": int((pred == labels).sum()), "count": n}
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lzn import seeds
 from lzn.errors import UserError
 from lzn.eval_data import EvalData
 from lzn.evaluate.core import Evaluator, Job, Metric, Parts, Unit, register
 
-MAX_DRAWS = 1000  # reconstruction draws per image: draw d of seed s uses latent seed s * MAX_DRAWS + d
+MAX_DRAWS = seeds.RECONSTRUCTION_DRAWS  # reconstruction draws per image (lzn.seeds.reconstruction_draw)
 RECONSTRUCTION_SEED = 0  # of the reconstructed subset: the reference's StatefulSampler(seed=0)
 
 
@@ -73,7 +74,7 @@ class Reconstruction(Metric):
         # The Euler set has the same images and draws (latent seeds): another solver only.
         method, steps = (ev.sampler, ev.sampler_steps) if unit.kind == "reconstruct" else ("euler", 10)
         recon = evaluator.model.reconstruct(images, batch_size=bs, method=method, steps=steps, first_batch=lo // bs,
-                                            alpha=ev.alpha, seed=ev.seed * MAX_DRAWS + draw)
+                                            alpha=ev.alpha, seed=seeds.reconstruction_draw(ev.seed, draw))
         l2 = torch.linalg.vector_norm((recon.double() - images.double()).flatten(1), dim=1).sum()
         return {"l2_sum": float(l2), "count": n}
 

@@ -17,6 +17,8 @@ ORACLES = {
     seeds.latent_noise: lambda s, b: s * 100_003 + b,
     seeds.sample_noise: lambda s, b: s * 100_003 + 2 * b,
     seeds.sample_latents: lambda s, b: s * 100_003 + 2 * b + 1,
+    seeds.reconstruction_draw: lambda s, d: s * 1000 + d,
+    seeds.conditional_set: lambda s: s + 1,
 }
 ARGS = [(0, 0, 0, 0), (1, 2, 3, 1), (7, 1000, 255, 3), (123, 50_000, 4095, 2)]
 
