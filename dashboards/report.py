@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from orchestration.ray.tune import LEADERBOARD_RUN_ID
+from orchestration.ray.leaderboard import LEADERBOARD_RUN_ID
 
 SWEEP_TAG = "lzn.sweep"
 STATUS_TAG = "lzn.sweep.status"
@@ -454,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     check_reachable(uri)
     try:
         path = build_report(uri, args.experiment or None, args.sweep, args.out, args.output_dir)
-    except ReportError as e:
-        raise SystemExit(f"error: {e}") from None
+    except ReportError as e:  # bad input (no such experiment or sweep): exit 2, as the pipelines' commands
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"report: {path.resolve()} ({path.stat().st_size / 1e6:.1f} MB, opens offline in any browser)")
     return 0
 

@@ -346,9 +346,9 @@ def inception_extractor(weights_path: str | os.PathLike | None = None) -> Incept
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path} is not a readable PyTorch state dict ({type(err).__name__}: {err})") from err
+        raise UserError(f"{path} is not a readable PyTorch state dict ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ValueError(f"{path} does not hold FID Inception-v3 weights (no 'fc.weight' tensor)")
+        raise UserError(f"{path} does not hold FID Inception-v3 weights (no 'fc.weight' tensor)")
     net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                       feature_extractor_weights_path=str(path))
     return InceptionFeatures(net)
