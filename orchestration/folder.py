@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lzn.atomic import write_atomically
-from lzn.checkpoint import CHECKPOINT_DIR, list_checkpoints
 
 RAY_STORAGE = "ray"  # Ray Train's run folder inside the run folder
 RAY_CHECKPOINT_FILE = "ckpt.pt"
@@ -55,6 +54,8 @@ class RunFolder:
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoints(self) -> Path:
+        from lzn.checkpoint import CHECKPOINT_DIR  # here: the dashboards import the folder layout without torch
+
         return self.path / CHECKPOINT_DIR
 
     @property
@@ -66,6 +67,8 @@ class RunFolder:
 
     def all_checkpoints(self) -> list[tuple[int, Path]]:
         """(step, file) of every checkpoint, in both layouts."""
+        from lzn.checkpoint import list_checkpoints  # here: the dashboards import the folder layout without torch
+
         found = list_checkpoints(self.checkpoints)
         return found + [(checkpoint_step(p), p) for p in self.ray_storage.glob(f"ckpt-*/{RAY_CHECKPOINT_FILE}")]
 
@@ -77,6 +80,8 @@ class RunFolder:
         return any(self.ray_storage.glob("ckpt-*"))
 
     def has_checkpoints(self) -> bool:
+        from lzn.checkpoint import list_checkpoints  # here: the dashboards import the folder layout without torch
+
         return bool(list_checkpoints(self.checkpoints)) or self.has_ray_checkpoints()
 
     # ------------------------------------------------------------------ records

@@ -21,9 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from lzn.errors import UserError
 from lzn.task import TaskConfig, validate_task
 from orchestration.mlflow.tracker import RunTracker
-from orchestration.ray.tune import (
-    SweepConfig, close_trial_runs, leaderboard_csv, leaderboard_markdown, run_sweep, trial_config, validate_sweep,
-)
+from orchestration.ray.leaderboard import leaderboard_csv, leaderboard_markdown
+from orchestration.ray.tune import SweepConfig, close_trial_runs, run_sweep, trial_config, validate_sweep
 from orchestration.run import RunConfig, as_run_config, refused_changes, run_params, validate_run
 from pipelines.cli import guarded, print_header, run_meta
 from pipelines.config import SweepRun, to_run_config, training_dcfg

@@ -20,9 +20,7 @@ checkpoint, and the parent run continues.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import io
 import math
 import os
 import sys
@@ -33,6 +31,7 @@ from typing import Any, Optional
 from lzn.errors import UserError
 from lzn.roles import Role
 from orchestration.folder import RunFolder
+from orchestration.ray.leaderboard import TrialRow, leaderboard
 from orchestration.reporting import checkpoints_of, final_report, finished_result, tune_key
 from orchestration.run import RUN_ROLES, RayTrainerConfig, RunConfig, RunMeta
 
@@ -192,56 +191,6 @@ def run_trial(config: dict, spec: dict) -> None:
     # No bars in a trial: Tune's trial table is the sweep's one progress display.
     fit_on_ray(cfg, run_dir, meta, report_metric=key, report_mode=spec["mode"],
                callbacks=[TuneReportCallback()], progress=False)
-
-
-# ------------------------------------------------------------------------------ results
-@dataclass
-class TrialRow:
-    trial: str
-    status: str  # finished, stopped early, error
-    value: Optional[float]
-    steps: int
-    params: dict[str, Any]
-    run_id: Optional[str]
-
-
-def leaderboard(sweep: SweepConfig, rows: list[TrialRow]) -> list[TrialRow]:
-    """Finished trials by the metric (best first), then stopped ones by their last value, then errors."""
-    sign = 1 if sweep.mode == "min" else -1
-    rank = {"finished": 0, "stopped early": 1, "error": 2}
-
-    def key(r):
-        value = r.value if r.value is not None and math.isfinite(r.value) else math.inf
-        return rank[r.status], sign * value if value != math.inf else math.inf
-
-    return sorted(rows, key=key)
-
-
-def leaderboard_markdown(sweep: SweepConfig, rows: list[TrialRow]) -> str:
-    keys = list(sweep.space)
-    head = ["rank", "trial", "status", sweep.metric, "steps", *keys, "MLflow run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for i, r in enumerate(rows, 1):
-        value = "" if r.value is None else f"{r.value:.6g}"
-        params = [f"{r.params.get(k):.4g}" if isinstance(r.params.get(k), float) else str(r.params.get(k))
-                  for k in keys]
-        lines.append("| " + " | ".join([str(i), r.trial, r.status, value, str(r.steps), *params,
-                                        r.run_id or ""]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-LEADERBOARD_RUN_ID = "mlflow_run_id"  # the leaderboard.csv column dashboards.report joins on
-
-
-def leaderboard_csv(sweep: SweepConfig, rows: list[TrialRow]) -> str:
-    """The leaderboard as CSV: rank, trial, status, <metric>, steps, <swept keys>, mlflow_run_id."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    keys = list(sweep.space)
-    writer.writerow(["rank", "trial", "status", sweep.metric, "steps", *keys, LEADERBOARD_RUN_ID])
-    for i, r in enumerate(rows, 1):
-        writer.writerow([i, r.trial, r.status, r.value, r.steps, *[r.params.get(k) for k in keys], r.run_id or ""])
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------ the sweep

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestration.ray.tune import ParamSpec, SweepConfig, TrialRow, leaderboard, leaderboard_csv
+from orchestration.ray.leaderboard import TrialRow, leaderboard, leaderboard_csv
+from orchestration.ray.tune import ParamSpec, SweepConfig
 
 SPACE = {"optim.lr.encoder": ParamSpec(kind="loguniform", low=3e-5, high=1e-3),
          "latent.dim": ParamSpec(kind="choice", values=[8, 16, 32])}

@@ -4,13 +4,11 @@ import dataclasses
 import pytest
 
 from orchestration.run import RayTrainerConfig, RunConfig
+from orchestration.ray.leaderboard import TrialRow, leaderboard, leaderboard_markdown
 from orchestration.ray.tune import (
     ParamSpec,
     SweepConfig,
-    TrialRow,
     concurrent_trials,
-    leaderboard,
-    leaderboard_markdown,
     search_space,
     trial_config,
     validate_sweep,
