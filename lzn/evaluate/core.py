@@ -117,14 +117,16 @@ class Job(Once):
     """One evaluation on the driver, as its metrics plan and reduce it: the task and its data,
     and what the caller of `evaluate` lends the reductions: the FID extractor (called only
     when a metric needs it; None: no cached statistics are looked up), the linear probe's
-    trainer (None: `train_probe` on `device`) and the device the reductions run on.
-    `once` keeps what a metric's plan and reduction share (the FID reference cache)."""
+    trainer (None: `train_probe` on `device`), the device the reductions run on and whether
+    they may draw bars (the probe's; False: none). `once` keeps what a metric's plan and
+    reduction share (the FID reference cache)."""
 
     cfg: Any
     data: EvalData
     extractor: Callable[[], nn.Module] | None = None
     probe: Probe | None = None
     device: Any = "cpu"
+    progress: bool = True
 
     @property
     def chunk(self) -> int:
@@ -258,7 +260,7 @@ def plan(job: Job, chosen: Iterable[str]) -> list[Unit]:
 
 def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execute: Execute,
              extractor: Callable[[], nn.Module], probe: Probe | None = None,
-             device="cpu") -> dict[str, float | str]:
+             device="cpu", progress: bool = True) -> dict[str, float | str]:
     """Run (or resume) the evaluation of `chosen` metrics and reduce it to metrics.json keys.
 
     execute: computes the parts of a list of units into `store` (in this process, or on Ray
@@ -266,9 +268,9 @@ def evaluate(cfg, *, chosen: list[str], data: EvalData, store: PartStore, execut
     (called only when FID is chosen and its reference statistics are needed). probe: trains
     the linear probe on the stored features (default: `train_probe` here, on `device`).
     device: where KID and precision/recall run on the subsets' features (distances of 10k x
-    10k rows).
+    10k rows). progress: False keeps the reductions' bars (the default probe's) off.
     """
-    job = Job(cfg, data, extractor, probe, device)
+    job = Job(cfg, data, extractor, probe, device, progress)
     units = plan(job, chosen)
     todo = [u for u in units if not store.has(u)]
     if todo:
@@ -303,7 +305,8 @@ def evaluate_here(cfg, model: LZNModel, data: EvalData, *, cache_dir: str | Path
     evaluator, store = Evaluator(cfg, model, data, cache_dir=cache_dir), PartStore(parts_dir)
     return evaluate(cfg, chosen=select_metrics(cfg, chosen), data=data, store=store,
                     execute=execute_here(evaluator, store, progress=progress),
-                    extractor=lambda: evaluator.extractor, device=model.device)
+                    extractor=lambda: evaluator.extractor, device=model.device,
+                    progress=bool(progress))  # a tqdm-like class draws the shards' bar; the probe keeps tqdm
 
 
 def load_model(cfg, checkpoint: str | Path, device) -> tuple[LZNModel, int]:

@@ -10,8 +10,10 @@ from lzn import metrics
 from lzn.evaluate.core import Evaluator, Job, Metric, PartStore, Parts, Unit, register, units_of
 
 
-def train_probe(cfg, store: PartStore, train_units: list[Unit], test_units: list[Unit], device="cpu") -> dict:
-    """The linear probe on the stored features (one process: the probe is small)."""
+def train_probe(cfg, store: PartStore, train_units: list[Unit], test_units: list[Unit], device="cpu",
+                progress: bool = True) -> dict:
+    """The linear probe on the stored features (one process: the probe is small); progress:
+    its epoch bar (False: none)."""
     def gather(units):
         parts = [store.load(u) for u in units]
         return torch.cat([p["features"] for p in parts]).to(device), torch.cat([p["labels"] for p in parts]).to(device)
@@ -19,7 +21,8 @@ def train_probe(cfg, store: PartStore, train_units: list[Unit], test_units: list
     ev = cfg.eval
     (xtr, ytr), (xte, yte) = gather(train_units), gather(test_units)
     return metrics.linear_probe(xtr, ytr, xte, yte, epochs=ev.probe_epochs, lr=ev.probe_lr, seed=ev.seed,
-                                batch_size=ev.probe_batch_size, standardize=ev.probe_standardize)
+                                batch_size=ev.probe_batch_size, standardize=ev.probe_standardize,
+                                progress=progress)
 
 
 @register
@@ -43,6 +46,7 @@ class LinearProbe(Metric):
         return {"features": evaluator.model.embed(images, batch_size=ev.batch_size), "labels": labels}
 
     def reduce(self, job: Job, parts: Parts) -> dict[str, float | str]:
-        probe = job.probe or (lambda s, a, b: train_probe(job.cfg, s, a, b, device=job.device))
+        probe = job.probe or (lambda s, a, b: train_probe(job.cfg, s, a, b, device=job.device,
+                                                          progress=job.progress))
         result = probe(parts.store, parts.units("probe_train"), parts.units("probe_test"))
         return {"eval/linear_probe_top1": result["top1"], "eval/linear_probe_top5": result["top5"]}

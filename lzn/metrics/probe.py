@@ -74,6 +74,7 @@ def linear_probe(
     batch_size: int = 256,
     seed: int = 0,
     standardize: bool = False,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Train one linear layer on frozen features with AdamW; return test {"top1", "top5"}.
 
@@ -83,6 +84,7 @@ def linear_probe(
     is convex, so the start only matters through the seeded shuffling order), which makes the
     result a deterministic function of `seed` on a given device. standardize: features are
     first shifted and scaled by the training set's mean and std (the reference: raw).
+    progress: False draws no bar (a sweep trial's evaluation); True tqdm's over the epochs.
     """
     _check_features(train_features, train_labels, "train")
     _check_features(test_features, test_labels, "test")
@@ -118,8 +120,10 @@ def linear_probe(
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     n = x_train.shape[0]
+    epoch_bar = tqdm(range(epochs), desc="linear probe", unit="epoch", delay=PROGRESS_DELAY_S, leave=False) \
+        if progress else range(epochs)
     with torch.enable_grad():
-        for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", delay=PROGRESS_DELAY_S, leave=False):
+        for _ in epoch_bar:
             order = torch.randperm(n, generator=generator).to(device)
             for idx in torch.split(order, batch_size):
                 loss = torch.nn.functional.cross_entropy(head(x_train[idx]), train_labels[idx])
@@ -172,7 +176,7 @@ def linear_probe_eval(
     """Embed both splits with `embed` (images (B, C, H, W) -> (B, d)), then `linear_probe`.
 
     `batch_size` is the embedding batch, `probe_batch_size` the probe's SGD batch; `**kw`
-    goes to `linear_probe` (epochs, lr, weight_decay, seed, standardize). Returns {"top1", "top5"}.
+    goes to `linear_probe` (epochs, lr, weight_decay, seed, standardize, progress). Returns {"top1", "top5"}.
     """
     train_features = embed_images(embed, train_images, batch_size=batch_size, name="train_images")
     test_features = embed_images(embed, test_images, batch_size=batch_size, name="test_images")

@@ -57,8 +57,8 @@ class EvalWorker:
         self.store.save(unit, self.evaluator.run(unit))
         return unit.name, os.getpid()
 
-    def probe(self, train_units: list[Unit], test_units: list[Unit]) -> dict:
-        return train_probe(self.spec.cfg, self.store, train_units, test_units, device=self.device)
+    def probe(self, train_units: list[Unit], test_units: list[Unit], progress: bool = True) -> dict:
+        return train_probe(self.spec.cfg, self.store, train_units, test_units, device=self.device, progress=progress)
 
 
 def evaluate_on_ray(cfg: RunConfig, checkpoint: str | Path, *, chosen: list[str], parts_dir: str | Path,
@@ -104,7 +104,7 @@ def evaluate_on_ray(cfg: RunConfig, checkpoint: str | Path, *, chosen: list[str]
 
         def probe(store, train_units, test_units) -> dict:
             start(1)
-            return ray.get(actors[0].probe.remote(train_units, test_units))
+            return ray.get(actors[0].probe.remote(train_units, test_units, progress))
 
         return evaluate(cfg, chosen=chosen, data=data, store=PartStore(parts_dir), execute=execute,
                         extractor=lambda: fid_extractor(cfg.eval.fid_features, cache_dir, cfg.eval.inception_weights),

@@ -93,3 +93,19 @@ def test_standardisation_is_a_setting_and_raw_is_the_default(folder, monkeypatch
 def test_a_probe_resize_below_the_image_size_is_refused(folder):
     with pytest.raises(ValueError, match="eval.probe_resize must be 0 or >= data.image_size = 8.*got 6"):
         validate_task(repr_cfg(folder, probe_resize=6))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_evaluations_progress_reaches_the_probe(folder, monkeypatch, progress):
+    # evaluate(progress=False) (a sweep trial's checkpoint evaluation) draws no probe bar.
+    seen = {}
+    monkeypatch.setattr(linear_probe.metrics, "linear_probe",
+                        lambda *a, **kw: seen.update(kw) or {"top1": 1.0, "top5": 1.0})
+    cfg = repr_cfg(folder)
+    data = ShardData(folder / "folder", image_size=8, channels=3)
+    evaluator = ev.Evaluator(cfg, PixelModel(), data, cache_dir=folder / "cache")
+    store = ev.PartStore(folder / f"parts-{progress}")
+    out = ev.evaluate(cfg, chosen=["linear_probe"], data=data, store=store,
+                      execute=ev.execute_here(evaluator, store, progress=False), extractor=lambda: None,
+                      progress=progress)
+    assert out["eval/linear_probe_top1"] == 1.0 and seen["progress"] is progress

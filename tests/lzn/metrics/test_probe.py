@@ -139,3 +139,17 @@ def test_bad_input_raises():
         linear_probe(x, y, x, y, epochs=0)
     with pytest.raises(ValueError, match="embed must return features of shape \\(B, d\\)"):
         linear_probe_eval(lambda im: im, torch.zeros(4, 1, 2, 2), y[:4], torch.zeros(4, 1, 2, 2), y[:4])
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_epoch_bar_is_drawn_only_with_progress(monkeypatch, progress):
+    # A sweep trial's evaluation passes progress=False: no bar may appear among Tune's table.
+    from lzn.metrics import probe
+
+    bars = []
+    monkeypatch.setattr(probe, "tqdm", lambda iterable, **kw: bars.append(kw) or iterable)
+    train_x, train_y = _clusters(4)
+    plain = linear_probe(train_x, train_y, train_x, train_y, epochs=3, progress=progress)
+    assert [kw["desc"] for kw in bars] == (["linear probe"] if progress else [])
+    monkeypatch.undo()
+    assert plain == linear_probe(train_x, train_y, train_x, train_y, epochs=3)  # the bar changes nothing else
