@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, TextIO
 from urllib.parse import urlsplit
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # gitignore-style patterns relative to the project root; a leading "/" anchors a pattern at
 # the root (lzn/data/ is a package and must travel, /data/ is prepared shards and must not).
