@@ -47,7 +47,7 @@ def _encoder_gradient(objective, batch: dict) -> torch.Tensor:
 
 
 def measure(run_dir: Path, batches: int) -> list[dict]:
-    from lzn.checkpoint import load_checkpoint
+    from lzn.checkpoint import list_checkpoints, load_checkpoint
     from lzn.data.batches import make_batches
     from lzn.data.digits import digits_split
     from lzn.task import build_objective
@@ -64,7 +64,7 @@ def measure(run_dir: Path, batches: int) -> list[dict]:
     batch_of = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
                             seed=cfg.train.seed, augment=cfg.data.augment, two_view=True)
     rows = []
-    for ckpt in sorted(RunFolder(run_dir).checkpoints.glob("ckpt-*.pt")):
+    for _, ckpt in list_checkpoints(RunFolder(run_dir).checkpoints):
         state = load_checkpoint(ckpt, map_location="cpu")
         models = {}
         for name, exact_state in (("f32", False), ("f32 + f64 state", True)):

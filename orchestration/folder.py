@@ -10,7 +10,7 @@
       mlflow_pending.jsonl              what the MLflow server has not taken yet
       trained_with.json                 the flattened config the checkpoints were trained with
       artifacts/                        the run's plots
-      eval/step-<N>-<key>/              one evaluation of the step-N checkpoint (its metrics.json, plots, parts)
+      eval/step-<N>-<key>/              one evaluation of the step-N checkpoint (`EvalFolder`)
       workers/rank-<r>.json             where each Ray Train worker ran
       pipeline/                         the stage DAG's records
       report.md                         the report stage's page
@@ -31,6 +31,7 @@ METRICS = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the training config, in .hydra/ and as the MLflow run's artifact
 MLFLOW_RUN = "mlflow_run.json"
 MLFLOW_PENDING = "mlflow_pending.jsonl"
+PARTS_WORKERS = "workers.json"  # in an evaluation's parts/: which Ray worker process computed each part
 
 
 def checkpoint_step(path: Path) -> int:
@@ -42,6 +43,48 @@ def checkpoint_step(path: Path) -> int:
 def write_json(path: Path, value) -> None:
     """`value` as indented, key-sorted JSON, written atomically (a crash leaves the old file)."""
     write_atomically(path, lambda f: f.write(json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"))
+
+
+@dataclass(frozen=True)
+class EvalFolder:
+    """One evaluation of one checkpoint, eval/step-<N>-<key>/ in a run folder:
+
+      metrics.json      its numbers
+      settings.json     what they were computed with (the checkpoint, its sha256, the settings)
+      plots/            its PNGs
+      parts/            the metrics' parts (a rerun reuses them); parts/workers.json on Ray
+      .complete         written last: the evaluation is whole (holds its key)
+      .logged           it is in MLflow (its run id and server)
+    """
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def settings(self) -> Path:
+        return self.path / "settings.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def parts(self) -> Path:
+        return self.path / "parts"
+
+    @property
+    def complete(self) -> Path:
+        return self.path / ".complete"
+
+    @property
+    def logged(self) -> Path:
+        return self.path / ".logged"
 
 
 @dataclass(frozen=True)
@@ -61,6 +104,11 @@ class RunFolder:
     @property
     def ray_storage(self) -> Path:
         return self.path / RAY_STORAGE
+
+    @staticmethod
+    def ray_checkpoint_name(step: int) -> str:
+        """The folder Ray Train keeps the step's checkpoint in, inside `ray_storage`."""
+        return f"ckpt-{step:09d}"
 
     def ray_checkpoint(self, name: str) -> Path:
         return self.ray_storage / name / RAY_CHECKPOINT_FILE
@@ -125,6 +173,10 @@ class RunFolder:
     def workers(self) -> Path:
         return self.path / "workers"
 
+    def worker_record(self, rank: int) -> Path:
+        """Where the Ray Train worker of `rank` records where it ran."""
+        return self.workers / f"rank-{rank}.json"
+
     @property
     def pipeline(self) -> Path:
         return self.path / "pipeline"
@@ -137,8 +189,9 @@ class RunFolder:
     def lock(self) -> Path:
         return self.path / ".lock"
 
-    def eval_dir(self, step: int, key: str) -> Path:
-        return self.path / "eval" / f"step-{step}-{key}"
+    def evaluation(self, step: int, key: str) -> EvalFolder:
+        """The folder of the step-`step` checkpoint's evaluation under `key`."""
+        return EvalFolder(self.path / "eval" / f"step-{step}-{key}")
 
     def read_metrics(self) -> dict | None:
         return json.loads(self.metrics.read_text()) if self.metrics.is_file() else None

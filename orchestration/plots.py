@@ -31,6 +31,11 @@ EXTENT = (-3.0, 3.0, -3.0, 3.0)  # the square of the latent plane a zone map cov
 SMOOTH_ABOVE = 50  # a loss curve with more points than this gets a smoothed line
 _GRID_CHUNK = 8192  # grid points per assign_zones call: bounds the (chunk, N) posteriors
 
+# The artifacts' file names, in the folder `write_run_artifacts` writes to.
+SAMPLES_PNG = "samples.png"
+LOSS_CURVES_PNG = "loss_curves.png"
+LATENT_ZONES_PNG = "latent_zones.png"
+
 
 # ------------------------------------------------------------------------------ samples
 def _grid_layout(cfg: TaskConfig) -> tuple[int, Tensor | None, int] | None:
@@ -315,10 +320,10 @@ def write_run_artifacts(cfg: TaskConfig, model: LZNModel, split, rows: list[dict
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [sample_grid(model, cfg, out_dir / "samples.png")]
+    written = [sample_grid(model, cfg, out_dir / SAMPLES_PNG)]
     if rows:
-        written.append(loss_curves(rows, out_dir / "loss_curves.png"))
+        written.append(loss_curves(rows, out_dir / LOSS_CURVES_PNG))
     n = cfg.eval.batch_size
-    written.append(latent_zones(model, split.test_images[:n], split.test_labels[:n], out_dir / "latent_zones.png",
+    written.append(latent_zones(model, split.test_images[:n], split.test_labels[:n], out_dir / LATENT_ZONES_PNG,
                                 batch_size=n, alpha=cfg.eval.alpha, seed=cfg.eval.seed, what="held-out images"))
     return [p for p in written if p is not None]

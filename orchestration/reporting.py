@@ -12,8 +12,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestration.folder import RunFolder
+
+if TYPE_CHECKING:  # annotations only: lzn.trainer loads torch, which the contract does not need
+    from lzn.trainer import TrainConfig
+
+# The keys of a reported result.
+REPORT_INDEX = "report"  # the checkpoint's index: the time a scheduler counts in
+STEP = "step"  # the training step reached
+FINAL = "final"  # 1 on the run's final result only
 
 
 def tune_key(metric: str) -> str:
@@ -26,19 +35,19 @@ def report_index(step: int, checkpoint_every: int) -> int:
     return math.ceil(step / checkpoint_every)
 
 
-def checkpoints_of(train) -> int:
-    """How many checkpoints a run of `train.iterations` steps reports (`train`: lzn's TrainConfig)."""
+def checkpoints_of(train: TrainConfig) -> int:
+    """How many checkpoints a run of `train.iterations` steps reports."""
     return report_index(train.iterations, train.checkpoint_every)
 
 
-def checkpoint_report(key: str, value: float, step: int, train) -> dict:
+def checkpoint_report(key: str, value: float, step: int, train: TrainConfig) -> dict:
     """What a run reports with the checkpoint saved at `step`: its metric `key` and index."""
-    return {tune_key(key): value, "report": report_index(step, train.checkpoint_every)}
+    return {tune_key(key): value, REPORT_INDEX: report_index(step, train.checkpoint_every)}
 
 
-def final_report(steps: int, train, key: str, value: float | None) -> dict:
+def final_report(steps: int, train: TrainConfig, key: str, value: float | None) -> dict:
     """The last result of a run: trained `steps`, evaluated (`value` of `key`; None: unknown)."""
-    final = {"step": int(steps), "final": 1, "report": checkpoints_of(train) + 1}
+    final = {STEP: int(steps), FINAL: 1, REPORT_INDEX: checkpoints_of(train) + 1}
     if value is not None:
         final[tune_key(key)] = float(value)
     return final
@@ -48,7 +57,7 @@ def record_checkpoint_metric(folder: RunFolder, step: int, key: str, value: floa
     """Append a checkpoint's metric to the run's checkpoint log (what `finished_result` reads
     back for a run evaluated only at its checkpoints)."""
     with folder.checkpoint_metrics.open("a") as f:
-        f.write(json.dumps({"step": step, key: value}) + "\n")
+        f.write(json.dumps({STEP: step, key: value}) + "\n")
 
 
 def finished_result(run_dir: str | Path, key: str, iterations: int) -> tuple[int, float] | None:
@@ -66,5 +75,5 @@ def finished_result(run_dir: str | Path, key: str, iterations: int) -> tuple[int
         return steps, float(result[key])
     log = folder.checkpoint_metrics
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    last = [r for r in rows if r.get("step") == steps and key in r]
+    last = [r for r in rows if r.get(STEP) == steps and key in r]
     return (steps, float(last[-1][key])) if last else None

@@ -34,7 +34,7 @@ from lzn.task import TWO_VIEW_OBJECTIVES, TaskConfig, build_objective, validate_
 from lzn.trainer import Trainer
 from orchestration.folder import RunFolder
 from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
-from orchestration.plots import loss_curves, sample_grid, write_run_artifacts
+from orchestration.plots import LOSS_CURVES_PNG, SAMPLES_PNG, loss_curves, sample_grid, write_run_artifacts
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
 
 RUNTIME = Role.RUNTIME
@@ -222,7 +222,7 @@ def _open_tracker(cfg: RunConfig, run_dir: Path, meta: RunMeta) -> RunTracker | 
         except Exception as e:
             if time.monotonic() > deadline:
                 print(f"[tracking] MLflow server {meta.tracking_uri} still unreachable ({type(e).__name__}): "
-                      f"training on WITHOUT MLflow tracking; step metrics are in {run_dir}/train_metrics.jsonl",
+                      f"training on WITHOUT MLflow tracking; step metrics are in {RunFolder(run_dir).train_log}",
                       file=sys.stderr, flush=True)
                 return None
             if not told:
@@ -349,8 +349,8 @@ def _evaluate_and_report(cfg: RunConfig, trainer: Trainer, split: ImageSplit | N
     else:  # streamed data or a separate evaluate stage: no held-out images here for the zone map
         folder.mkdir(parents=True, exist_ok=True)
         rows = jsonl.rows()
-        pngs = [p for p in (loss_curves(rows, folder / "loss_curves.png") if rows else None,
-                            sample_grid(model, cfg, folder / "samples.png")) if p is not None]
+        pngs = [p for p in (loss_curves(rows, folder / LOSS_CURVES_PNG) if rows else None,
+                            sample_grid(model, cfg, folder / SAMPLES_PNG)) if p is not None]
     run_folder.write_metrics(metrics)
     if tracker is None:
         return

@@ -32,7 +32,7 @@ from typing import Iterator, Mapping, Optional
 from lzn.atomic import write_atomically
 from lzn.errors import UserError
 from orchestration.mlflow.pending import (
-    MAX_BATCH, MAX_BATCH_TAGS, PENDING_FILE, append_pending, fail_fast, import_pending, is_permanent, read_pending,
+    MAX_BATCH, MAX_BATCH_TAGS, append_pending, fail_fast, import_pending, is_permanent, read_pending,
     send_batches, warn,
 )
 from orchestration.folder import CONFIG_FILE, RunFolder
@@ -125,6 +125,7 @@ class RunTracker:
     def __init__(self, client, uri: str, run_id: str, run_dir: Path, last_logged_step: int, resumed: bool,
                  system_metrics: bool, flush_every_s: float, system_metrics_every_s: float = 10.0):
         self._client, self.uri, self.run_id, self.run_dir = client, uri, run_id, run_dir
+        self._pending = RunFolder(run_dir).mlflow_pending  # what the server has not taken yet
         self.last_logged_step = last_logged_step
         self.seconds_logging = 0.0
         self._flush_every_s = flush_every_s
@@ -155,7 +156,8 @@ class RunTracker:
         fail_fast()
         uri, run_dir = uri.rstrip("/"), Path(run_dir)
         client = MlflowClient(uri)
-        run_file, pending = RunFolder(run_dir).mlflow_run, RunFolder(run_dir).mlflow_pending
+        folder = RunFolder(run_dir)
+        run_file, pending = folder.mlflow_run, folder.mlflow_pending
         params = {k: param_value(str(v)) for k, v in params.items()}
         resumed, changes = run_file.exists(), {}
         if resumed:
@@ -208,7 +210,7 @@ class RunTracker:
             # server. Sending a metric twice is harmless (same key, step, value, timestamp).
             with self._lock:
                 metrics, tags = list(self._metrics), dict(self._tags)
-            append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
+            append_pending(self._pending, self.run_id, self.uri, metrics, tags)
 
     def on_checkpoint(self, step: int, path) -> None:
         with self._lock:
@@ -301,7 +303,7 @@ class RunTracker:
         return True
 
     def _recovered(self) -> None:
-        pending = self.run_dir / PENDING_FILE
+        pending = self._pending
         if pending.exists():  # spilled during the outage
             with contextlib.suppress(Exception):
                 warn(f"delivered {import_pending(pending, self.uri)} metrics/tags spilled to {pending}")
@@ -344,7 +346,7 @@ class RunTracker:
                 self.flush()
                 if (n := len(self._metrics)) > MAX_BUFFERED:
                     self._spill()
-                    warn(f"moved {n} buffered metrics to {self.run_dir / PENDING_FILE} to bound memory; "
+                    warn(f"moved {n} buffered metrics to {self._pending} to bound memory; "
                           "they are delivered once the server answers")
             except Exception as e:  # this thread must outlive any surprise
                 warn(f"tracking flush error: {e}")
@@ -355,7 +357,7 @@ class RunTracker:
         with self._delivering, self._lock:
             metrics, tags = self._metrics, self._tags
             self._metrics, self._tags = [], {}
-        append_pending(self.run_dir / PENDING_FILE, self.run_id, self.uri, metrics, tags)
+        append_pending(self._pending, self.run_id, self.uri, metrics, tags)
 
     def close(self, status: str = "FINISHED") -> None:
         """Stop the flush thread, deliver what is buffered (three tries), keep the rest in
@@ -374,7 +376,7 @@ class RunTracker:
             time.sleep(1.0)
         if not delivered:
             self._spill()
-        pending = self.run_dir / PENDING_FILE
+        pending = self._pending
         if delivered and pending.exists():  # spilled earlier in an outage that has ended
             with contextlib.suppress(Exception):
                 import_pending(pending, self.uri)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lzn.errors import UserError
 from lzn.eval_data import ShardData
 from lzn.evaluate import Evaluator, PartStore, Unit, evaluate, fid_extractor, load_model, train_probe
+from orchestration.folder import PARTS_WORKERS
 from orchestration.ray.train import RayTrainerConfig, absolute_paths, check_cpus, init_ray
 from orchestration.run import RunConfig
 
@@ -98,7 +99,7 @@ def evaluate_on_ray(cfg: RunConfig, checkpoint: str | Path, *, chosen: list[str]
             done = pool.map_unordered(lambda actor, unit: actor.run.remote(unit), units)
             workers = dict(tqdm(done, total=len(units), desc=f"evaluate ({len(actors)} Ray workers)",
                                 unit="shard", disable=not progress, file=sys.stderr))
-            log = parts_dir / "workers.json"  # which worker process computed each part
+            log = parts_dir / PARTS_WORKERS
             known = json.loads(log.read_text()) if log.is_file() else {}
             log.write_text(json.dumps({**known, **workers}, indent=1, sort_keys=True) + "\n")
 

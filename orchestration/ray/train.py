@@ -29,7 +29,7 @@ from lzn.errors import UserError
 from lzn.task import DataConfig
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
 from orchestration.ray.console import quiet_local_ray, quiet_train_worker, worker_progress
-from orchestration.reporting import final_report, finished_result
+from orchestration.reporting import STEP, final_report, finished_result
 from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, train_and_evaluate
 
 
@@ -37,8 +37,8 @@ class RayCheckpoints:
     """lzn's CheckpointStore on Ray Train: `ray.train.report` persists rank 0's checkpoint
     into the run's storage; `ray.train.get_checkpoint` hands the latest to a restarted run."""
 
-    def __init__(self, storage_dir: Path):
-        self.storage_dir = Path(storage_dir)
+    def __init__(self, run_folder: RunFolder):
+        self.run_folder = run_folder
         self.report_metrics = None  # rank 0: step -> extra metrics for the report (a sweep's metric)
 
     def latest(self, map_location="cpu") -> dict | None:
@@ -59,16 +59,16 @@ class RayCheckpoints:
     def save(self, state: dict, step: int, rank: int) -> Path | None:
         import ray.train
 
-        name = f"ckpt-{step:09d}"
+        name = RunFolder.ray_checkpoint_name(step)
         if rank != 0:  # report is a barrier: every rank calls it, only rank 0 brings a checkpoint
-            ray.train.report({"step": step})
+            ray.train.report({STEP: step})
             return None
-        metrics = {"step": step, **(self.report_metrics(step) if self.report_metrics else {})}
+        metrics = {STEP: step, **(self.report_metrics(step) if self.report_metrics else {})}
         with tempfile.TemporaryDirectory(prefix="lzn-ckpt-") as folder:
             torch.save(state, Path(folder) / RAY_CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name)
-        return self.storage_dir / name / RAY_CHECKPOINT_FILE
+        return self.run_folder.ray_checkpoint(name)
 
 
 class StreamedBatches:
@@ -123,16 +123,16 @@ def _worker_loop(config: dict) -> None:
     torch.set_num_threads(max(1, round(trainer_cfg.cpus_per_worker)))
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    workers = RunFolder(run_dir).workers
-    workers.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run_dir)
+    folder.workers.mkdir(parents=True, exist_ok=True)
     info = {"pid": os.getpid(), "node": socket.gethostname(), "rank": rank, "world": context.get_world_size()}
-    write_atomically(workers / f"rank-{rank}.json", lambda f: f.write(json.dumps(info).encode()))
+    write_atomically(folder.worker_record(rank), lambda f: f.write(json.dumps(info).encode()))
     device = ray.train.torch.get_device() if trainer_cfg.use_gpu else torch.device("cpu")
     source = None
     if config["stream"]:
         shard = ray.train.get_dataset_shard("train")
         source = lambda batcher: StreamedBatches(shard, batcher, seed=cfg.train.seed)  # noqa: E731
-    checkpoints = RayCheckpoints(RunFolder(run_dir).ray_storage)
+    checkpoints = RayCheckpoints(folder)
     key = config.get("report_metric")
     metrics = train_and_evaluate(cfg, run_dir, device=device, meta=config["meta"], checkpoints=checkpoints,
                                  batch_source=source, evaluate=config.get("evaluate", True), report_metric=key,

@@ -32,7 +32,9 @@ from lzn.errors import UserError
 from lzn.roles import Role
 from orchestration.folder import RunFolder
 from orchestration.ray.leaderboard import TrialRow, leaderboard
-from orchestration.reporting import checkpoints_of, final_report, finished_result, tune_key
+from orchestration.reporting import (
+    FINAL, REPORT_INDEX, STEP, checkpoints_of, final_report, finished_result, tune_key,
+)
 from orchestration.run import RUN_ROLES, RayTrainerConfig, RunConfig, RunMeta
 
 KINDS = ("choice", "uniform", "loguniform", "grid", "randint")
@@ -220,7 +222,7 @@ def _scheduler(sweep: SweepConfig, cfg: RunConfig):
     n = checkpoints_of(cfg.train)
     if sweep.scheduler == "fifo" or n < 2:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="report", max_t=n - 1, grace_period=min(sweep.grace_period, n - 1),
+    return ASHAScheduler(time_attr=REPORT_INDEX, max_t=n - 1, grace_period=min(sweep.grace_period, n - 1),
                          reduction_factor=sweep.reduction_factor, stop_last_trials=False)
 
 
@@ -230,8 +232,8 @@ def _rows(grid, cfg: RunConfig, sweep: SweepConfig, sweep_dir: Path) -> list[Tri
         metrics = result.metrics or {}
         trial = metrics.get("trial_id") or Path(result.path).name
         params = {k: v for k, v in (result.config or {}).items()}
-        steps = int(metrics.get("step", 0))
-        status = "error" if result.error else ("finished" if metrics.get("final") == 1 else "stopped early")
+        steps = int(metrics.get(STEP, 0))
+        status = "error" if result.error else ("finished" if metrics.get(FINAL) == 1 else "stopped early")
         run_id = RunFolder(sweep_dir / "trials" / str(trial)).mlflow_run_id()
         value = metrics.get(tune_key(sweep.metric))
         rows.append(TrialRow(str(trial), status, None if value is None else float(value), steps, params, run_id))

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from lzn.data.shards import sha256_file
 from lzn.errors import UserError
 from lzn.roles import Role
-from orchestration.folder import CONFIG_FILE, METRICS, RunFolder, checkpoint_step, write_json
+from orchestration.folder import CONFIG_FILE, EvalFolder, RunFolder, checkpoint_step, write_json
 from orchestration.run import BACKENDS, RUN_ROLES, run_params
 from pipelines.cli import device
 from pipelines.config import DATA_EVAL_KEYS, EVAL_KEYS, EvalRun, to_run_config
@@ -174,32 +174,32 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
     sha = sha256_file(target.checkpoint)
     key = evaluation_key(cfg, chosen, sha)
     run_folder = RunFolder(target.run_dir if target.run_dir else Path(cfg.output_dir) / cfg.name)
-    folder = run_folder.eval_dir(target.step, key[:12])
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / ".complete").is_file() and (folder / METRICS).is_file():
-        print(f"{folder} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
+    folder = run_folder.evaluation(target.step, key[:12])
+    folder.path.mkdir(parents=True, exist_ok=True)
+    if folder.complete.is_file() and folder.metrics.is_file():
+        print(f"{folder.path} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
     else:
         cache_dir = Path(cfg.output_dir) / ".cache"
         data = ShardData(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
         if cfg.backend == "ray":
-            result = evaluate_on_ray(cfg, target.checkpoint, chosen=chosen, parts_dir=folder / "parts",
+            result = evaluate_on_ray(cfg, target.checkpoint, chosen=chosen, parts_dir=folder.parts,
                                      cache_dir=cache_dir, trainer=cfg.trainer, progress=progress)
         else:
-            result = evaluate_here(cfg, model, data, cache_dir=cache_dir, parts_dir=folder / "parts",
+            result = evaluate_here(cfg, model, data, cache_dir=cache_dir, parts_dir=folder.parts,
                                    chosen=chosen, progress=progress)
         result["eval/checkpoint_step"] = float(target.step)
-        _plots(cfg, model, data, target, folder / "plots")
-        (folder / "settings.json").write_text(json.dumps(
+        _plots(cfg, model, data, target, folder.plots)
+        folder.settings.write_text(json.dumps(
             {**eval_settings(cfg, chosen), "checkpoint": str(target.checkpoint), "checkpoint_sha256": sha},
             indent=2, default=str) + "\n")
-        write_json(folder / METRICS, result)
-        (folder / ".complete").write_text(key + "\n")  # the evaluation is whole; recording follows
-    result = json.loads((folder / METRICS).read_text())
+        write_json(folder.metrics, result)
+        folder.complete.write_text(key + "\n")  # the evaluation is whole; recording follows
+    result = json.loads(folder.metrics.read_text())
     _record(cfg, target, folder, result, chosen, sha)
-    return result, folder
+    return result, folder.path
 
 
-def _record(cfg, target: Target, folder: Path, result: dict, chosen: list[str], sha: str) -> None:
+def _record(cfg, target: Target, folder: EvalFolder, result: dict, chosen: list[str], sha: str) -> None:
     """Into the run folder's metrics.json (when the checkpoint is the run's latest) and MLflow
     (once: `.logged` remembers it; an unreachable server is tried again on the next call)."""
     from orchestration.ray.evaluate import eval_settings, log_evaluation
@@ -209,17 +209,17 @@ def _record(cfg, target: Target, folder: Path, result: dict, chosen: list[str], 
         merged = run_folder.read_metrics() or {}
         merged = {k: v for k, v in merged.items() if not k.startswith("eval/")}
         run_folder.write_metrics({**merged, **result})
-    if not cfg.tracking.enabled or (folder / ".logged").is_file():
+    if not cfg.tracking.enabled or folder.logged.is_file():
         return
     from orchestration.mlflow.tracker import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking, cfg.output_dir)
     logged = log_evaluation(
         uri, experiment=cfg.tracking.experiment or cfg.name, run_id=target.run_id, step=target.step,
-        name=folder.name, metrics=result, settings=eval_settings(cfg, chosen),
-        artifacts=[*sorted((folder / "plots").glob("*.png")), folder / METRICS],
+        name=folder.path.name, metrics=result, settings=eval_settings(cfg, chosen),
+        artifacts=[*sorted(folder.plots.glob("*.png")), folder.metrics],
         tags={"lzn.task": cfg.name, "lzn.checkpoint": str(target.checkpoint), "lzn.checkpoint_sha256": sha})
     if logged:
-        (folder / ".logged").write_text(json.dumps({"run_id": logged, "uri": uri}) + "\n")
+        folder.logged.write_text(json.dumps({"run_id": logged, "uri": uri}) + "\n")
         if target.run_id is None:
             print(f"logged to the new MLflow run {logged} (the checkpoint has no training run)", file=sys.stderr)

@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from orchestration.folder import METRICS, RunFolder
+from orchestration.folder import EvalFolder, RunFolder
+from orchestration.plots import LATENT_ZONES_PNG, LOSS_CURVES_PNG, SAMPLES_PNG
 
 # The paper's LZN results (../shared/paper-notes.md, "Headline results"), as metrics.json keys.
 PAPER = {
@@ -21,7 +22,7 @@ PAPER = {
     "repr_imagenet": {"eval/linear_probe_top1": 0.695, "eval/linear_probe_top5": 0.893},
     "joint_cifar10": {"eval/classification_accuracy": 0.9447},
 }
-PLOTS = {"samples.png": "Samples", "latent_zones.png": "Latent zones", "loss_curves.png": "Training losses"}
+PLOTS = {SAMPLES_PNG: "Samples", LATENT_ZONES_PNG: "Latent zones", LOSS_CURVES_PNG: "Training losses"}
 
 
 def _value(v) -> str:
@@ -35,12 +36,11 @@ def _table(rows: list[tuple], header: tuple) -> list[str]:
 
 def write_report(task: str, run_dir: Path, eval_dir: Path, *, title: str | None = None) -> Path:
     """Write <run_dir>/report.md from the run's metrics.json and the evaluation in `eval_dir`."""
-    run_dir, eval_dir = Path(run_dir), Path(eval_dir)
+    run_dir, evaluated = Path(run_dir), EvalFolder(eval_dir)
     folder = RunFolder(run_dir)
-    evaluation = json.loads((eval_dir / METRICS).read_text())
+    evaluation = json.loads(evaluated.metrics.read_text())
     summary = folder.read_metrics() or {}
-    settings_file = eval_dir / "settings.json"
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    settings = json.loads(evaluated.settings.read_text()) if evaluated.settings.is_file() else {}
     paper = PAPER.get(task, {})
     lines = [f"# {title or task}: {run_dir.name}", "",
              f"Run folder `{run_dir}`; checkpoint `{settings.get('checkpoint', '?')}` "
@@ -60,7 +60,7 @@ def write_report(task: str, run_dir: Path, eval_dir: Path, *, title: str | None 
     if train:
         lines += ["", "## Training", ""] + _table(train, ("metric", "value"))
     plots = [(label, p) for name, label in PLOTS.items()
-             for p in [eval_dir / "plots" / name, folder.artifacts / name] if p.is_file()]
+             for p in [evaluated.plots / name, folder.artifacts / name] if p.is_file()]
     seen, figures = set(), []
     for label, path in plots:
         if label not in seen:
