@@ -32,7 +32,6 @@ class Role(enum.Enum):
     EVALUATION = "evaluation"
 
 
-TRAINED = frozenset({Role.TASK, Role.MODEL, Role.TRAINING})  # what is trained: a run folder holds one
 RESUMABLE = frozenset({Role.LENGTH, Role.RUNTIME, Role.EVALUATION})  # a resumed run may change these
 
 

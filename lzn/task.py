@@ -6,6 +6,7 @@ built from an explicit registry (a human name -> a builder), checked at load tim
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -187,15 +188,18 @@ def validate_task(cfg: TaskConfig) -> None:
     one_of("eval.fid_features", cfg.eval.fid_features, ("digits_cnn", "inception"))
     for what in ("latent.dim", "latent.steps", "align.steps", "train.iterations", "train.batch_size",
                  "train.checkpoint_every", "train.log_every", "eval.batch_size", "eval.probe_batch_size", "data.image_size",
-                 "data.channels", "data.num_classes"):
+                 "data.channels", "data.num_classes", "eval.sampler_steps", "eval.probe_epochs", "eval.probe_lr"):
         section, key = what.split(".")
         positive(what, getattr(getattr(cfg, section), key))
     if cfg.eval.probe_resize and cfg.eval.probe_resize < cfg.data.image_size:
         raise UserError(f"eval.probe_resize must be 0 or >= data.image_size = {cfg.data.image_size} (it is the "
-                         f"shorter side before the centre crop), got {cfg.eval.probe_resize}")
+                        f"shorter side before the centre crop), got {cfg.eval.probe_resize}")
     if cfg.eval.chunk_size < 0 or cfg.eval.fid_samples < 0:
         raise UserError(f"eval.chunk_size and eval.fid_samples must be >= 0 (0: the default), got "
-                         f"{cfg.eval.chunk_size} and {cfg.eval.fid_samples}")
+                        f"{cfg.eval.chunk_size} and {cfg.eval.fid_samples}")
+    for what, alpha in (("latent.alpha", cfg.latent.alpha), ("eval.alpha", cfg.eval.alpha)):
+        if alpha is not None and not (math.isfinite(alpha) and alpha >= 0):
+            raise UserError(f"{what} must be a finite number >= 0, got {alpha}")
     if not 0 < cfg.latent.eps < 1 or not 0 < cfg.align.eps < 1:
         raise UserError(f"latent.eps and align.eps must lie in (0, 1), got {cfg.latent.eps}, {cfg.align.eps}")
     if not 0 < cfg.align.zone_eps < 1:
@@ -205,14 +209,14 @@ def validate_task(cfg: TaskConfig) -> None:
     for what, flow in (("latent", cfg.latent), ("align", cfg.align)):
         if flow.solver != "euler" and flow.eps >= 0.5:
             raise UserError(f"{what}.eps must be < 0.5 with {what}.solver={flow.solver} (its grid runs from eps "
-                             f"to 1 - eps), got {flow.eps}")
+                            f"to 1 - eps), got {flow.eps}")
     if cfg.eval.is_splits < 1:
         raise UserError(f"eval.is_splits must be >= 1, got {cfg.eval.is_splits}")
     if cfg.eval.kid_pr_samples != 0 and cfg.eval.kid_pr_samples < 4:
         raise UserError("eval.kid_pr_samples must be 0 (no KID or precision/recall) or >= 4 (precision/recall "
-                         f"use each row's 3 nearest neighbours), got {cfg.eval.kid_pr_samples}")
+                        f"use each row's 3 nearest neighbours), got {cfg.eval.kid_pr_samples}")
     if cfg.eval.reconstruction_samples < 0 or cfg.eval.reconstruction_draws < 1:
         raise UserError(f"eval.reconstruction_samples must be >= 0 and eval.reconstruction_draws >= 1, got "
-                         f"{cfg.eval.reconstruction_samples} and {cfg.eval.reconstruction_draws}")
+                        f"{cfg.eval.reconstruction_samples} and {cfg.eval.reconstruction_draws}")
     for name, lr in cfg.optim.lr.items():
         positive(f"optim.lr.{name}", lr)

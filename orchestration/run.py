@@ -243,7 +243,7 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
     step)); else a callable that takes this rank's `StepBatcher` and returns `step -> batch`
     (the Ray Data stream). Evaluation needs the splits in memory: when they do not fit, the
     run says so and leaves evaluation to a separate stage. evaluate=False leaves it to the
-    pipeline's evaluate stage (`pipelines.evaluate`) in any case. report_metric: a metrics.json
+    pipeline's evaluate stage (`pipelines.stages.evaluate`) in any case. report_metric: a metrics.json
     key that rank 0 evaluates on the EMA model at every checkpoint and hands to the checkpoint
     store's report (a sweep's early-stopping signal). progress: rank 0's training and evaluation
     bars (`Trainer`'s: True tqdm here, False none, or a tqdm-like class to draw them with).
@@ -351,6 +351,10 @@ def _evaluate_and_report(cfg: RunConfig, trainer: Trainer, split: ImageSplit | N
         rows = jsonl.rows()
         pngs = [p for p in (loss_curves(rows, folder / LOSS_CURVES_PNG) if rows else None,
                             sample_grid(model, cfg, folder / SAMPLES_PNG)) if p is not None]
+    if split is None:  # the evaluate stage's numbers of this very checkpoint stay (a re-run of train)
+        before = run_folder.read_metrics() or {}
+        if before.get("eval/checkpoint_step") == float(trainer.step):
+            metrics.update({k: v for k, v in before.items() if k.startswith("eval/") and k not in metrics})
     run_folder.write_metrics(metrics)
     if tracker is None:
         return

@@ -1,5 +1,6 @@
-"""The stage DAG (prepare data -> train -> evaluate -> report), the Hydra task configs in
-`pipelines/conf/`, and the entry points the Makefile calls (`python -m pipelines.<verb>
-task=... key=value ...`). The only layer that imports Hydra; it may import everything
-else. Its modules arrive with the case-study and data issues.
+"""The commands the Makefile calls (`python -m pipelines.<verb> task=... key=value ...`): one
+module per entry point, what they share in `cli` (the error guard, exit codes, run metadata)
+and `config` (every command's schema in Hydra's ConfigStore), the stages they run in
+`stages/` and the stage DAG in `dag`. The only layer that imports Hydra; it may import
+everything else; no entry point imports another.
 """

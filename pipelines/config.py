@@ -13,6 +13,7 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lzn.errors import UserError
 from lzn.roles import Role, Roles, role_field
@@ -78,9 +79,13 @@ def _reject_unknown_keys(node, path: str = "") -> None:
 
 
 def to_run_config(cfg: DictConfig):
-    """The composed Hydra config as its validated, typed schema (RunConfig or one above)."""
+    """The composed Hydra config as its validated, typed schema (RunConfig or one above); a
+    value of the wrong type or an interpolation that does not resolve is bad input."""
     _reject_unknown_keys(cfg)
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"the config does not load: {e}") from None
 
 
 def training_dcfg(dcfg: DictConfig) -> DictConfig:

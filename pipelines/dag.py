@@ -55,7 +55,7 @@ class Pipeline:
         for s in stages:
             unknown = [n for n in s.needs if n not in self.stages or order.index(n) > order.index(s.name)]
             if unknown:
-                raise UserError(f"stage {s.name!r} needs {unknown}, which are not stages listed before it")
+                raise ValueError(f"stage {s.name!r} needs {unknown}, which are not stages listed before it")
         self.order, self.state_dir = order, Path(state_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -132,7 +132,7 @@ class Pipeline:
             missing = [d for d in stage.needs if d not in selected and self.current(d) is None]
             if missing:
                 raise UserError(f"stage {name!r} needs {missing}, which have not run with this config (or their "
-                                 f"outputs changed): add them to stages=, or leave stages= out")
+                                f"outputs changed): add them to stages=, or leave stages= out")
             try:  # the stage's key reads its inputs, which can fail too (a missing weights file)
                 if self.current(name) is not None:
                     self.log(f"[pipeline] {name}: up to date, skipped")

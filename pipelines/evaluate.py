@@ -20,7 +20,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.cli import guarded, print_metrics
+from pipelines.cli import guarded, print_header, print_metrics
 from pipelines.config import to_run_config
 from pipelines.stages.evaluate import evaluate_checkpoint, resolve_target, with_training_config
 
@@ -40,6 +40,7 @@ def main(dcfg: DictConfig) -> None:
         return evaluate_checkpoint(cfg, target)
 
     metrics, folder = guarded(run)
+    print_header("evaluation done")
     print_metrics(metrics)
     print(f"evaluation folder: {folder}", flush=True)
 

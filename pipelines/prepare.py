@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.cli import guarded
+from pipelines.cli import guarded, print_header
 from pipelines.config import to_run_config
 from pipelines.stages.prepare import prepare
 
@@ -23,6 +23,7 @@ from pipelines.stages.prepare import prepare
 @hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
 def main(dcfg: DictConfig) -> None:
     report = guarded(lambda: prepare(to_run_config(dcfg).data))
+    print_header("prepare done")
     print(report.describe(), flush=True)
 
 

@@ -153,7 +153,7 @@ def prepare_dataset(source: str, root: Optional[str], dataset_dir: Path, cfg: Pr
         raise SourceError(f"unknown data source {source!r}; expected one of {sorted(SOURCES)}")
     if cfg.shard_mb <= 0 or cfg.shard_rows < 1 or cfg.raw_max_side < 0:
         raise UserError(f"data.prepare needs shard_mb > 0, shard_rows >= 1 and raw_max_side >= 0; got "
-                         f"{cfg.shard_mb}, {cfg.shard_rows}, {cfg.raw_max_side}")
+                        f"{cfg.shard_mb}, {cfg.shard_rows}, {cfg.raw_max_side}")
     dataset_dir = Path(dataset_dir)
     listing = SOURCES[source](root, download=cfg.download, splits=splits)
     if not any(listing.splits.values()):
@@ -230,7 +230,7 @@ def _default_map(cfg: PrepareConfig, tasks: list[ShardTask]) -> MapFn:
     if cfg.executor in ("process", "auto"):
         return process_map(workers)
     raise UserError(f"executor {cfg.executor!r} needs a map function from orchestration (Ray); "
-                     f"lzn alone runs 'process' or 'serial'")
+                    f"lzn alone runs 'process' or 'serial'")
 
 
 def _run(tasks: list[ShardTask], map_fn: MapFn, name: str, progress: bool) -> dict[str, ShardSummary]:

@@ -19,7 +19,7 @@ class LabelAnchors(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise UserError(f"num_classes must be an int >= 2 (zones need at least two anchors), "
-                             f"got {num_classes!r}")
+                            f"got {num_classes!r}")
         if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
             raise UserError(f"latent_dim must be an int >= 1, got {latent_dim!r}")
         self.num_classes, self.latent_dim = num_classes, latent_dim

@@ -55,7 +55,7 @@ class DigitsCNN(nn.Module):
             raise UserError(f"widths must be 3 positive multiples of groups={config.groups}, got {config.widths}")
         if image_size < 4 or channels < 1:
             raise UserError(f"need image_size >= 4 and channels >= 1, got image_size={image_size}, "
-                             f"channels={channels}")
+                            f"channels={channels}")
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         layers: list[nn.Module] = []
         in_ch = channels
@@ -120,7 +120,7 @@ class NCSNppEncoder(nn.Module):
         map_resolutions = [*self.down.skip_resolutions, self.down.skip_resolutions[-1]]
         if cfg.head_resolutions is not None and not set(cfg.head_resolutions) & set(map_resolutions):
             raise UserError(f"head_resolutions {cfg.head_resolutions} match none of the feature map "
-                             f"resolutions {sorted(set(map_resolutions))} of image_size {image_size}")
+                            f"resolutions {sorted(set(map_resolutions))} of image_size {image_size}")
         self.head_maps: list[int] = []
         self.heads = nn.ModuleList()
         for i, (ch, res) in enumerate(zip(map_channels, map_resolutions)):
@@ -174,10 +174,10 @@ class ResNet50GN(nn.Module):
         g = config.groups
         if latent_dim % g or config.head_hidden % g:
             raise UserError(f"latent_dim ({latent_dim}) and head_hidden ({config.head_hidden}) must be "
-                             f"multiples of groups={g} for the head's GroupNorm")
+                            f"multiples of groups={g} for the head's GroupNorm")
         if image_size < 32 or channels < 1:
             raise UserError(f"need image_size >= 32 (five stride-2 stages) and channels >= 1, "
-                             f"got image_size={image_size}, channels={channels}")
+                            f"got image_size={image_size}, channels={channels}")
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         self.backbone = resnet50(weights=None, norm_layer=partial(nn.GroupNorm, g),
                                  zero_init_residual=config.zero_init_residual)

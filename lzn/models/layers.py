@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lzn.errors import UserError
+
 
 # ------------------------------------------------------------------------- initialisers
 def variance_scaling_(weight: Tensor, scale: float = 1.0) -> Tensor:
@@ -63,8 +65,8 @@ def fir_kernel_2d(taps: Sequence[float]) -> Tensor:
     """Separable, normalised 2-D FIR kernel from 1-D taps: (K,) -> (K, K) summing to 1."""
     k = torch.as_tensor(list(taps), dtype=torch.float64)
     if k.dim() != 1 or k.numel() < 2 or k.numel() % 2 != 0 or float(k.sum()) == 0.0:
-        raise ValueError(f"fir_kernel must be an even number (>= 2) of taps with a non-zero sum, "
-                         f"e.g. (1, 3, 3, 1); got {tuple(taps)}")
+        raise UserError(f"fir_kernel must be an even number (>= 2) of taps with a non-zero sum, "
+                        f"e.g. (1, 3, 3, 1); got {tuple(taps)}")
     k2 = torch.outer(k, k)
     return (k2 / k2.sum()).float()
 
@@ -262,28 +264,28 @@ class NCSNppDownPath(nn.Module):
 # ------------------------------------------------------------------ construction checks
 def check_backbone(*, image_size: int, channels: int, nf: int, ch_mult: tuple[int, ...],
                    num_res_blocks: int, dropout: float) -> None:
-    """ValueErrors for sizes an NCSN++ backbone cannot be built with (shared with encoders)."""
+    """UserErrors for sizes an NCSN++ backbone cannot be built with (shared with encoders)."""
     if channels < 1:
-        raise ValueError(f"channels must be >= 1, got {channels}")
+        raise UserError(f"channels must be >= 1, got {channels}")
     if not ch_mult or any(m < 1 for m in ch_mult):
-        raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {ch_mult}")
+        raise UserError(f"ch_mult must be a non-empty tuple of positive ints, got {ch_mult}")
     down = 2 ** (len(ch_mult) - 1)
     if image_size < down or image_size % down:
-        raise ValueError(f"image_size must be a positive multiple of 2^(len(ch_mult) - 1) = {down} "
-                         f"for ch_mult {ch_mult}, got {image_size}")
+        raise UserError(f"image_size must be a positive multiple of 2^(len(ch_mult) - 1) = {down} "
+                        f"for ch_mult {ch_mult}, got {image_size}")
     if nf < 4 or nf % 4:
-        raise ValueError(f"nf must be a positive multiple of 4 (GroupNorm groups of 4 channels), got {nf}")
+        raise UserError(f"nf must be a positive multiple of 4 (GroupNorm groups of 4 channels), got {nf}")
     if num_res_blocks < 1:
-        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        raise UserError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise UserError(f"dropout must be in [0, 1), got {dropout}")
 
 
 def replace_config(config: Any, overrides: dict[str, Any]) -> Any:
-    """dataclasses.replace with a ValueError naming unknown keys and the valid ones."""
+    """dataclasses.replace with a UserError naming unknown keys and the valid ones."""
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown override(s) {unknown} for {type(config).__name__}; "
-                         f"valid keys: {sorted(fields)}")
+        raise UserError(f"unknown override(s) {unknown} for {type(config).__name__}; "
+                        f"valid keys: {sorted(fields)}")
     return dataclasses.replace(config, **overrides)

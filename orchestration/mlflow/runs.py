@@ -77,7 +77,7 @@ def find_or_create_experiment(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage != "active":
         raise UserError(f"MLflow experiment {name!r} on {uri} is deleted: restore it or choose "
-                         "another tracking.experiment")
+                        "another tracking.experiment")
     if exp is not None:
         return exp.experiment_id
     try:

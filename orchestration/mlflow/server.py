@@ -126,7 +126,7 @@ def local_server(state_dir: str | Path, *, timeout_s: float = 120, port: int | N
         if info := running_server(state_dir):
             if port is not None and port != info["port"]:
                 raise UserError(f"an MLflow server for {state_dir} already runs on port {info['port']}, "
-                                 f"not the requested port {port}; stop it first")
+                                f"not the requested port {port}; stop it first")
             return info["uri"]
         old = _read_state(state_dir) or {}
         if old and _alive(old["pid"]) and _is_mlflow_server(old["pid"]):

@@ -63,7 +63,7 @@ def resolve_tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:
     if uri:
         if not uri.startswith(("http://", "https://")):
             raise UserError(f"tracking URI {uri!r} is not an MLflow server: expected http(s)://host:port "
-                             "(the file store and direct database URIs are not supported; workers log over HTTP)")
+                            "(the file store and direct database URIs are not supported; workers log over HTTP)")
         return uri.rstrip("/")
     state_dir = (Path(output_dir) / "mlflow").resolve()
     if info := running_server(state_dir):

@@ -70,7 +70,7 @@ def evaluate_on_ray(cfg: RunConfig, checkpoint: str | Path, *, chosen: list[str]
 
     if trainer.num_workers < 1 or not trainer.cpus_per_worker > 0:
         raise UserError(f"trainer.num_workers must be >= 1 and trainer.cpus_per_worker > 0, got "
-                         f"{trainer.num_workers} and {trainer.cpus_per_worker}")
+                        f"{trainer.num_workers} and {trainer.cpus_per_worker}")
     cfg = absolute_paths(cfg)
     parts_dir, cache_dir = Path(parts_dir).resolve(), Path(cache_dir).resolve()
     data = ShardData(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
@@ -84,7 +84,7 @@ def evaluate_on_ray(cfg: RunConfig, checkpoint: str | Path, *, chosen: list[str]
         gpus = ray.cluster_resources().get("GPU", 0)
         if trainer.use_gpu and gpus < trainer.num_workers and not autoscaling:
             raise UserError(f"trainer.use_gpu=true with trainer.num_workers={trainer.num_workers} needs a GPU per "
-                             f"worker; this Ray has {gpus:g}. Lower trainer.num_workers, or trainer.use_gpu=false")
+                            f"worker; this Ray has {gpus:g}. Lower trainer.num_workers, or trainer.use_gpu=false")
         worker = ray.remote(EvalWorker).options(
             num_cpus=trainer.cpus_per_worker, num_gpus=1 if trainer.use_gpu else 0,
             max_restarts=trainer.max_failures, max_task_retries=trainer.max_failures)

@@ -99,7 +99,7 @@ class StreamedBatches:
                 return rows
             self._rows = None
         raise UserError(f"a pass over this worker's shard holds no full batch of {self.batcher.local_batch} "
-                         "rows: lower train.batch_size or use fewer workers")
+                        "rows: lower train.batch_size or use fewer workers")
 
     def __call__(self, step: int) -> dict:
         from lzn.data.reader import to_float
@@ -191,8 +191,8 @@ def check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autosca
         raise UserError(f"{what} needs {needed:g} CPUs; this Ray has {have:g}")
     if stream and have - needed < 1 and not autoscaling:
         raise UserError(f"data.loader=stream reads with Ray Data tasks, which need at least 1 CPU beside the "
-                         f"workers: {what} takes {needed:g} of this Ray's {have:g}. Lower trainer.cpus_per_worker "
-                         f"(fractions work, e.g. {max(0.25, (have - 1) / trainer_cfg.num_workers):g}) or num_workers")
+                        f"workers: {what} takes {needed:g} of this Ray's {have:g}. Lower trainer.cpus_per_worker "
+                        f"(fractions work, e.g. {max(0.25, (have - 1) / trainer_cfg.num_workers):g}) or num_workers")
 
 
 def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,

@@ -84,8 +84,8 @@ def validate_sweep(sweep: SweepConfig, base_params: dict[str, str]) -> None:
     one_of("sweep.mode", sweep.mode, ("min", "max"))
     if sweep.num_samples < 1 or sweep.grace_period < 1 or sweep.reduction_factor < 2 or sweep.max_concurrent_trials < 0:
         raise UserError(f"need sweep.num_samples >= 1, grace_period >= 1, reduction_factor >= 2 and "
-                         f"max_concurrent_trials >= 0; got {sweep.num_samples}, {sweep.grace_period}, "
-                         f"{sweep.reduction_factor}, {sweep.max_concurrent_trials}")
+                        f"max_concurrent_trials >= 0; got {sweep.num_samples}, {sweep.grace_period}, "
+                        f"{sweep.reduction_factor}, {sweep.max_concurrent_trials}")
     if not sweep.space:
         raise UserError("sweep.space is empty: nothing to search (pipelines/conf/sweep/<task>.yaml)")
     for key, spec in sweep.space.items():
@@ -96,7 +96,7 @@ def validate_sweep(sweep: SweepConfig, base_params: dict[str, str]) -> None:
                                                                                     if near else ""))
         if RUN_ROLES.of(key) not in SWEEPABLE:
             raise UserError(f"{where}: {key!r} cannot be swept (it sets where trials run, how long they are or "
-                             "what the metric means); set it for the whole sweep instead (ARGS=\"{key}=...\")")
+                            "what the metric means); set it for the whole sweep instead (ARGS=\"{key}=...\")")
         one_of(f"{where}.kind", spec.kind, KINDS)
         if spec.kind in ("choice", "grid"):
             if not spec.values:
@@ -159,7 +159,7 @@ def concurrent_trials(sweep: SweepConfig, trainer: RayTrainerConfig, resources: 
                  + (" + 1 CPU for Ray Data's reads" if stream else "")
                  + (f" and {trainer.num_workers} GPU(s)" if trainer.use_gpu else ""))
         raise UserError(f"one trial needs {cpus:g} CPUs ({needs}); this Ray has {resources.get('CPU', 0):g} CPUs, "
-                         f"{resources.get('GPU', 0):g} GPUs. Lower trainer.num_workers or trainer.cpus_per_worker")
+                        f"{resources.get('GPU', 0):g} GPUs. Lower trainer.num_workers or trainer.cpus_per_worker")
     return min(fit, sweep.max_concurrent_trials) if sweep.max_concurrent_trials else fit
 
 

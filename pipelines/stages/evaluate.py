@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lzn.data.shards import sha256_file
 from lzn.errors import UserError
@@ -41,7 +42,7 @@ def _from_folder(run_dir: Path, checkpoint: Path | None = None) -> Target:
     checkpoint = checkpoint or folder.latest_checkpoint()
     if checkpoint is None:
         raise UserError(f"checkpoint={run_dir} is a folder without checkpoints (checkpoints/ckpt-*.pt or "
-                         "ray/ckpt-*/ckpt.pt)")
+                        "ray/ckpt-*/ckpt.pt)")
     target = Target(checkpoint.resolve(), run_dir=run_dir.resolve())
     target.run_id = folder.mlflow_run_id()
     if folder.hydra_config.is_file():
@@ -92,7 +93,7 @@ def resolve_target(arg: str | None, cfg: EvalRun) -> Target:
         uri = resolve_tracking_uri(cfg.tracking, cfg.output_dir)
         return _from_mlflow(arg, uri, Path(cfg.output_dir) / ".cache" / "mlflow-runs")
     raise UserError(f"checkpoint={arg!r} is neither a checkpoint file, a run folder, nor an MLflow run id "
-                     "(32 hex digits)")
+                    "(32 hex digits)")
 
 
 def with_training_config(dcfg: DictConfig, target: Target) -> EvalRun:
@@ -105,8 +106,11 @@ def with_training_config(dcfg: DictConfig, target: Target) -> EvalRun:
     trained["data"] = {k: v for k, v in trained.get("data", {}).items() if k not in DATA_EVAL_KEYS}
     if trained.get("name", cli.name) != cli.name:
         raise UserError(f"checkpoint {target.checkpoint} was trained on task {trained['name']!r}, not "
-                         f"task={cli.name!r}: pass task={trained['name']}")
-    merged = OmegaConf.merge(dcfg, trained)
+                        f"task={cli.name!r}: pass task={trained['name']}")
+    try:
+        merged = OmegaConf.merge(dcfg, trained)
+    except OmegaConfBaseException as e:  # a training config this schema no longer takes
+        raise UserError(f"the training config of {target.checkpoint} does not load as task={cli.name}: {e}") from None
     cfg = to_run_config(merged)
     before, after = run_params(cli), run_params(cfg)
     changed = [f"{k}={after[k]} (command line: {before.get(k)})" for k in sorted(after) if before.get(k) != after[k]]
