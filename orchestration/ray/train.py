@@ -247,4 +247,7 @@ def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,
     finally:
         if started:
             ray.shutdown()
-    return RunFolder(run_dir).read_metrics()
+    metrics = RunFolder(run_dir).read_metrics()
+    if metrics is None:  # rank 0 writes it last: a run that returns without it did not finish
+        raise RuntimeError(f"the Ray Train run in {run_dir} ended without writing {RunFolder(run_dir).metrics}")
+    return metrics
