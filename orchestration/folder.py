@@ -46,7 +46,26 @@ def write_json(path: Path, value) -> None:
 
 
 @dataclass(frozen=True)
-class EvalFolder:
+class _Folder:
+    """A folder of records with its summary in metrics.json (a run's, an evaluation's)."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    def read_metrics(self) -> dict | None:
+        return json.loads(self.metrics.read_text()) if self.metrics.is_file() else None
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.metrics, metrics)
+
+
+class EvalFolder(_Folder):
     """One evaluation of one checkpoint, eval/step-<N>-<key>/ in a run folder:
 
       metrics.json      its numbers
@@ -56,15 +75,6 @@ class EvalFolder:
       .complete         written last: the evaluation is whole (holds its key)
       .logged           it is in MLflow (its run id and server)
     """
-
-    path: Path
-
-    def __init__(self, path: str | Path):
-        object.__setattr__(self, "path", Path(path))
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
 
     @property
     def settings(self) -> Path:
@@ -87,13 +97,7 @@ class EvalFolder:
         return self.path / ".logged"
 
 
-@dataclass(frozen=True)
-class RunFolder:
-    path: Path
-
-    def __init__(self, path: str | Path):
-        object.__setattr__(self, "path", Path(path))
-
+class RunFolder(_Folder):
     # ------------------------------------------------------------------ checkpoints
     @property
     def checkpoints(self) -> Path:
@@ -133,10 +137,6 @@ class RunFolder:
         return bool(list_checkpoints(self.checkpoints)) or self.has_ray_checkpoints()
 
     # ------------------------------------------------------------------ records
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
     @property
     def train_log(self) -> Path:
         return self.path / "train_metrics.jsonl"
@@ -192,12 +192,6 @@ class RunFolder:
     def evaluation(self, step: int, key: str) -> EvalFolder:
         """The folder of the step-`step` checkpoint's evaluation under `key`."""
         return EvalFolder(self.path / "eval" / f"step-{step}-{key}")
-
-    def read_metrics(self) -> dict | None:
-        return json.loads(self.metrics.read_text()) if self.metrics.is_file() else None
-
-    def write_metrics(self, metrics: dict) -> None:
-        write_json(self.metrics, metrics)
 
     def mlflow_run_record(self) -> dict | None:
         """{"run_id", "uri", ...} of the MLflow run this folder continues, if it has one."""

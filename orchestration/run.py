@@ -37,7 +37,6 @@ from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_par
 from orchestration.plots import LOSS_CURVES_PNG, SAMPLES_PNG, loss_curves, sample_grid, write_run_artifacts
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
 
-RUNTIME = Role.RUNTIME
 
 
 BACKENDS = ("local", "ray")
@@ -56,16 +55,16 @@ class RayTrainerConfig:
 class RunConfig(TaskConfig):
     """The run schema: lzn's task (what is trained, how long, how it is evaluated) and where
     and how it runs. Every field's role is declared here or in lzn's dataclasses (`lzn.roles`)."""
-    output_dir: str = role_field(RUNTIME, default="outputs")
-    scale: str = role_field(RUNTIME, default="full")  # set by the scale group (conf/scale/*.yaml)
+    output_dir: str = role_field(Role.RUNTIME, default="outputs")
+    scale: str = role_field(Role.RUNTIME, default="full")  # set by the scale group (conf/scale/*.yaml)
     # One folder per (task, scale, seed) unless named: re-running the same command resumes it.
-    run_name: str = role_field(RUNTIME, default="${scale}-seed${train.seed}")
-    resume: bool = role_field(RUNTIME, default=True)
-    device: str = role_field(RUNTIME, default="auto")  # auto: cuda when available, else cpu (the local backend)
+    run_name: str = role_field(Role.RUNTIME, default="${scale}-seed${train.seed}")
+    resume: bool = role_field(Role.RUNTIME, default=True)
+    device: str = role_field(Role.RUNTIME, default="auto")  # auto: cuda when available, else cpu (the local backend)
     # local: this process (or torchrun's); ray: Ray Train workers on $RAY_ADDRESS or a local Ray.
-    backend: str = role_field(RUNTIME, default="local")
-    trainer: RayTrainerConfig = role_field(RUNTIME, default_factory=RayTrainerConfig)
-    tracking: TrackingConfig = role_field(RUNTIME, default_factory=TrackingConfig)
+    backend: str = role_field(Role.RUNTIME, default="local")
+    trainer: RayTrainerConfig = role_field(Role.RUNTIME, default_factory=RayTrainerConfig)
+    tracking: TrackingConfig = role_field(Role.RUNTIME, default_factory=TrackingConfig)
 
 
 RUN_ROLES = Roles(RunConfig)

@@ -166,10 +166,9 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     """Ray Train runs workers in their own working directory: ship absolute paths."""
     cfg = copy.deepcopy(cfg)
     cfg.data.shards_dir = str(Path(cfg.data.shards_dir).resolve())
-    if getattr(cfg.eval, "inception_weights", None):
+    if cfg.eval.inception_weights:
         cfg.eval.inception_weights = str(Path(cfg.eval.inception_weights).expanduser().resolve())
-    if hasattr(cfg, "output_dir"):
-        cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
     return cfg
 
 

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lzn.data.shards import sha256_file
 from lzn.errors import UserError
 from lzn.roles import Role
-from orchestration.folder import CONFIG_FILE, EvalFolder, RunFolder, checkpoint_step, write_json
+from orchestration.folder import CONFIG_FILE, EvalFolder, RunFolder, checkpoint_step
 from orchestration.run import BACKENDS, RUN_ROLES, run_params
 from pipelines.cli import device
 from pipelines.config import DATA_EVAL_KEYS, EVAL_KEYS, EvalRun, to_run_config
@@ -196,9 +196,9 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
         folder.settings.write_text(json.dumps(
             {**eval_settings(cfg, chosen), "checkpoint": str(target.checkpoint), "checkpoint_sha256": sha},
             indent=2, default=str) + "\n")
-        write_json(folder.metrics, result)
+        folder.write_metrics(result)
         folder.complete.write_text(key + "\n")  # the evaluation is whole; recording follows
-    result = json.loads(folder.metrics.read_text())
+    result = folder.read_metrics()
     _record(cfg, target, folder, result, chosen, sha)
     return result, folder.path
 

@@ -38,7 +38,7 @@ def write_report(task: str, run_dir: Path, eval_dir: Path, *, title: str | None 
     """Write <run_dir>/report.md from the run's metrics.json and the evaluation in `eval_dir`."""
     run_dir, evaluated = Path(run_dir), EvalFolder(eval_dir)
     folder = RunFolder(run_dir)
-    evaluation = json.loads(evaluated.metrics.read_text())
+    evaluation = evaluated.read_metrics()
     summary = folder.read_metrics() or {}
     settings = json.loads(evaluated.settings.read_text()) if evaluated.settings.is_file() else {}
     paper = PAPER.get(task, {})
