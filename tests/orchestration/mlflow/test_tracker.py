@@ -43,9 +43,10 @@ def server(tmp_path_factory):
     assert stop_local_server(state)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def outage(tmp_path_factory):
-    """A server of its own, which the outage tests kill and restart on the same port."""
+    """A server of each test's own, which it kills and restarts on the same port: a test that
+    fails while the server is down cannot leave the next one without a server."""
     state = tmp_path_factory.mktemp("mlflow-outage")
     uri = local_server(state)
     yield state, uri
@@ -196,7 +197,11 @@ def test_server_outage_mid_run_buffers_and_delivers_every_step_once(outage, tmp_
         t.on_log(step, {"loss": float(step)})
         durations.append(time.perf_counter() - start)
         time.sleep(0.02)  # a few flush periods pass while the server is down
-    time.sleep(0.5)  # a flush period finds more than 20 metrics buffered: spilled
+    # A flush period finds more than 20 metrics buffered and spills them; how soon depends on
+    # how long the refused request took on this machine, so wait for it (bounded).
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "run-c" / PENDING_FILE).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert (tmp_path / "run-c" / PENDING_FILE).exists()
     for step in range(31, 36):
         t.on_log(step, {"loss": float(step)})
