@@ -2,7 +2,9 @@
 sampler, and whole splits in memory for the small datasets the digits tasks train on.
 
 Pixels come back as the library's images: (C, H, W) float32 in [-1, 1], scaled by the
-dataset's white value (`pixel_max` in the manifest: 255, or 16 for digits).
+dataset's white value (`pixel_max` in the manifest: 255, or 16 for digits); or, for
+training, as stored: uint8 (C, H, W) in [0, pixel_max], a quarter of the bytes, converted
+on the device (`ShardDataset.pixel_batch`, `load_pixel_split`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,52 @@ class ImageSplit:
     train_labels: Tensor  # (n_train,) int64
     test_images: Tensor  # (n_test, C, H, W)
     test_labels: Tensor  # (n_test,)
+
+
+class FloatRows:
+    """uint8 images (n, C, H, W) in [0, pixel_max] read as float32 in [-1, 1]: indexing (an
+    int, a slice, an index tensor) converts only the rows it selects, so the split stays uint8
+    in memory while an evaluation reads it unit by unit."""
+
+    def __init__(self, pixels: Tensor, pixel_max: int):
+        self.pixels, self.pixel_max = pixels, pixel_max
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.pixels.shape
+
+    dtype = torch.float32
+
+    def __getitem__(self, index) -> Tensor:
+        return pixels_as_float(self.pixels[index], self.pixel_max)
+
+
+@dataclass(frozen=True)
+class PixelSplit:
+    """A train/test split held in memory as stored, uint8: what in-memory training holds.
+    `train_images` and `test_images` read it as an `ImageSplit` does (float32 in [-1, 1],
+    converted per read), so an evaluation takes it in place of one."""
+    train_pixels: Tensor  # (n_train, C, H, W) uint8 in [0, pixel_max]
+    train_labels: Tensor  # (n_train,) int64
+    test_pixels: Tensor  # (n_test, C, H, W) uint8
+    test_labels: Tensor  # (n_test,)
+    pixel_max: int  # the dataset's white value (the manifest's)
+
+    @property
+    def train_images(self) -> FloatRows:
+        return FloatRows(self.train_pixels, self.pixel_max)
+
+    @property
+    def test_images(self) -> FloatRows:
+        return FloatRows(self.test_pixels, self.pixel_max)
+
+
+def pixels_as_float(pixels: Tensor, pixel_max: int) -> Tensor:
+    """(..., C, H, W) uint8 in [0, pixel_max] -> float32 in [-1, 1], on the pixels' device."""
+    return pixels.float().mul_(2.0 / pixel_max).sub_(1.0)
 
 
 def _raw_array(table: pa.Table) -> np.ndarray | None:
@@ -209,6 +257,24 @@ class ShardDataset(Dataset):
         stacked = np.stack(squared) if squared else np.zeros((0, image_size, image_size, channels), np.uint8)
         return to_float(stacked, self.pixel_max), torch.from_numpy(labels)
 
+    def pixel_batch(self, indices, *, image_size: int, channels: int,
+                    full_resolution: bool = False) -> tuple[Tensor | list[Tensor], Tensor]:
+        """Rows `indices` (n,) as stored, for the device to convert: (n, channels, image_size,
+        image_size) uint8 in [0, pixel_max] squared as `squared_at` does; with
+        `full_resolution` (an augmentation that crops any size) only the channels are matched
+        and each image keeps its size: a list of n (channels, H_i, W_i), stacked when they
+        share one. Labels (n,) int64."""
+        pixels, labels = self.pixels(indices)
+        if full_resolution:
+            pixels = [match_channels(p, channels) for p in pixels]
+        else:
+            pixels = [match_channels(square_pixels(p, image_size), channels) for p in pixels]
+        if not pixels:
+            return torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8), torch.from_numpy(labels)
+        if len({p.shape for p in pixels}) == 1:  # one (H, W, C) -> (C, H, W) copy for the batch
+            return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+        return [torch.from_numpy(np.ascontiguousarray(p.transpose(2, 0, 1))) for p in pixels], torch.from_numpy(labels)
+
 
 def square_pixels(image: np.ndarray, size: int, resize: int | None = None) -> np.ndarray:
     """(H, W, C) uint8 -> (size, size, C): shorter side to `resize` (default `size`;
@@ -315,8 +381,9 @@ class RowGroupSampler(Sampler[int]):
         return self.per_rank
 
 
-def load_split(dataset_dir: str | Path, split: str, *, verify: bool = False) -> tuple[Tensor, Tensor]:
-    """A whole split in memory: images (N, C, H, W) float32 in [-1, 1] and labels (N,)."""
+def load_pixels(dataset_dir: str | Path, split: str, *, verify: bool = False) -> tuple[Tensor, Tensor, int]:
+    """A whole split in memory as stored: pixels (N, C, H, W) uint8 in [0, pixel_max], labels
+    (N,) and the manifest's pixel_max."""
     dataset_dir = Path(dataset_dir)
     manifest, files = verify_and_list(dataset_dir, split, verify=verify)
     sizes = manifest["splits"][split]["image_sizes"]
@@ -326,7 +393,14 @@ def load_split(dataset_dir: str | Path, split: str, *, verify: bool = False) -> 
     parts = [decode_table(pq.read_table(f, columns=_COLUMNS)) for f in files]
     parts = [p for p in parts if len(p[1])] or [(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64))]
     pixels, labels = zip(*parts)
-    return to_float(np.concatenate(pixels), manifest["pixel_max"]), torch.from_numpy(np.concatenate(labels))
+    chw = torch.from_numpy(np.concatenate(pixels)).permute(0, 3, 1, 2).contiguous()
+    return chw, torch.from_numpy(np.concatenate(labels)), manifest["pixel_max"]
+
+
+def load_split(dataset_dir: str | Path, split: str, *, verify: bool = False) -> tuple[Tensor, Tensor]:
+    """A whole split in memory: images (N, C, H, W) float32 in [-1, 1] and labels (N,)."""
+    pixels, labels, pixel_max = load_pixels(dataset_dir, split, verify=verify)
+    return pixels_as_float(pixels, pixel_max), labels
 
 
 IN_MEMORY_LIMIT_GB = 16.0
@@ -342,7 +416,8 @@ def _held_out(dataset_dir: Path, splits: dict) -> str:
 
 def in_memory_problem(dataset_dir: str | Path, *, image_size: int, channels: int) -> str | None:
     """Why the train and held-out splits cannot be held in memory at the task's image size
-    (mixed or other sizes, or over IN_MEMORY_LIMIT_GB as float32); None when they can."""
+    (mixed or other sizes, or over IN_MEMORY_LIMIT_GB as stored, uint8: `load_pixel_split`);
+    None when they can."""
     dataset_dir = Path(dataset_dir)
     splits = read_manifest(dataset_dir)["splits"]
     held_out = _held_out(dataset_dir, splits)
@@ -352,20 +427,29 @@ def in_memory_problem(dataset_dir: str | Path, *, image_size: int, channels: int
         if set(sizes) != {expected}:
             return (f"the task expects {expected} images (data.image_size, data.channels) but split "
                     f"{split!r} of {dataset_dir} holds {sorted(sizes)[:5]}{' ...' if len(sizes) > 5 else ''}")
-    gb = sum(splits[s]["rows"] for s in ("train", held_out)) * image_size**2 * channels * 4 / 1e9
+    gb = sum(splits[s]["rows"] for s in ("train", held_out)) * image_size**2 * channels / 1e9  # 1 byte a value
     if gb > IN_MEMORY_LIMIT_GB:
-        return f"{dataset_dir} would take {gb:.0f} GB in memory as float32 (limit {IN_MEMORY_LIMIT_GB:.0f})"
+        return f"{dataset_dir} would take {gb:.0f} GB in memory as uint8 (limit {IN_MEMORY_LIMIT_GB:.0f})"
     return None
 
 
-def load_training_split(dataset_dir: str | Path, *, image_size: int, channels: int) -> ImageSplit:
-    """The train split and the held-out split (test, or val) in memory, checked against the
-    task's image size and channels."""
+def load_pixel_split(dataset_dir: str | Path, *, image_size: int, channels: int) -> PixelSplit:
+    """The train split and the held-out split (test, or val) in memory as uint8, checked
+    against the task's image size and channels."""
     dataset_dir = Path(dataset_dir)
     problem = in_memory_problem(dataset_dir, image_size=image_size, channels=channels)
     if problem:
-        raise ShardError(f"{problem}: the in-memory trainer cannot hold it; stream it with Ray Data "
-                         "(backend=ray data.loader=stream) or ShardDataset")
+        raise ShardError(f"{problem}: the in-memory trainer cannot hold it; stream it (data.loader=stream: "
+                         "Ray Data on backend=ray, a DataLoader over the shards on torchrun) or read it with "
+                         "ShardDataset")
     held_out = _held_out(dataset_dir, read_manifest(dataset_dir)["splits"])
-    train, test = (load_split(dataset_dir, s) for s in ("train", held_out))
-    return ImageSplit(*train, *test)
+    (train, train_labels, pixel_max), (test, test_labels, _) = (load_pixels(dataset_dir, s)
+                                                                for s in ("train", held_out))
+    return PixelSplit(train, train_labels, test, test_labels, pixel_max)
+
+
+def load_training_split(dataset_dir: str | Path, *, image_size: int, channels: int) -> ImageSplit:
+    """`load_pixel_split` as float32 images in [-1, 1] (metrics and tests; training holds the
+    uint8 split)."""
+    split = load_pixel_split(dataset_dir, image_size=image_size, channels=channels)
+    return ImageSplit(split.train_images[:], split.train_labels, split.test_images[:], split.test_labels)

@@ -1,9 +1,15 @@
-"""lzn.data.reader's resizing: what the Ray Data stream and the evaluation stage read."""
+"""lzn.data.reader's resizing and its uint8 reads: what the streams, the in-memory trainer and the
+evaluation stage read."""
 import numpy as np
 import pytest
 
 from lzn.data.prepare import PrepareConfig, prepare_dataset
-from lzn.data.reader import ShardDataset, match_channels, resize_centre_crop, square_pixels, to_float
+import torch
+
+from lzn.data import reader
+from lzn.data.digits import digits_raw_split, digits_split
+from lzn.data.reader import (ShardDataset, in_memory_problem, load_pixel_split, match_channels, resize_centre_crop,
+                             square_pixels, to_float)
 from tests.lzn.data import builders
 
 
@@ -72,3 +78,42 @@ def test_resize_below_the_crop_is_refused_and_tensors_are_cropped_alike():
     assert resize_centre_crop(as_tensor, None) is as_tensor
     with pytest.raises(ValueError, match="resize must be >= the images' size 16, got 12"):
         resize_centre_crop(as_tensor, 12)
+
+
+def test_full_resolution_rows_keep_their_size(tmp_path):
+    builders.image_folder(tmp_path / "raw", per_class=3, size=12)
+    prepare_dataset("imagefolder", str(tmp_path / "raw"), tmp_path / "ds", PrepareConfig(executor="serial"),
+                    progress=False)
+    ds = ShardDataset(tmp_path / "ds", "train")
+    rows = list(range(len(ds)))
+    stored, _ = ds.pixels(rows)
+    full, labels = ds.pixel_batch(rows, image_size=8, channels=3, full_resolution=True)
+    assert isinstance(full, list) and {tuple(x.shape) for x in full} == {(3, 12, 12), (3, 80, 80)}
+    for x, p in zip(full, stored):
+        assert x.dtype == torch.uint8 and np.array_equal(x[0].numpy(), p[..., 0])  # channel 0 as stored
+    squared, _ = ds.pixel_batch(rows, image_size=8, channels=1)
+    assert squared.shape == (len(rows), 1, 8, 8) and squared.dtype == torch.uint8
+    as_float, _ = ds.squared_at(rows, image_size=8, channels=1)
+    torch.testing.assert_close(squared.float() * (2 / ds.pixel_max) - 1, as_float, rtol=0, atol=1e-6)
+
+
+def test_the_training_split_is_held_as_stored_and_read_as_float_per_row(tmp_path):
+    prepare_dataset("digits", None, tmp_path / "digits", PrepareConfig())
+    split, raw, ref = load_pixel_split(tmp_path / "digits", image_size=8, channels=1), digits_raw_split(), digits_split()
+    assert split.pixel_max == 16 and split.train_pixels.dtype == torch.uint8
+    assert torch.equal(split.train_pixels[:, 0], torch.from_numpy(raw["train"][0]))  # the digits' own 0..16
+    assert torch.equal(split.test_labels, ref.test_labels)
+    # Read as an ImageSplit is: (x / 16) * 2 - 1, only the rows asked for.
+    rows = torch.tensor([5, 0, 1256])
+    assert torch.equal(split.train_images[rows], ref.train_images[rows])
+    assert torch.equal(split.test_images[:7], ref.test_images[:7])
+    assert len(split.train_images) == 1257 and split.test_images.shape == (540, 1, 8, 8)
+
+
+def test_the_in_memory_limit_counts_the_bytes_of_uint8(tmp_path, monkeypatch):
+    prepare_dataset("digits", None, tmp_path / "digits", PrepareConfig())
+    size = (1257 + 540) * 8 * 8  # one byte a pixel: 115,008 bytes
+    monkeypatch.setattr(reader, "IN_MEMORY_LIMIT_GB", size / 1e9)
+    assert in_memory_problem(tmp_path / "digits", image_size=8, channels=1) is None
+    monkeypatch.setattr(reader, "IN_MEMORY_LIMIT_GB", (size - 1) / 1e9)
+    assert "as uint8" in in_memory_problem(tmp_path / "digits", image_size=8, channels=1)
