@@ -27,6 +27,10 @@ its keys, and that registers itself (`core.register`) when the file is imported 
 machinery in `core` (`plan`, `evaluate`, `Evaluator.run`, `select_metrics`,
 `metric_for_key`) reaches the metrics only through that registry (`METRICS`), so a new
 metric is a new file and its name in the import below.
+
+Where the units run is the caller's `execute`: this process (`evaluate_here`), every rank of
+a torch.distributed process group (`ranks.evaluate_on_ranks`, the end of a multi-rank
+training run), or Ray actors (`orchestration.ray.evaluate`).
 """
 from lzn.evaluate.core import (
     DEFAULT_CHUNK,
@@ -55,6 +59,7 @@ from lzn.evaluate.core import (
 from lzn.evaluate import fid, linear_probe, classification, conditional, reconstruction
 from lzn.evaluate.fid import fid_labels, fid_samples
 from lzn.evaluate.linear_probe import train_probe
+from lzn.evaluate.ranks import assign, evaluate_on_ranks
 from lzn.evaluate.reconstruction import (
     MAX_DRAWS,
     RECONSTRUCTION_SEED,
@@ -75,11 +80,13 @@ __all__ = [
     "Parts",
     "Unit",
     "applicable_metrics",
+    "assign",
     "chunk_size",
     "classification",
     "conditional",
     "evaluate",
     "evaluate_here",
+    "evaluate_on_ranks",
     "execute_here",
     "fid",
     "fid_extractor",

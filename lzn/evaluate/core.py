@@ -54,11 +54,13 @@ def units_of(kind: str, total: int, chunk: int) -> list[Unit]:
 class PartStore:
     """One file per unit in `folder`, written atomically by whichever worker computed it."""
 
+    SUFFIX = ".pt"  # of a part's file; the folder may hold other records (which worker computed what)
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
 
     def path(self, unit: Unit) -> Path:
-        return self.folder / f"{unit.name}.pt"
+        return self.folder / f"{unit.name}{self.SUFFIX}"
 
     def has(self, unit: Unit) -> bool:
         return self.path(unit).is_file()
@@ -77,6 +79,11 @@ class PartStore:
             raise UserError(f"{self.path(unit)} holds unit {saved.get('unit')}, not {asdict(unit)}: "
                             "delete the parts folder to recompute it")
         return saved["part"]
+
+    def clear(self) -> None:
+        """Remove every part in the folder; its other records stay."""
+        for path in self.folder.glob(f"*{self.SUFFIX}"):
+            path.unlink(missing_ok=True)
 
 
 class Parts:
