@@ -22,8 +22,11 @@ Public functions:
 - `alignment_loss`: flow latents back through another flow, reward the target zone.
 - `assign_zones`: index of the anchor each latent flows back to.
 
-Precision: the math runs in the inputs' dtype (float32 or better; autocast is switched
-off). Its backward is exact up to rounding: float64 matches central finite differences
+Precision: the math runs in the inputs' dtype (float32 or better) in IEEE arithmetic:
+autocast is switched off, and so are TF32 and reduced-precision float32 matmuls
+(`ieee_float32`), during every call and inside the backward of its posterior GEMMs, so a
+run that turns them on for its networks never reaches the logits, which are scaled by up
+to 1/eps^2 (1e8 at eps = 1e-4) and need float32's 24-bit mantissa. Its backward is exact up to rounding: float64 matches central finite differences
 at eps = 1e-4. In float32 most of the remaining gradient error comes from the solver's
 (B, q) updates, which cancel to a few ulp of |a| near tau = eps, not from the GEMMs:
 `state_dtype=torch.float64` keeps that state in float64 for O(B q) work per step
@@ -33,17 +36,26 @@ Every function takes an injected `gather` (identity by default) that turns this
 process's anchors into the anchors of the global batch; `lzn.distributed` provides the
 autograd-aware all-gather. Solvers ("euler", "dpm++2m", "dpm++3m", and "dpm++", the
 paper's order 3) are in `lzn.solvers`, with the reference's grids.
+
+Input checks: shapes, dtypes and Python arguments are always checked. The value checks
+(NaN or inf in a tensor, targets inside [0, N), weights finite, non-negative and of positive
+sum) read tensors on the host, a device sync on a GPU; they run while `check_values` is
+on, the default for direct calls. The trainer turns them off for its steps, where a
+non-finite input gives a non-finite loss that its skip policy handles.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from lzn import posterior
+from lzn.errors import UserError
 from lzn.solvers import SOLVERS, FlowGrid, solver_coefficients
 
 Gather = Callable[[Tensor], Tensor]
@@ -55,9 +67,88 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+_CHECK_VALUES: contextvars.ContextVar[bool] = contextvars.ContextVar("lzn_zoning_check_values", default=True)
+
+
+@contextlib.contextmanager
+def check_values(enabled: bool) -> Iterator[None]:
+    """Turn the zoning functions' value checks (module docstring, "Input checks") on or off
+    for the calls made inside the block, in this thread or task only."""
+    if not isinstance(enabled, bool):
+        raise UserError(f"check_values takes True or False, got {enabled!r}")
+    token = _CHECK_VALUES.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECK_VALUES.reset(token)
+
+
+def values_checked() -> bool:
+    """Whether the value checks run here (`check_values`; on by default)."""
+    return _CHECK_VALUES.get()
+
+
+_B = torch.backends
+# torch >= 2.9 also has per-backend fp32_precision settings; reading the older flags raises
+# once a caller has mixed the two APIs, so the state is saved through the API that answers.
+_PRECISION_LEAVES = tuple(
+    leaf for leaf in (getattr(getattr(_B, b, None), op, None) for b in ("cuda", "cudnn", "mkldnn")
+                      for op in ("matmul", "conv", "rnn"))
+    if leaf is not None and hasattr(leaf, "fp32_precision")
+)
+
+
+def _enter_ieee_float32() -> tuple:
+    """Switch TF32 and reduced-precision float32 matmuls off; returns what restores them."""
+    try:
+        saved = ("legacy", _B.cuda.matmul.allow_tf32, _B.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    except RuntimeError:  # the newer API set them: save and set through it
+        saved = ("leaves", [(leaf, leaf.fp32_precision) for leaf in _PRECISION_LEAVES])
+        for leaf in _PRECISION_LEAVES:
+            leaf.fp32_precision = "ieee"
+        return saved
+    torch.set_float32_matmul_precision("highest")
+    _B.cuda.matmul.allow_tf32 = False
+    _B.cudnn.allow_tf32 = False
+    return saved
+
+
+def _restore_precision(saved: tuple) -> None:
+    if saved[0] == "legacy":
+        _, matmul, cudnn, precision = saved
+        torch.set_float32_matmul_precision(precision)  # first: it also sets the matmul TF32 flag
+        _B.cuda.matmul.allow_tf32, _B.cudnn.allow_tf32 = matmul, cudnn
+    else:
+        for leaf, value in saved[1]:
+            leaf.fp32_precision = value
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """IEEE float32 matmuls and convolutions inside the block (no TF32, no bf16 passes), the
+    caller's settings restored after it, also when it raises. The settings are process-wide."""
+    saved = _enter_ieee_float32()
+    try:
+        yield
+    finally:
+        _restore_precision(saved)
+
+
+def _ieee_backward(t: Tensor) -> Tensor:
+    """Run the backward of t's autograd node (the posterior GEMMs) under `ieee_float32` too:
+    it runs later, in loss.backward(), outside the call that built it."""
+    node = t.grad_fn
+    if node is not None:
+        saved: list[tuple] = []
+        node.register_prehook(lambda grad_outputs: saved.append(_enter_ieee_float32()))
+        node.register_hook(lambda grad_inputs, grad_outputs: _restore_precision(saved.pop()))
+    return t
+
+
 def _full_precision(fn):
-    """Run the zoning math in float32 or better, also inside a bf16/fp16 autocast region:
-    the expanded logits and the solver's cancellations need float32's mantissa."""
+    """Run the zoning math in IEEE float32 or better, also inside a bf16/fp16 autocast region
+    and with TF32 on: the expanded logits and the solver's cancellations need float32's
+    mantissa."""
 
     def up(v):
         return v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
@@ -65,7 +156,7 @@ def _full_precision(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(device, enabled=False), ieee_float32():
             return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
 
     return wrapper
@@ -84,7 +175,7 @@ def _check_matrix(name: str, t: Tensor, q: int | None = None) -> None:
         )
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not torch.isfinite(t).all():
+    if values_checked() and not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or inf values")
 
 
@@ -119,7 +210,8 @@ def _check_solver(solver: str, eps: float) -> str:
 def weights_to_log(weights: Tensor | None, n: int) -> Tensor | None:
     """Normalised log-weights (N,) from non-negative weights (N,), or None for uniform.
 
-    Zero weights are allowed (that anchor's zone is empty); the sum must be positive.
+    Zero weights are allowed (that anchor's zone is empty); the sum must be positive
+    (checked while `check_values` is on).
     """
     if weights is None:
         return None
@@ -127,9 +219,11 @@ def weights_to_log(weights: Tensor | None, n: int) -> Tensor | None:
         shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(f"weights must have shape ({n},), one per anchor; got {shape}")
     weights = weights.detach()  # mixture weights are data (class frequencies), not parameters
+    total = weights.sum()
+    if not values_checked():
+        return torch.log(weights) - torch.log(total)
     if not torch.isfinite(weights).all() or (weights < 0).any():
         raise ValueError("weights must be finite and non-negative")
-    total = weights.sum()
     if not total > 0:
         raise ValueError(f"weights must sum to a positive number, got sum {float(total)}")
     return torch.log(weights) - torch.log(total)
@@ -142,6 +236,8 @@ def _check_log_weights(log_weights: Tensor | None, n: int) -> None:
         raise ValueError(
             f"log_weights must have shape ({n},), one per anchor; got {tuple(log_weights.shape)}"
         )
+    if not values_checked():
+        return
     if torch.isnan(log_weights).any() or (log_weights == math.inf).any():
         raise ValueError("log_weights must not contain NaN or +inf")
     if (log_weights == -math.inf).all():
@@ -171,7 +267,8 @@ def zone_posterior(
     """
     flow, y, tau = _field_at(x, anchors, log_weights, tau, None)
     scale, bias = posterior.logit_terms(flow.anchors, flow.sq_norms, log_weights, tau)
-    return torch.log_softmax(torch.addmm(bias.unsqueeze(0), y, flow.anchors.t(), alpha=scale), dim=1)
+    logits = _ieee_backward(torch.addmm(bias.unsqueeze(0), y, flow.anchors.t(), alpha=scale))
+    return torch.log_softmax(logits, dim=1)
 
 
 @_full_precision
@@ -214,7 +311,9 @@ class _Flow:
         return y if tau == 1.0 else y + (1.0 - tau) * self.centre.to(y.dtype)
 
     def mean(self, y: Tensor, tau: float, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        return posterior.posterior_mean(y, self.anchors, self.sq_norms, self.log_weights, tau, self.chunk, targets)
+        out = posterior.posterior_mean(y, self.anchors, self.sq_norms, self.log_weights, tau, self.chunk, targets)
+        _ieee_backward(out[0])  # one autograd node for the three outputs
+        return out
 
     @torch.no_grad()
     def nearest(self, y: Tensor, tau: float) -> Tensor:
@@ -353,7 +452,7 @@ def alignment_loss(
             f"targets must be an integer tensor of shape ({latents.shape[0]},), "
             f"got {targets.dtype} {tuple(targets.shape)}"
         )
-    if len(targets) and (targets.min() < 0 or targets.max() >= n):
+    if values_checked() and len(targets) and (targets.min() < 0 or targets.max() >= n):
         raise ValueError(f"targets must index the {n} anchors, got values in "
                          f"[{int(targets.min())}, {int(targets.max())}]")
     log_w = weights_to_log(gather(weights) if weights is not None else None, n)
