@@ -11,6 +11,9 @@
       trained_with.json                 the flattened config the checkpoints were trained with
       artifacts/                        the run's plots
       eval/step-<N>-<key>/              one evaluation of the step-N checkpoint (`EvalFolder`)
+      eval/step-<N>-train/parts/        the run's own evaluation of its final EMA model: ranks.json, which
+                                        rank computed each part (the parts go once it is reduced)
+      eval/step-<N>-report/parts/       the same of a sweep's metric at the step-N checkpoint
       workers/rank-<r>.json             where each Ray Train worker ran
       pipeline/                         the stage DAG's records
       report.md                         the report stage's page
@@ -32,6 +35,11 @@ CONFIG_FILE = "config.yaml"  # the training config, in .hydra/ and as the MLflow
 MLFLOW_RUN = "mlflow_run.json"
 MLFLOW_PENDING = "mlflow_pending.jsonl"
 PARTS_WORKERS = "workers.json"  # in an evaluation's parts/: which Ray worker process computed each part
+PARTS_RANKS = "ranks.json"  # in an evaluation's parts/: which rank of a training run computed each part
+# The evaluations a training run makes of its own EMA model (`eval/step-<N>-<name>/`; the
+# evaluate stage's are named by a hash of 12 hex digits, so they never meet these).
+FINAL_EVALUATION = "train"
+CHECKPOINT_EVALUATION = "report"
 
 
 def checkpoint_step(path: Path) -> int:
@@ -71,7 +79,8 @@ class EvalFolder(_Folder):
       metrics.json      its numbers
       settings.json     what they were computed with (the checkpoint, its sha256, the settings)
       plots/            its PNGs
-      parts/            the metrics' parts (a rerun reuses them); parts/workers.json on Ray
+      parts/            the metrics' parts (a rerun reuses them); parts/workers.json on Ray,
+                        parts/ranks.json in a training run
       .complete         written last: the evaluation is whole (holds its key)
       .logged           it is in MLflow (its run id and server)
     """
@@ -87,6 +96,11 @@ class EvalFolder(_Folder):
     @property
     def parts(self) -> Path:
         return self.path / "parts"
+
+    @property
+    def part_ranks(self) -> Path:
+        """{unit name: rank} of the parts a training run's ranks computed (`lzn.evaluate.evaluate_on_ranks`)."""
+        return self.parts / PARTS_RANKS
 
     @property
     def complete(self) -> Path:
@@ -192,6 +206,14 @@ class RunFolder(_Folder):
     def evaluation(self, step: int, key: str) -> EvalFolder:
         """The folder of the step-`step` checkpoint's evaluation under `key`."""
         return EvalFolder(self.path / "eval" / f"step-{step}-{key}")
+
+    def final_evaluation(self, step: int) -> EvalFolder:
+        """Where the run's ranks evaluate its EMA model at the end of training (step `step`)."""
+        return self.evaluation(step, FINAL_EVALUATION)
+
+    def checkpoint_evaluation(self, step: int) -> EvalFolder:
+        """Where the run's ranks evaluate a sweep's metric at the step-`step` checkpoint."""
+        return self.evaluation(step, CHECKPOINT_EVALUATION)
 
     def mlflow_run_record(self) -> dict | None:
         """{"run_id", "uri", ...} of the MLflow run this folder continues, if it has one."""

@@ -76,6 +76,15 @@ def test_an_evaluation_folder_holds_its_files_where_documented(tmp_path):
     assert evaluation.parts == path / "parts"
     assert evaluation.complete == path / ".complete"
     assert evaluation.logged == path / ".logged"
+    assert evaluation.part_ranks == path / "parts" / "ranks.json"
+
+
+def test_a_training_runs_own_evaluations_have_folders_no_evaluate_stage_hash_can_name(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert folder.final_evaluation(40).path == tmp_path / "eval" / "step-40-train"
+    assert folder.checkpoint_evaluation(20).path == tmp_path / "eval" / "step-20-report"
+    for name in ("train", "report"):  # the evaluate stage's key is 12 hex digits
+        assert not all(c in "0123456789abcdef" for c in name)
 
 
 def test_metrics_round_trip_and_are_written_as_json_sorted_by_key(tmp_path):
