@@ -3,9 +3,12 @@ role), its metadata (`RunMeta`), and `train_and_evaluate`, the body every backen
 each rank (a plain process, torchrun, a Ray Train worker, a submitit task).
 
 The process group (if any) is already set up by the launcher; rank and world size come
-from it. Every rank trains; rank 0 alone writes the run folder's logs, evaluates the EMA
-model, writes metrics.json and the PNG artifacts, and reports all of it to MLflow
-(`RunMeta.tracking_uri`; None: no tracking). The data is prepared before this runs.
+from it. Every rank trains, and every rank takes part in evaluating the EMA model (a
+sweep's metric at each checkpoint, the whole evaluation at the end): its units are sharded
+over the ranks (`lzn.evaluate.evaluate_on_ranks`), so no GPU of the allocation idles while
+one evaluates. Rank 0 alone writes the run folder's logs, metrics.json and the PNG
+artifacts, and reports all of it to MLflow (`RunMeta.tracking_uri`; None: no tracking).
+The data is prepared before this runs.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import fcntl
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +28,15 @@ from lzn.data.batches import StepBatcher, make_batches
 from lzn.data.reader import ImageSplit, in_memory_problem, load_training_split
 from lzn.distributed import make_gather, rank, world_size
 from lzn.errors import UserError
-from lzn.eval_data import InMemoryData, ShardData
-from lzn.evaluate import evaluate_here, metric_for_key
+from lzn.eval_data import EvalData, InMemoryData, ShardData
+from lzn.evaluate import PartStore, evaluate_on_ranks, metric_for_key
 from lzn.inference import LZNModel
 from lzn.roles import Role, Roles, role_field
 from lzn.task import TWO_VIEW_OBJECTIVES, TaskConfig, build_objective, validate_task
 from lzn.trainer import Trainer
-from orchestration.folder import RunFolder
+from orchestration.folder import EvalFolder, RunFolder, write_json
 from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
-from orchestration.plots import LOSS_CURVES_PNG, SAMPLES_PNG, loss_curves, sample_grid, write_run_artifacts
+from orchestration.plots import write_run_artifacts
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
 
 
@@ -236,15 +238,17 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
                        report_metric: str | None = None, report_mode: str = "min",
                        progress: bool | Callable = True) -> dict:
     """Train the run `cfg` in `run_dir`, resuming from its latest
-    checkpoint; rank 0 evaluates and returns the metrics (other ranks: the train summary).
+    checkpoint; every rank evaluates a share of the units, rank 0 returns the metrics (other
+    ranks: the train summary).
 
     batch_source: None reads the train split into memory (batches a function of (seed,
     step)); else a callable that takes this rank's `StepBatcher` and returns `step -> batch`
-    (the Ray Data stream). Evaluation needs the splits in memory: when they do not fit, the
-    run says so and leaves evaluation to a separate stage. evaluate=False leaves it to the
-    pipeline's evaluate stage (`pipelines.stages.evaluate`) in any case. report_metric: a metrics.json
-    key that rank 0 evaluates on the EMA model at every checkpoint and hands to the checkpoint
-    store's report (a sweep's early-stopping signal). progress: rank 0's training and evaluation
+    (the Ray Data stream). The evaluation reads the split held in memory, else
+    (streamed) the shards. evaluate=False leaves it to the pipeline's evaluate stage
+    (`pipelines.stages.evaluate`). report_metric: a metrics.json key that every rank's checkpoint
+    store evaluates on the EMA model at every checkpoint (`report_metrics`, a collective: the
+    units sharded over the ranks) and rank 0's hands to its report (a sweep's early-stopping
+    signal). progress: rank 0's training and evaluation
     bars (`Trainer`'s: True tqdm here, False none, or a tqdm-like class to draw them with).
     """
     meta = meta or RunMeta()
@@ -252,14 +256,9 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
     r, world = rank(), world_size()
     d = cfg.data
     two_view = cfg.objective in TWO_VIEW_OBJECTIVES
-    split = None
-    if batch_source is None or (r == 0 and evaluate):
-        problem = in_memory_problem(d.dataset_dir, image_size=d.image_size, channels=d.channels)
-        if batch_source is None or problem is None:
-            split = load_training_split(d.dataset_dir, image_size=d.image_size, channels=d.channels)
-        else:
-            print(f"not evaluating in this run: {problem}; run `python -m pipelines.evaluate` on its checkpoint",
-                  file=sys.stderr)
+    split = None  # in memory (streamed: none; the evaluation reads the shards)
+    if batch_source is None:
+        split = load_training_split(d.dataset_dir, image_size=d.image_size, channels=d.channels)
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
     if batch_source is None:
@@ -281,18 +280,20 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
         trainer = Trainer(objective, cfg.optim, cfg.train, batches, run_dir=run_dir,
                           callbacks=[timed] if r == 0 else [], device=device, checkpoints=checkpoints,
                           progress=progress)
-        if r == 0 and report_metric:
-            checkpoints.report_metrics = _checkpoint_evaluation(cfg, trainer, device, run_dir, report_metric,
+        data = _evaluation_data(cfg, split)
+        if report_metric:  # every rank's store: the evaluation at each checkpoint is sharded over the ranks
+            checkpoints.report_metrics = _checkpoint_evaluation(cfg, trainer, data, device, run_dir, report_metric,
                                                                 report_mode)
         if r == 0 and meta.tracking_uri:  # after everything that can refuse the config
             tracker = _open_tracker(cfg, run_dir, meta)
             if tracker is not None:
                 callbacks.append(tracker)
         metrics = dict(trainer.fit())
+        evaluated = _evaluate(cfg, trainer, data, RunFolder(run_dir).final_evaluation(trainer.step), device,
+                              progress=trainer.progress) if evaluate else None  # every rank computes a share
         if r == 0:
             metrics["train/logging_seconds"] = timed.seconds
-            _evaluate_and_report(cfg, trainer, split if evaluate else None, run_dir, device, meta, jsonl, tracker,
-                                 metrics)
+            _report(cfg, trainer, data, evaluated, run_dir, device, meta, jsonl, tracker, metrics)
     except BaseException:
         if tracker is not None:
             tracker.close("FAILED")
@@ -306,21 +307,55 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
     return metrics
 
 
-def _checkpoint_evaluation(cfg: RunConfig, trainer: Trainer, device: torch.device, run_dir: Path, key: str,
-                           mode: str) -> Callable[[int], dict]:
-    """step -> {tune_key(key): value, "report": checkpoint index} of the EMA model now: the
-    metric alone, read from the shards, also appended to the run folder's checkpoint log. An
-    evaluation that fails (NaN samples of a diverged trial) reports the worst value for `mode`
-    instead of failing the run, so the scheduler stops the trial rather than Ray retrying it."""
-    metric, d = metric_for_key(cfg, key), cfg.data
-    data = ShardData(d.dataset_dir, image_size=d.image_size, channels=d.channels)
+def _evaluation_data(cfg: RunConfig, split) -> EvalData:
+    """What the run evaluates on: the split it holds in memory, else (streamed) the shards."""
+    d = cfg.data
+    if split is not None:
+        return InMemoryData(split, d.dataset_dir)
+    return ShardData(d.dataset_dir, image_size=d.image_size, channels=d.channels)
 
-    def evaluate_now(step: int) -> dict:
-        model = LZNModel(trainer.ema, (d.channels, d.image_size, d.image_size), device)
+
+def _evaluate(cfg: RunConfig, trainer: Trainer, data: EvalData, folder: EvalFolder, device: torch.device, *,
+              chosen: list[str] | None = None, progress: bool | Callable = False) -> dict | None:
+    """Every rank, at the same point: the evaluation of the EMA model (`chosen` metrics; None:
+    all that apply), its units sharded over the ranks, their parts in `folder` (the run
+    folder: every rank sees it). Rank 0 returns the metrics, the others None. The parts go once
+    reduced (the probe's features of a large split are gigabytes); which rank computed each
+    stays in `folder.part_ranks`."""
+    store = PartStore(folder.parts)
+    if rank() == 0:  # an earlier attempt's, maybe of other settings; the others write only after rank 0 plans
+        store.clear()
+
+    def record(ran: dict[str, int]) -> None:
+        folder.parts.mkdir(parents=True, exist_ok=True)
+        write_json(folder.part_ranks, ran)
+
+    model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
+    try:
+        return evaluate_on_ranks(cfg, model, data, cache_dir=Path(cfg.output_dir) / ".cache", parts_dir=folder.parts,
+                                 chosen=chosen, progress=progress, record=record)
+    finally:
+        if rank() == 0:  # every rank is past the barrier (or never started) when rank 0 is here
+            store.clear()
+
+
+def _checkpoint_evaluation(cfg: RunConfig, trainer: Trainer, data: EvalData, device: torch.device, run_dir: Path,
+                           key: str, mode: str) -> Callable[[int], dict | None]:
+    """step -> {tune_key(key): value, "report": checkpoint index} of the EMA model now (rank 0;
+    the other ranks: None): the metric alone, sharded over every rank, so every rank calls it
+    at the same checkpoint (the checkpoint store's save does), and appended to the run folder's
+    checkpoint log. An evaluation that fails (NaN samples of a diverged trial) reports the
+    worst value for `mode` instead of failing the run, so the scheduler stops the trial rather
+    than Ray retrying it."""
+    metric = metric_for_key(cfg, key)
+
+    def evaluate_now(step: int) -> dict | None:
+        folder = RunFolder(run_dir).checkpoint_evaluation(step)
+        if rank() != 0:  # a unit that fails here fails rank 0's evaluation, which reports it
+            _evaluate(cfg, trainer, data, folder, device, chosen=[metric])
+            return None
         try:
-            with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
-                value = float(evaluate_here(cfg, model, data, cache_dir=Path(cfg.output_dir) / ".cache",
-                                            parts_dir=parts, chosen=[metric], progress=False)[key])
+            value = float(_evaluate(cfg, trainer, data, folder, device, chosen=[metric])[key])
         except (ValueError, RuntimeError) as e:
             value = math.inf if mode == "min" else -math.inf
             print(f"[sweep] evaluating {key} at step {step} failed ({type(e).__name__}: {e}); reporting {value}",
@@ -331,26 +366,24 @@ def _checkpoint_evaluation(cfg: RunConfig, trainer: Trainer, device: torch.devic
     return evaluate_now
 
 
-def _evaluate_and_report(cfg: RunConfig, trainer: Trainer, split: ImageSplit | None, run_dir: Path,
-                         device: torch.device, meta: RunMeta, jsonl: JsonlLogger, tracker: RunTracker | None,
-                         metrics: dict) -> None:
-    """Add the evaluation to `metrics` (the training summary), write metrics.json and the
-    plots, and send it all to MLflow with the final checkpoint and the registered model."""
+def _zones_split(cfg: RunConfig, data: EvalData) -> ImageSplit:
+    """The held-out images the zone map draws (the first inference batch), as a split."""
+    images, labels = data.rows("test", 0, min(cfg.eval.batch_size, data.size("test")))
+    return ImageSplit(images[:0], labels[:0], images, labels)
+
+
+def _report(cfg: RunConfig, trainer: Trainer, data: EvalData, evaluated: dict | None, run_dir: Path,
+            device: torch.device, meta: RunMeta, jsonl: JsonlLogger, tracker: RunTracker | None,
+            metrics: dict) -> None:
+    """Rank 0: add the evaluation (None: left to the evaluate stage) to `metrics` (the training
+    summary), write metrics.json and the plots, and send it all to MLflow with the final
+    checkpoint and the registered model."""
     model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
     run_folder = RunFolder(run_dir)
-    folder = run_folder.artifacts
-    if split is not None:
-        with tempfile.TemporaryDirectory(prefix="lzn-eval-") as parts:
-            metrics.update(evaluate_here(cfg, model, InMemoryData(split, cfg.data.dataset_dir),
-                                         cache_dir=Path(cfg.output_dir) / ".cache", parts_dir=parts,
-                                         progress=trainer.progress))
-        pngs = write_run_artifacts(cfg, model, split, jsonl.rows(), folder)
-    else:  # streamed data or a separate evaluate stage: no held-out images here for the zone map
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = jsonl.rows()
-        pngs = [p for p in (loss_curves(rows, folder / LOSS_CURVES_PNG) if rows else None,
-                            sample_grid(model, cfg, folder / SAMPLES_PNG)) if p is not None]
-    if split is None:  # the evaluate stage's numbers of this very checkpoint stay (a re-run of train)
+    pngs = write_run_artifacts(cfg, model, _zones_split(cfg, data), jsonl.rows(), run_folder.artifacts)
+    if evaluated is not None:
+        metrics.update(evaluated)
+    else:  # the evaluate stage's numbers of this very checkpoint stay (a re-run of train)
         before = run_folder.read_metrics() or {}
         if before.get("eval/checkpoint_step") == float(trainer.step):
             metrics.update({k: v for k, v in before.items() if k.startswith("eval/") and k not in metrics})

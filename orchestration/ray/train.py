@@ -39,7 +39,9 @@ class RayCheckpoints:
 
     def __init__(self, run_folder: RunFolder):
         self.run_folder = run_folder
-        self.report_metrics = None  # rank 0: step -> extra metrics for the report (a sweep's metric)
+        # step -> extra metrics for the report (a sweep's metric), called on every rank at each
+        # save (its evaluation is sharded over the ranks); rank 0's result is reported, the others' None.
+        self.report_metrics = None
 
     def latest(self, map_location="cpu") -> dict | None:
         import ray.train
@@ -60,10 +62,11 @@ class RayCheckpoints:
         import ray.train
 
         name = RunFolder.ray_checkpoint_name(step)
+        extra = self.report_metrics(step) if self.report_metrics else None
         if rank != 0:  # report is a barrier: every rank calls it, only rank 0 brings a checkpoint
             ray.train.report({STEP: step})
             return None
-        metrics = {STEP: step, **(self.report_metrics(step) if self.report_metrics else {})}
+        metrics = {STEP: step, **(extra or {})}
         with tempfile.TemporaryDirectory(prefix="lzn-ckpt-") as folder:
             torch.save(state, Path(folder) / RAY_CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),

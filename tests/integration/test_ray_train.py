@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestration.folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[2]
 # 100 short steps with a checkpoint every 20: long enough to kill something mid-run.
 LONG = ["task=gen_digits", "scale=smoke", "backend=ray", "train.deterministic=true", "train.batch_size=16",
@@ -111,6 +113,9 @@ def test_two_worker_run_logs_params_metrics_and_artifacts(tmp_path, ray_head):
             "plots/latent_zones.png", "checkpoint/ckpt.pt"} <= artifacts, artifacts
     version = client.get_model_version_by_alias("lzn-joint_digits", "candidate")
     assert version.run_id == run_id
+    # The evaluation ran on both workers, each computing a share of its units, not on rank 0 alone.
+    ranks = json.loads(RunFolder(run_dir).final_evaluation(4).part_ranks.read_text())
+    assert set(ranks.values()) == {0, 1}, ranks
 
 
 def test_one_worker_follows_the_loss_trajectory_of_two(uninterrupted, tmp_path):
@@ -153,6 +158,8 @@ def test_streamed_training_reads_the_shards_through_ray_data(tmp_path, ray_head)
     run_dir = tmp_path / "repr_digits" / "smoke-seed0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train/steps"] == 6 and metrics["train/skipped_steps"] == 0
-    assert 0 <= metrics["eval/linear_probe_top1"] <= 1  # digits fit in memory: evaluated as usual
+    assert 0 <= metrics["eval/linear_probe_top1"] <= 1  # evaluated from the shards, by both workers
+    ranks = json.loads(RunFolder(run_dir).final_evaluation(6).part_ranks.read_text())
+    assert set(ranks.values()) == {0, 1} and {u.split("-")[0] for u in ranks} == {"probe_train", "probe_test"}
     assert len(losses(run_dir)) == 6
     assert (run_dir / "ray" / "ckpt-000000006" / "ckpt.pt").exists()

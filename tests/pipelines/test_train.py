@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestration.folder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_KEYS = {
     "gen_digits": {"eval/fid", "eval/fid_features", "eval/reconstruction_l2"},
@@ -96,6 +98,10 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one, two = losses("one"), losses("two")
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, rel=1e-4, abs=1e-6)
+    # Both processes evaluated (a share of the units each); one process computed them all.
+    for name, ranks in (("one", {0}), ("two", {0, 1})):
+        record = RunFolder(tmp_path / "gen_digits" / name).final_evaluation(4).part_ranks
+        assert set(json.loads(record.read_text()).values()) == ranks, name
 
 
 @pytest.mark.slow
