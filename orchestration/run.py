@@ -30,6 +30,7 @@ from lzn.distributed import make_gather, rank, world_size
 from lzn.errors import UserError
 from lzn.eval_data import EvalData, InMemoryData, ShardData
 from lzn.evaluate import PartStore, evaluate_on_ranks, metric_for_key
+from lzn.hardware import HardwareConfig, apply_hardware
 from lzn.inference import LZNModel
 from lzn.roles import Role, Roles, role_field
 from lzn.task import TWO_VIEW_OBJECTIVES, TaskConfig, build_objective, validate_task
@@ -67,6 +68,8 @@ class RunConfig(TaskConfig):
     backend: str = role_field(Role.RUNTIME, default="local")
     trainer: RayTrainerConfig = role_field(Role.RUNTIME, default_factory=RayTrainerConfig)
     tracking: TrackingConfig = role_field(Role.RUNTIME, default_factory=TrackingConfig)
+    # How the networks run on the device (conf/hardware/*.yaml; lzn.hardware): TF32, layout, compile.
+    hardware: HardwareConfig = role_field(Role.RUNTIME, default_factory=HardwareConfig)
 
 
 RUN_ROLES = Roles(RunConfig)
@@ -261,6 +264,7 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
         split = load_training_split(d.dataset_dir, image_size=d.image_size, channels=d.channels)
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
+    objective = apply_hardware(objective, cfg.hardware, device)  # before the trainer copies it into the EMA
     if batch_source is None:
         batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
                                seed=cfg.train.seed, augment=d.augment, two_view=two_view, rank=r, world=world,

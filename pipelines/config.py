@@ -3,7 +3,9 @@ validated against typed dataclasses. A run (`orchestration.run.RunConfig`: lzn's
 where and how it runs) is what `pipelines.train` takes; the other commands extend it:
 an evaluation (`EvalRun`), the stage DAG (`PipelineRun`), a sweep (`SweepRun`); the prepare
 command takes a dataset alone (`PrepareRun`). Every field they add declares its role
-(`lzn.roles`), as RunConfig's do.
+(`lzn.roles`), as RunConfig's do. The config groups (conf/task, scale, hardware, sweep) are YAML
+that fill fields of these schemas (`hardware=gpu`: `RunConfig.hardware`, `lzn.hardware.HardwareConfig`,
+plus the trainer, device and bf16 settings a GPU run changes), so a group's typo fails like any other.
 """
 from __future__ import annotations
 
