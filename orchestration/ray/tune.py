@@ -3,8 +3,8 @@
 The pattern the installed Ray (Train V2) documents for Train inside Tune: a Tune function
 trainable per trial builds a `TorchTrainer` (`orchestration.ray.train.fit_on_ray`) whose
 `RunConfig` carries `ray.tune.integration.ray_train.TuneReportCallback`, so what the
-workers `ray.train.report` at each checkpoint (here: the sweep's metric, evaluated on rank 0
-on the EMA model) reaches Tune's scheduler. ASHA stops poor trials at checkpoints; Optuna
+workers `ray.train.report` at each checkpoint (here: the sweep's metric, evaluated on the EMA
+model by every worker, each a share of its units) reaches Tune's scheduler. ASHA stops poor trials at checkpoints; Optuna
 (`sweep.search=optuna`) proposes configs instead of random sampling.
 `max_concurrent_trials` is derived from the cluster's CPUs (and GPUs) and each trial's
 workers, so a trial never starts before its workers can, and none waits holding resources.
