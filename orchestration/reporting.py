@@ -62,7 +62,7 @@ def record_checkpoint_metric(folder: RunFolder, step: int, key: str, value: floa
 
 def finished_result(run_dir: str | Path, key: str, iterations: int) -> tuple[int, float] | None:
     """(steps, value of `key`) of a run that trained to the end and was recorded: its
-    metrics.json, or for a run without in-run evaluation (streamed data) its last checkpoint's
+    metrics.json, or for a run without in-run evaluation (evaluate=False) its last checkpoint's
     evaluation (the checkpoint log); None otherwise."""
     folder = RunFolder(run_dir)
     result = folder.read_metrics()
