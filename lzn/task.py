@@ -44,10 +44,13 @@ class DataConfig:
     channels: int = role_field(Role.TASK, default=1)
     num_classes: int = role_field(Role.TASK, default=10)
     augment: str = role_field(Role.TRAINING, default="none")  # lzn.data.augment.PIPELINES
-    # How training reads the train split: memory (every worker holds it; batches are a function
-    # of (seed, step)), stream (Ray Data: each Ray worker streams its shard of the rows, shuffled
-    # per epoch; for datasets too large or of mixed image sizes), auto (memory when it fits).
+    # How training reads the train split: memory (every worker holds it as uint8; batches are a
+    # function of (seed, step)), stream (each worker streams its part of the rows, shuffled per
+    # epoch: Ray Data on backend=ray, a DataLoader over the shards on the local/torchrun backend;
+    # for datasets too large or of mixed image sizes), auto (memory when it fits).
     loader: str = role_field(Role.RUNTIME, default="auto")
+    # DataLoader processes per rank decoding the shards (data.loader=stream, local/torchrun backend).
+    loader_workers: int = role_field(Role.RUNTIME, default=2)
     prepare: PrepareConfig = role_field(Role.RUNTIME, default_factory=PrepareConfig)
 
     @property
