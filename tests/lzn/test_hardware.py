@@ -20,7 +20,8 @@ ALL_ON = HardwareConfig(tf32=True, channels_last=True, cudnn_benchmark=True, com
 
 def _digits_objective():
     cfg = TaskConfig(name="gen_digits", objective="generation", data=DataConfig(name="digits"),
-                     model=ModelConfig(encoder="digits_cnn", decoder="unet_digits"), latent=LatentConfig(dim=16, steps=3))
+                     model=ModelConfig(encoder="digits_cnn", decoder="unet_digits"),
+                     latent=LatentConfig(dim=16, steps=3))
     torch.manual_seed(0)
     return build_objective(cfg)
 

@@ -104,13 +104,14 @@ def one_thread():
 
 
 def test_bf16_autocast_trains_gen_digits_like_fp32(tmp_path, one_thread):
-    """200 steps of gen_digits (smoke scale: batch 8, 4 latent steps) from one seed in fp32 and
-    in bf16 autocast (CPU autocast: the same bf16 rounding as on a GPU). A window of 20 steps
-    averages out the per-step noise of the RF loss (its random times and noise), and the
-    yardstick is the same fp32 run from another seed: measured here, windows move by up to 9%
-    between seeds (4.8% on average) while bf16 moves them by under 1%. So bf16 must stay within
-    5% in every window, 3% in the last, and closer to fp32 than another seed is, on average
-    by a factor of 4; both runs must have learned (the last window at most 70% of the first)."""
+    """200 steps of gen_digits (smoke scale: batch 8, 4 latent steps) from one seed in fp32 and in
+    bf16 autocast (CPU autocast: the bf16 format of a GPU's, on a slightly different list of
+    ops). A window of 20 steps averages out the per-step noise of the RF loss (its random
+    times and noise), and the yardstick is the same fp32 run from another seed: measured
+    here, windows move by up to 9% between seeds (4.8% on average) while bf16 moves them by
+    under 1%. So bf16 must stay within 5% in every window, 3% in the last, and closer to
+    fp32 than another seed is, on average by a factor of 4; both runs must have learned (the
+    last window at most 70% of the first)."""
     cfg = load("config", "task=gen_digits", "scale=smoke", "hardware=gpu")
     assert cfg.train.bf16  # what hardware=gpu trains with
     fp32 = _loss_curve(cfg, False, 0, tmp_path / "fp32")
