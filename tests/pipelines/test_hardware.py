@@ -128,3 +128,33 @@ def test_bf16_autocast_trains_gen_digits_like_fp32(tmp_path, one_thread):
     assert rel.mean() * 4 <= seed_rel.mean(), f"{report}\nanother seed: {np.round(seed_rel, 4)}"
     for curve in (windows["fp32"], windows["bf16"]):
         assert curve[-1] <= 0.7 * curve[0], report
+
+
+# --------------------------------------------------------------------------- a run with them
+def test_a_resumed_run_may_change_hardware_but_not_bf16():
+    from orchestration.run import refused_changes, run_params
+
+    cpu = run_params(load("config", "task=gen_digits"))
+    tuned = run_params(load("config", "task=gen_digits", "hardware=gpu", "train.bf16=false", "hardware.compile=true"))
+    assert refused_changes(cpu, tuned) == []  # layout, TF32, compile, device and workers: how it runs
+    gpu = run_params(load("config", "task=gen_digits", "hardware=gpu"))
+    assert [r.split(":")[0] for r in refused_changes(cpu, gpu)] == ["train.bf16"]  # bf16 changes the arithmetic
+
+
+def test_train_and_evaluate_applies_the_hardware_section(tmp_path):
+    """channels_last reaches the trained weights: torch.save keeps strides, so the checkpoint's
+    convolution weights are NHWC, and they load into a plain objective."""
+    from lzn.checkpoint import latest_checkpoint, load_checkpoint
+    from lzn.data.prepare import PrepareConfig, prepare_dataset
+    from orchestration.folder import RunFolder
+    from orchestration.run import train_and_evaluate
+
+    prepare_dataset("digits", None, tmp_path / "data" / "digits", PrepareConfig(executor="serial"), progress=False)
+    cfg = load("config", "task=gen_digits", "scale=smoke", f"output_dir={tmp_path}", "hardware.channels_last=true",
+               f"data.shards_dir={tmp_path / 'data'}")
+    train_and_evaluate(cfg, tmp_path / "run", device=torch.device("cpu"), evaluate=False, progress=False)
+    state = load_checkpoint(latest_checkpoint(RunFolder(tmp_path / "run").checkpoints))["objective"]
+    convs = {k: v for k, v in state.items() if v.dim() == 4 and v.shape[1] > 1 and v.shape[2] > 1}
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs.values())
+    assert not all(v.is_contiguous() for v in convs.values())
+    build_objective(cfg).load_state_dict(state, strict=True)
