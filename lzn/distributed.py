@@ -8,14 +8,19 @@ update on the whole batch. torch.distributed's autograd all-gather does exactly 
 (reduce-scatter on NCCL, all-to-all on gloo); this module checks shapes and gives the
 zoning functions a plain `Tensor -> Tensor` callable. Rank and world size come from the
 process group that torchrun, Ray Train or submitit set up.
+
+`GradientBuckets` is the trainer's gradient averaging: DDP's bucketed all-reduce, launched
+from gradient hooks while backward still runs, for objectives that train through
+`loss(batch)` rather than `forward` and whose set of trainable parameters changes
+(`train.freeze_after`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.nn.functional import all_gather as _autograd_all_gather
 
 
@@ -36,21 +41,34 @@ def all_gather_with_grad(t: Tensor, group=None) -> Tensor:
 
     Gradients w.r.t. the result flow back to the rank that owns each slice (summed over
     ranks). Every rank must pass the same shape; a mismatch raises instead of hanging or
-    silently misaligning targets. Without an initialised process group it is the identity.
+    silently misaligning targets. The check (a collective and a host sync) runs on the
+    first call with each shape only, so every rank must meet a new shape at the same call,
+    as a fixed local batch does. Without an initialised process group it is the identity.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return t
-    if dist.get_world_size(group) == 1:
+    world = dist.get_world_size(group)
+    if world == 1:
         return t
+    key = (id(group if group is not None else dist.group.WORLD), world, tuple(t.shape))
+    if key not in _CHECKED_SHAPES:
+        _check_same_shape(t, world, group)
+        _CHECKED_SHAPES.add(key)
+    return torch.cat(_autograd_all_gather(t, group=group), dim=0)
+
+
+_CHECKED_SHAPES: set[tuple] = set()  # (group, world, shape) that every rank has shown
+
+
+def _check_same_shape(t: Tensor, world: int, group) -> None:
     shape = torch.tensor(list(t.shape), dtype=torch.long, device=t.device)
-    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
+    shapes = [torch.empty_like(shape) for _ in range(world)]
     dist.all_gather(shapes, shape, group=group)
-    if any(not torch.equal(s, shape) for s in shapes):
+    if any(not torch.equal(s, shape) for s in shapes):  # host sync: once per shape
         raise ValueError(
             "all_gather_with_grad needs the same shape on every rank (use drop_last=True "
             f"in the sampler); got {[tuple(s.tolist()) for s in shapes]}"
         )
-    return torch.cat(_autograd_all_gather(t, group=group), dim=0)
 
 
 def make_gather(group=None) -> Callable[[Tensor], Tensor]:
@@ -61,3 +79,149 @@ def make_gather(group=None) -> Callable[[Tensor], Tensor]:
 def global_indices(local_batch: int, device=None) -> Tensor:
     """Indices (local_batch,) of this rank's samples inside the gathered global batch."""
     return torch.arange(local_batch, device=device) + rank() * local_batch
+
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+class _Bucket:
+    """One flat gradient buffer for parameters of one device and dtype; `extra` spare
+    elements at its end (the last bucket's: the trainer's flag)."""
+
+    def __init__(self, params: list[nn.Parameter], extra: int = 0, *, dtype=None, device=None):
+        self.params = params
+        if params:
+            dtype, device = params[0].dtype, params[0].device
+        self.buffer = torch.zeros(sum(p.numel() for p in params) + extra, dtype=dtype or torch.float32,
+                                  device=device)
+        self.views, offset = [], 0
+        for p in params:
+            self.views.append(self.buffer[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        self.pending = len(params)
+        self.work = None
+
+
+def _buckets(params: Sequence[nn.Parameter], bucket_bytes: int, device) -> list[_Bucket]:
+    """Buckets of `params` in reverse order, one device and dtype each, closed at
+    `bucket_bytes`; the last one carries one spare element."""
+    full: list[list[nn.Parameter]] = []
+    open_: dict[tuple, tuple[list[nn.Parameter], list[int]]] = {}
+    for p in reversed(params):
+        members, size = open_.setdefault((p.device, p.dtype), ([], [0]))
+        members.append(p)
+        size[0] += p.numel() * p.element_size()
+        if size[0] >= bucket_bytes:
+            full.append(open_.pop((p.device, p.dtype))[0])
+    full.extend(members for members, _ in open_.values())
+    if not full:
+        return [_Bucket([], 1, device=device)]
+    return [_Bucket(members, int(i == len(full) - 1)) for i, members in enumerate(full)]
+
+
+def _reachable_leaves(t: Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) whose gradient accumulators t's graph reaches."""
+    leaves: set[int] = set()
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(f for f, _ in node.next_functions)
+    return leaves
+
+
+class GradientBuckets:
+    """Average the gradients of `params` over the ranks of `group` while backward runs.
+
+    The parameters are split, in reverse order (backward reaches the last layers first),
+    into buckets of about `bucket_bytes`; each parameter's .grad is a view into its
+    bucket's flat buffer, so autograd accumulates straight into it. A gradient hook marks
+    a parameter ready; a bucket whose parameters are all ready starts an asynchronous
+    all-reduce, in bucket order on every rank, overlapping the rest of backward. A
+    parameter that gets no gradient on a step keeps the zeros `zero_grad` left, so it
+    counts as a zero gradient on that rank. Its bucket, and every later one, would wait for
+    `finish`: once a step has seen such a parameter (`find_unused` turns on), `start` walks
+    the loss's autograd graph (about 1 ms per 500 nodes) and marks the parameters it cannot
+    reach ready before backward, as DDP's find_unused_parameters does.
+
+    One step: `zero_grad()`, `start(flag, loss)`, backward, `finish()`. `flag` (0-dim, e.g.
+    "this rank's loss is not finite") rides in the last bucket's spare element, so every
+    rank learns whether any rank raised it without a collective of its own. Build a new
+    instance when the set of trainable parameters changes and `close()` the old one (it
+    removes the hooks). Outside start/finish the hooks do nothing: another backward pass
+    (an evaluation's, a test's) starts no collective.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], *, group=None, device=None,
+                 bucket_bytes: int | None = None, find_unused: bool = False):
+        self.group, self.world = group, dist.get_world_size(group)
+        self.find_unused = find_unused
+        self.params = list(params)
+        self.buckets = _buckets(self.params, bucket_bytes or BUCKET_BYTES, device)
+        self._flag = self.buckets[-1].buffer[-1:]
+        self._where = {p: (b, view) for b in self.buckets for p, view in zip(b.params, b.views)}
+        self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+        self._next = 0  # the next bucket to launch: every rank launches in bucket order
+        self._armed = False
+
+    def zero_grad(self) -> None:
+        """Zero the buffers and point every parameter's .grad at its view."""
+        for b in self.buckets:
+            b.buffer.zero_()
+            for p, view in zip(b.params, b.views):
+                p.grad = view
+
+    def start(self, flag: Tensor, loss: Tensor | None = None) -> None:
+        """Arm the hooks for the backward pass of `loss`; flag: this rank's 0-dim flag."""
+        self._flag.copy_(flag.reshape(1))
+        for b in self.buckets:
+            b.pending, b.work = len(b.params), None
+        self._next, self._armed = 0, True
+        if self.find_unused and loss is not None:
+            reached = _reachable_leaves(loss)
+            for p in self.params:
+                if id(p) not in reached:  # no gradient can come: ready now
+                    self._where[p][0].pending -= 1
+            self._launch_ready()
+
+    def _ready(self, p: Tensor) -> None:
+        if not self._armed:
+            return
+        bucket, view = self._where[p]
+        if p.grad is not view:  # autograd put a fresh tensor there (.grad was None): move it in
+            view.copy_(p.grad)
+            p.grad = view
+        bucket.pending -= 1
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].pending <= 0:
+            b = self.buckets[self._next]
+            b.work = dist.all_reduce(b.buffer, group=self.group, async_op=True)
+            self._next += 1
+
+    def finish(self) -> Tensor:
+        """Reduce the buckets backward left (parameters without a gradient), wait for all
+        and divide by the world size. Returns the flags' mean over ranks (> 0 when any rank
+        raised its flag) as a 1-element tensor on the device; no host sync."""
+        for b in self.buckets:
+            self.find_unused |= b.pending > 0
+            b.pending = 0
+        self._launch_ready()
+        for b in self.buckets:
+            b.work.wait()  # NCCL: the current stream waits, the host does not
+            b.buffer.div_(self.world)
+            for p, view in zip(b.params, b.views):
+                p.grad = view  # also where a caller reset it: a missing gradient averages as zeros
+        self._armed = False
+        return self._flag
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._armed = [], False

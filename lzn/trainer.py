@@ -5,8 +5,14 @@ EMA, non-finite-loss skipping, checkpoints and resume, and reporting. An objecti
 supplies `loss(batch) -> (loss, metrics)`; the loop knows nothing of which case study it
 runs, nor of MLflow or Ray: it reports to callbacks. Rank and world size come from the
 torch.distributed process group that torchrun, Ray Train or submitit set up; gradients
-are averaged across ranks after backward (the anchors' all-gather already summed the
-cross-rank terms onto their owners).
+are averaged across ranks by bucketed all-reduces that overlap backward
+(`lzn.distributed.GradientBuckets`; the anchors' all-gather already summed the cross-rank
+terms onto their owners).
+
+A step never waits on the device: metrics are summed on the device and reach the host at
+`log_every`; a non-finite loss (on any rank) or gradient skips the step on the device (the
+flag rides the gradient all-reduce, fused Adam's `found_inf` skips the update, the EMA's
+weight is zeroed); the zoning value checks are off during steps (`lzn.zoning.check_values`).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lzn import distributed as lzn_dist
-from lzn import seeds
+from lzn import seeds, zoning
 from lzn.checkpoint import CHECKPOINT_DIR, CheckpointStore, FolderCheckpoints, rng_state, set_rng_state
 from lzn.errors import UserError
 from lzn.roles import Role, role_field
@@ -64,6 +70,68 @@ def ema_decay(decay: float, updates: int) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
+def _fused_adam(groups: list[dict]) -> torch.optim.Adam:
+    """Adam with fused=True, whose kernel skips a step where `optimizer.found_inf` (a device
+    tensor) is 1 without reading it on the host. A checkpoint's saved param_groups (e.g. one
+    written before fused was used) replace the live ones on load: a post-hook restores
+    fused, and moves each "step" count where the fused kernel wants it (float32, on the
+    parameter's device)."""
+    optimizer = torch.optim.Adam(groups, fused=True)
+
+    def refuse(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group.update(fused=True, foreach=None, capturable=False, differentiable=False)
+            for q in group["params"]:
+                state = opt.state.get(q, {})
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(q.device)
+
+    optimizer.register_load_state_dict_post_hook(refuse)
+    return optimizer
+
+
+class _MetricWindow:
+    """Sums of the finite values of each metric, and their counts, since the last report.
+
+    Tensor metrics are summed on their device (a step queues a few kernels and reads
+    nothing back); Python numbers on the host.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.index: dict[str, int] = {}  # tensor metric -> row of sums/counts
+        self.sums = torch.zeros(0, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(0, dtype=torch.float64, device=device)
+        self.host: dict[str, list[float]] = {}  # Python-number metric -> [sum, count]
+        self._missing = torch.full((), math.nan, dtype=torch.float64, device=device)
+
+    def add(self, metrics: dict[str, Tensor | float]) -> None:
+        tensors = {}
+        for k, v in metrics.items():
+            if isinstance(v, Tensor):
+                tensors[k] = v
+            else:
+                value, acc = float(v), self.host.setdefault(k, [0.0, 0.0])
+                if math.isfinite(value):
+                    acc[0], acc[1] = acc[0] + value, acc[1] + 1
+        new = [k for k in tensors if k not in self.index]
+        if new:
+            self.index.update({k: len(self.index) + i for i, k in enumerate(new)})
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(len(new))])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(len(new))])
+        if not tensors:
+            return
+        # A key this step lacks counts as a non-finite value: nothing is added for it.
+        values = torch.stack([tensors[k].detach().reshape(()).to(self.device, torch.float64)
+                              if k in tensors else self._missing for k in self.index])
+        finite = torch.isfinite(values)
+        self.sums.add_(torch.where(finite, values, 0.0))
+        self.counts.add_(finite)
+
+    def keys(self) -> list[str]:
+        return sorted(set(self.index) | set(self.host))
+
+
 class Trainer:
     def __init__(
         self,
@@ -102,7 +170,7 @@ class Trainer:
         if bad_freeze:
             raise UserError(f"train.freeze_after names unknown module groups {bad_freeze}; known: {sorted(groups)}")
         self.groups = groups
-        self.optimizer = torch.optim.Adam(
+        self.optimizer = _fused_adam(
             [{"params": list(m.parameters()), "lr": optim.lr[n], "name": n}
              for n, m in groups.items() if n in optim.lr]
         )
@@ -118,12 +186,33 @@ class Trainer:
         self.ema = copy.deepcopy(objective).requires_grad_(False)
         self.step = 0
         self.last_checkpoint: Path | None = None  # rank 0: the newest checkpoint this trainer wrote
-        self.ema_updates = 0
-        self.skipped = 0
+        # Device-side counters (read on the host at checkpoints and reports only).
+        self._ema_updates = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        # What the trainable set decides, rebuilt when freeze_after changes it.
+        self._trainable: tuple[nn.Parameter, ...] | None = None
+        self._buckets: lzn_dist.GradientBuckets | None = None
+        self._ema_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
         self.seconds = 0.0  # training wall time, checkpoints included
         self.checkpoint_seconds = 0.0
 
     # ------------------------------------------------------------------ state
+    @property
+    def ema_updates(self) -> int:
+        return int(self._ema_updates)  # host sync: checkpoints and summaries only
+
+    @ema_updates.setter
+    def ema_updates(self, value: int) -> None:
+        self._ema_updates.fill_(value)
+
+    @property
+    def skipped(self) -> int:
+        return int(self._skipped)  # host sync: checkpoints and summaries only
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._skipped.fill_(value)
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -198,66 +287,76 @@ class Trainer:
             frozen = self._frozen(name)
             for p in self.groups[name].parameters():
                 p.requires_grad_(not frozen)
+        trainable = tuple(p for p in self.objective.parameters() if p.requires_grad)
+        if self._trainable is None or list(map(id, trainable)) != list(map(id, self._trainable)):
+            self._retrain(trainable)
 
-    def _average_gradients(self) -> None:
-        if self.world == 1:
-            return
-        params = [p for p in self.objective.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)
-            offset += n
-
-    def _any_rank(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+    def _retrain(self, trainable: tuple[nn.Parameter, ...]) -> None:
+        """Rebuild what depends on the trainable set: the gradient buckets (every rank
+        freezes at the same step, so every rank rebuilds at the same step) and the EMA's
+        pairs of parameters (the groups not frozen)."""
+        self._trainable = trainable
+        find_unused = False  # whether a step has shown a parameter without a gradient
+        if self._buckets is not None:
+            self._buckets.close()
+            find_unused, self._buckets = self._buckets.find_unused, None
+        if self.world > 1:
+            self._buckets = lzn_dist.GradientBuckets(trainable, device=self.device, find_unused=find_unused)
+        ema_groups = dict(self.ema.named_children())
+        pairs = [(e, p) for name, module in self.groups.items() if not self._frozen(name)
+                 for e, p in zip(ema_groups[name].parameters(), module.parameters())]
+        self._ema_pairs = ([e for e, _ in pairs], [p.detach() for _, p in pairs])
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        """Move the EMA of every group that trained this step. A frozen group keeps the average
-        it had when it froze, as in the reference, whose EMA of a module updates only while the
-        module is enabled (its decoder EMA stops with the decoder in case study 3); lerping it
-        on would pull it towards the raw frozen weights. One update counter serves every group:
-        a frozen group never updates again, so it counts the same as a counter of its own."""
-        d = ema_decay(self.optim_cfg.ema_decay, self.ema_updates)
-        ema_groups = dict(self.ema.named_children())
-        for name, module in self.groups.items():
-            if self._frozen(name):
-                continue
-            for e, p in zip(ema_groups[name].parameters(), module.parameters()):
-                e.lerp_(p.detach(), 1.0 - d)
+    def _update_ema(self, keep: Tensor) -> None:
+        """Move the EMA of every group that trained this step, unless the step was skipped
+        (keep: 0-dim bool on the device). A frozen group keeps the average it had when it
+        froze, as in the reference, whose EMA of a module updates only while the module is
+        enabled (its decoder EMA stops with the decoder in case study 3); lerping it on
+        would pull it towards the raw frozen weights. One update counter serves every group:
+        a frozen group never updates again, so it counts the same as a counter of its own.
+
+        ema += w (param - ema) with w = (1 - ema_decay) * keep, as three fused multi-tensor
+        ops: `torch._foreach_lerp_` takes its weight as a host scalar, which a device weight
+        would have to be read into."""
+        k = self._ema_updates
+        weight = (1.0 - torch.clamp((1.0 + k) / (10.0 + k), max=self.optim_cfg.ema_decay)) * keep
+        emas, params = self._ema_pairs
+        if emas:
+            diffs = torch._foreach_sub(params, emas)
+            torch._foreach_mul_(diffs, weight.to(emas[0].dtype))
+            torch._foreach_add_(emas, diffs)
         for e, b in zip(self.ema.buffers(), self.objective.buffers()):
-            e.copy_(b)
-        self.ema_updates += 1
+            e.copy_(torch.where(keep, b, e))
+        self._ema_updates.add_(keep)
 
     def train_step(self) -> dict[str, Tensor | float]:
+        """One optimizer step; returns this step's metrics as device tensors (no host sync)."""
         self._apply_freezing()
         batch = self.batches(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        if self._buckets is not None:
+            self._buckets.zero_grad()
+        with zoning.check_values(False), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                        enabled=self.cfg.bf16):
             loss, metrics = self.objective.loss(batch)
-        skip = self._any_rank(not bool(torch.isfinite(loss.detach())))
-        if skip:
-            self.skipped += 1
-        else:
-            loss.backward()
-            self._average_gradients()
-            params = [p for p in self.objective.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
-            metrics = {**metrics, "train/grad_norm": grad_norm}
-            self.optimizer.step()
-            self._update_ema()
+        bad = ~torch.isfinite(loss.detach())
+        if self._buckets is not None:
+            self._buckets.start(bad, loss)  # the flag rides the last gradient bucket
+        loss.backward()  # also when non-finite: every rank joins the same collectives
+        if self._buckets is not None:
+            bad = self._buckets.finish()[0] > 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.optim_cfg.grad_clip)
+        skip = bad | ~torch.isfinite(grad_norm)  # the reduced gradients agree on every rank
+        self.optimizer.found_inf = skip.float()  # the fused kernel leaves params and moments alone
+        self.optimizer.step()
+        self._update_ema(~skip)
+        self._skipped.add_(skip)
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss.detach(), **metrics, "train/skipped": float(skip)}
+        return {"loss": loss.detach(), **metrics,
+                "train/grad_norm": torch.where(skip, math.nan, grad_norm.detach()),  # a skipped step has none
+                "train/skipped": skip.float()}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
@@ -274,22 +373,17 @@ class Trainer:
 
             make_bar = self.progress if callable(self.progress) else tqdm
             bar = make_bar(total=cfg.iterations, initial=self.step, desc="train", unit="it", dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}  # finite values per key
+        window = _MetricWindow(self.device)
         start = time.perf_counter()
         while self.step < cfg.iterations:
-            metrics = self.train_step()
-            for k, v in metrics.items():
-                value = float(v.detach()) if isinstance(v, Tensor) else float(v)
-                finite = math.isfinite(value)
-                sums[k] = sums.get(k, 0.0) + (value if finite else 0.0)
-                counts[k] = counts.get(k, 0) + int(finite)
+            window.add(self.train_step())
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
-                self._report(sums, counts)
-                sums, counts = {}, {}
+                reported = self._report(window)
+                window = _MetricWindow(self.device)
+                if bar is not None and "loss" in reported:
+                    bar.set_postfix(loss=f"{reported['loss']:.4f}")
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
                 self.seconds += time.perf_counter() - start
                 start = time.perf_counter()
@@ -298,26 +392,36 @@ class Trainer:
         self.seconds += time.perf_counter() - start
         if bar is not None:
             bar.close()
+        return self._summary(resumed_from)
+
+    def _summary(self, resumed_from: int) -> dict[str, float]:
         return {"train/steps": float(self.step), "train/skipped_steps": float(self.skipped),
                 "train/seconds": self.seconds, "train/checkpoint_seconds": self.checkpoint_seconds,
                 "train/resumed_from_step": float(resumed_from)}
 
-    def _report(self, sums: dict[str, float], counts: dict[str, int]) -> None:
-        """Means since the last report over every rank's finite values. Every rank holds the
-        same keys (a value non-finite on one rank only still has its key there), so the
-        all-reduce lines up; a key with no finite value anywhere is not reported."""
-        keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys] + [float(counts[k]) for k in keys], dtype=torch.float64)
+    def _report(self, window: _MetricWindow) -> dict[str, float]:
+        """Means since the last report over every rank's finite values, handed to the
+        callbacks on rank 0 (and returned there; {} elsewhere). Every rank holds the same
+        keys (a value non-finite on one rank only still has its key there), so the
+        all-reduce lines up; a key with no finite value anywhere is not reported. The one
+        host sync of the log interval: sums, counts and the skipped counter in one read."""
+        on_device = [k for k in window.keys() if k in window.index]
+        on_host = [k for k in window.keys() if k not in window.index]
+        rows = torch.tensor([window.index[k] for k in on_device], dtype=torch.long, device=self.device)
+        host = torch.tensor([window.host[k] for k in on_host], dtype=torch.float64).reshape(-1, 2).to(self.device)
+        keys = on_device + on_host
+        values = torch.cat([window.sums[rows], host[:, 0], window.counts[rows], host[:, 1],
+                            self._skipped.to(torch.float64).reshape(1)])
         if self.world > 1:
-            values = values.to(self.device)
             dist.all_reduce(values)
-            values = values.cpu()
+        values = values.tolist()  # host sync: once per log interval
         if self.rank != 0:
-            return
-        totals, n = values[: len(keys)].tolist(), values[len(keys):].tolist()
-        metrics = {k: t / c for k, t, c in zip(keys, totals, n) if c > 0}
-        metrics["train/skipped_steps"] = float(self.skipped)
+            return {}
+        totals, counts = values[: len(keys)], values[len(keys) : 2 * len(keys)]
+        metrics = {k: t / c for k, t, c in sorted(zip(keys, totals, counts)) if c > 0}
+        metrics["train/skipped_steps"] = float(round(values[-1] / self.world))  # the same on every rank
         metrics["train/lr_scale"] = self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0]["initial_lr"]
         for cb in self.callbacks:
             if hasattr(cb, "on_log"):
                 cb.on_log(self.step, metrics)
+        return metrics

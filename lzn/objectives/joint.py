@@ -18,8 +18,12 @@ from lzn.zoning import alignment_loss, compute_latents
 
 
 def global_class_counts(labels: Tensor, num_classes: int) -> Tensor:
-    """Class frequencies (num_classes,) of the global batch (summed over ranks)."""
-    counts = torch.bincount(labels, minlength=num_classes).to(torch.float32)
+    """Class frequencies (num_classes,) of the global batch (summed over ranks).
+
+    A comparison table rather than torch.bincount, which reads the largest label on the
+    host (a device sync on a GPU) to size its output."""
+    classes = torch.arange(num_classes, device=labels.device)
+    counts = (labels.unsqueeze(1) == classes).sum(dim=0).to(torch.float32)
     if lzn_dist.is_distributed():
         dist.all_reduce(counts)
     return counts

@@ -82,3 +82,43 @@ def test_gather_is_identity_without_a_process_group():
     t = torch.randn(3, 2)
     assert all_gather_with_grad(t) is t
     assert torch.equal(global_indices(4), torch.arange(4))
+
+
+def _shape_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import lzn.distributed
+
+        checks, check = [], lzn.distributed._check_same_shape
+
+        def counted(t, *args):
+            checks.append(tuple(t.shape))
+            return check(t, *args)
+
+        lzn.distributed._check_same_shape = counted
+        gathered = [all_gather_with_grad(torch.full(shape, float(rank))) for shape in [(4, 3), (4, 3), (2, 3), (4, 3)]]
+        try:
+            all_gather_with_grad(torch.zeros(5 + rank, 3))  # a shape new to both ranks, different on each
+            error = ""
+        except ValueError as e:
+            error = str(e)
+        torch.save({"checks": checks, "error": error, "gathered": gathered}, os.path.join(out_dir, f"shape{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_shapes_are_checked_once_per_shape(tmp_path):
+    """The shape check is a collective plus a host read: it runs on the first call with each
+    shape, and a mismatch met there still raises on every rank instead of hanging."""
+    world = 2
+    mp.start_processes(_shape_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+                       join=True, start_method="spawn")
+    for r in range(world):
+        out = torch.load(tmp_path / f"shape{r}.pt", weights_only=True)
+        assert out["checks"] == [(4, 3), (2, 3), (5 + r, 3)]
+        assert "same shape on every rank" in out["error"] and "(5, 3)" in out["error"] and "(6, 3)" in out["error"]
+        for g in out["gathered"]:
+            n = g.shape[0] // world
+            assert torch.equal(g, torch.cat([torch.zeros(n, 3), torch.ones(n, 3)]))

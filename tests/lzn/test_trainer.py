@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -215,3 +217,63 @@ def test_rank_0_draws_one_bar_with_the_class_it_is_given(tmp_path):
 def test_other_ranks_and_progress_false_draw_no_bar(tmp_path, monkeypatch):
     assert _drawn_bars(tmp_path / "off", False) == []
     assert _drawn_bars(tmp_path / "rank1", _Bar, rank=1, monkeypatch=monkeypatch) == []
+
+
+def test_state_keeps_plain_numbers_and_a_checkpoint_of_the_unfused_optimizer_loads(tmp_path):
+    """The skipped and EMA-update counters live on the device during training but are plain
+    ints in the state; a checkpoint written before the optimizer was fused (param groups
+    with fused None, "step" counts on the CPU) resumes into the same run."""
+    t, _ = _trainer(tmp_path / "a", iterations=4)
+    for _ in range(2):
+        t.train_step()
+    state = copy.deepcopy(t.state_dict())  # as a file would: no tensor shared with t
+    assert type(state["ema_updates"]) is int and state["ema_updates"] == 2
+    assert type(state["skipped"]) is int and state["skipped"] == 0
+    legacy = {**state, "optimizer": {
+        "state": {k: {**v, "step": v["step"].detach().cpu().clone()} for k, v in state["optimizer"]["state"].items()},
+        "param_groups": [{**g, "fused": None, "foreach": None} for g in state["optimizer"]["param_groups"]],
+    }}
+    old, _ = _trainer(tmp_path / "b", iterations=4)
+    old.load_state_dict(legacy)
+    assert all(g["fused"] for g in old.optimizer.param_groups)
+    assert (old.ema_updates, old.skipped) == (2, 0)
+    for _ in range(2):
+        t.train_step()
+        old.train_step()
+    for p, q in zip(_params(t.objective), _params(old.objective)):
+        assert torch.equal(p, q)
+    for p, q in zip(_params(t.ema), _params(old.ema)):
+        assert torch.equal(p, q)
+
+
+def test_a_non_finite_batch_reaches_the_skip_policy_instead_of_raising(tmp_path):
+    """The zoning value checks are off during steps: NaN images (here step 1's) give a
+    non-finite loss, which skips the step, and training goes on."""
+    t, _ = _trainer(tmp_path, iterations=3)
+    batches = t.batches
+
+    def poisoned(step):
+        batch = batches(step)
+        if step == 1:
+            batch = {**batch, "images": batch["images"] * float("nan")}
+        return batch
+
+    t.batches = poisoned
+    t.train_step()
+    before = _params(t.objective)
+    assert t.train_step()["train/skipped"] == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(before, _params(t.objective)))
+    assert t.train_step()["train/skipped"] == 0.0 and (t.skipped, t.ema_updates) == (1, 2)
+
+
+def test_the_ema_is_the_warmed_up_average_of_the_trained_weights(tmp_path):
+    """ema_k = d_k ema_{k-1} + (1 - d_k) param_k with d_k = min(decay, (1 + k) / (10 + k)),
+    k counting the updates before this one; a skipped step leaves it alone."""
+    t, _ = _trainer(tmp_path, iterations=4)
+    want = [p.double() for p in _params(t.ema)]
+    for k in range(4):
+        t.train_step()
+        d = ema_decay(t.optim_cfg.ema_decay, k)
+        want = [d * w + (1 - d) * p.double() for w, p in zip(want, _params(t.objective))]
+    for e, w in zip(_params(t.ema), want):
+        torch.testing.assert_close(e.double(), w, rtol=1e-5, atol=1e-6)
