@@ -96,10 +96,28 @@ class _Bucket:
                                   device=device)
         self.views, offset = [], 0
         for p in params:
-            self.views.append(self.buffer[offset : offset + p.numel()].view(p.shape))
+            self.views.append(_grad_view(self.buffer, offset, p))
             offset += p.numel()
         self.pending = len(params)
         self.work = None
+
+
+def _dense(p: Tensor) -> bool:
+    """Whether p's strides are a permutation of a contiguous layout's (e.g. channels_last)."""
+    expected = 1
+    for size, stride in sorted(zip(p.shape, p.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _grad_view(buffer: Tensor, offset: int, p: Tensor) -> Tensor:
+    """p's slot in a bucket, with p's strides where p is dense: fused optimizers want a
+    gradient laid out as its parameter (a channels_last weight gets a channels_last grad)."""
+    if _dense(p):
+        return buffer.as_strided(p.shape, p.stride(), buffer.storage_offset() + offset)
+    return buffer[offset : offset + p.numel()].view(p.shape)
 
 
 def _buckets(params: Sequence[nn.Parameter], bucket_bytes: int, device) -> list[_Bucket]:

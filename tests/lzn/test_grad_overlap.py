@@ -5,7 +5,7 @@ The oracle is the definition of data-parallel training: before each step every r
 computes its local gradients of the same loss with plain autograd (no hooks), a missing
 gradient counting as zeros; their mean over ranks is what the trainer's optimizer must see.
 The run crosses a freeze_after boundary (the buckets are rebuilt), has a parameter no rank
-uses and one only rank 0 uses, many small buckets, and a step whose loss is NaN on rank 1
+uses and one only rank 0 uses, a channels_last convolution, many small buckets, and a step whose loss is NaN on rank 1
 only, which both ranks skip. It also counts the project's host conversions inside steps.
 """
 import os
@@ -28,6 +28,7 @@ class _Extra(nn.Module):
         super().__init__()
         self.unused = nn.Linear(3, 2)  # no rank uses it
         self.rank0 = nn.Parameter(torch.randn(4))  # only rank 0's loss uses it
+        self.conv = nn.Conv2d(1, 2, 3).to(memory_format=torch.channels_last)  # strides not contiguous
 
 
 class _Objective(GenerationObjective):
@@ -38,6 +39,7 @@ class _Objective(GenerationObjective):
 
     def loss(self, batch):
         loss, metrics = super().loss(batch)
+        loss = loss + 0.1 * self.extra.conv(batch["images"].to(memory_format=torch.channels_last)).square().mean()
         if dist.get_rank() == 0:
             loss = loss + 0.1 * (self.extra.rank0 ** 2).sum()
         if dist.get_rank() == NAN_RANK and self.step == NAN_STEP:
@@ -91,6 +93,7 @@ def _worker(rank, world, port, out_dir):
                 metrics = trainer.train_step()
                 counter.counting = False
                 out["reduced"].append(seen["grads"])
+                assert all(p.grad is None or p.grad.stride() == p.stride() for p in objective.parameters())
                 out["launched"].append(seen["launched"])
                 out["params"].append([p.detach().clone() for p in objective.parameters()])
                 out["skipped"].append(float(metrics["train/skipped"]))
