@@ -1,31 +1,32 @@
-"""Augmentations (torchvision transforms v2), deterministic per (seed, step, sample).
+"""Augmentations, batched on the images' device, deterministic per (seed, step, sample).
 
-Each sample is transformed under its own seed derived from the run seed, the step and
-its position in the global batch, so a sample gets the same views whether 1 or W workers
-train and after a resume. Pipelines by name:
+Every pipeline transforms a whole batch at once with parameters drawn per sample for the
+global batch of the step and picked by the samples' positions in it, so a sample gets the
+same views whether 1 or W workers train and after a resume. Parameters are drawn on the
+host (a few numbers per sample) and travel to the device in small copies; the pixels
+never leave it. Pipelines by name:
 - "none": identity; "flip": random horizontal flip (generation, as in the paper);
 - "simclr": the SimCLR-v2 two-view pipeline of the paper, as the reference
   (lzn/data/imagenet_aug.py:28-38): RandomResizedCrop of the full-resolution image, flip,
   ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur always (p = 1,
-  kernel int(0.1 size) made odd: 23 at 224, sigma uniform in [0.1, 2]). It takes images of
-  any size and returns size x size, so a batch of mixed sizes is cropped per sample before
-  it is stacked (`crops_any_size`);
+  kernel int(0.1 size) made odd: 23 at 224, sigma uniform in [0.1, 2]), with torchvision's
+  semantics (`SimCLRTwoView`; its ops in lzn.data.transforms). It takes images of any size
+  and returns size x size, so a batch of mixed sizes stays a list and each is cropped from
+  its full resolution (`crops_any_size`);
 - "simclr_digits": its 8x8 single-channel variant: no flip (a mirrored 2 is not a 2),
   random zoom (crop), rotation and shift as one affine warp, contrast/brightness jitter.
-  Vectorised over the batch: per-sample torchvision transforms on 8x8 images spent
-  ~1 s a step in Python overhead.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import math
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.transforms import v2
 
 from lzn import seeds
+from lzn.data.transforms import adjust_hue, blend_ops_, crop_boxes, gaussian_blur, grayscale, resized_crops
 from lzn.errors import UserError
 
 
@@ -35,29 +36,54 @@ def blur_kernel(size: int) -> int:
     return int(0.1 * size) | 1
 
 
-def _simclr(size: int) -> v2.Transform:
-    return v2.Compose([
-        v2.RandomResizedCrop(size, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.GaussianBlur(kernel_size=blur_kernel(size), sigma=(0.1, 2.0)),  # always, as the reference
-    ])
+def batch_generator(seed: int, step: int, view: int) -> torch.Generator:
+    """The host generator of the per-sample parameters of `view` of the global batch of `step`."""
+    return torch.Generator().manual_seed(seeds.batch_augmentation(seed, step, view))
 
 
 class BatchAugment:
-    """A batched augmentation: random parameters per sample, drawn for the global batch
-    from (seed, step, view) and picked by the samples' positions in it."""
+    """A batched augmentation of images (B, C, H, W) in [-1, 1] on any device.
 
-    def __call__(self, images: Tensor, generator: torch.Generator, positions: Tensor, total: int) -> Tensor:
+    Random parameters are drawn per sample for the global batch of `total` images from
+    (seed, step, view) and picked by `positions` (B,) (host tensor), the samples' places in
+    it. An augmentation that `crops_any_size` also takes a list of B images (C, H_i, W_i)
+    of any sizes on one device, and returns one size."""
+
+    crops_any_size = False
+
+    def __call__(self, images: Images, *, seed: int, step: int, view: int, positions: Tensor,
+                 total: int) -> Tensor:
         raise NotImplementedError
+
+
+class HorizontalFlip(BatchAugment):
+    """Mirror with p = 0.5. Sample at `position` is flipped exactly when torchvision's
+    RandomHorizontalFlip flipped it under torch.manual_seed(seeds.augmentation(seed, step,
+    position, view)), the per-sample pipeline this replaced: runs trained with it keep their
+    stream of flips (a few microseconds of host work per sample)."""
+
+    def flips(self, *, seed: int, step: int, view: int, positions: Tensor) -> Tensor:
+        """(B,) bool on the host."""
+        g, u = torch.Generator(), torch.empty(1)
+        draws = []
+        for p in positions.tolist():
+            g.manual_seed(seeds.augmentation(seed, step, p, view))
+            draws.append(float(u.uniform_(generator=g)))  # torch.rand(1) under that seed
+        return torch.tensor(draws) < 0.5  # RandomHorizontalFlip: flip unless rand(1) >= p
+
+    def __call__(self, images, *, seed, step, view, positions, total):
+        flip = self.flips(seed=seed, step=step, view=view, positions=positions)
+        flip = flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+        return torch.where(flip, images.flip(-1), images)
 
 
 class DigitsTwoView(BatchAugment):
     """Zoom in [1, 1/0.6] (a crop of 60-100% of the side), rotation within +-15 degrees,
     shift within +-1 pixel, then with p = 0.8 brightness +-0.4 and contrast x[0.6, 1.4]."""
 
-    def __call__(self, images, generator, positions, total):
+    def __call__(self, images, *, seed, step, view, positions, total):
+        generator = batch_generator(seed, step, view)
+
         def draw(*shape):
             return torch.rand(total, *shape, generator=generator)[positions].to(images.device)
 
@@ -77,15 +103,113 @@ class DigitsTwoView(BatchAugment):
         return (jitter * jittered + (1 - jitter) * out).clamp(-1, 1)
 
 
-def _simclr_digits(size: int) -> BatchAugment:
-    return DigitsTwoView()
+@dataclass(frozen=True)
+class SimCLRParams:
+    """Per-sample parameters of one SimCLR view of B samples (host tensors)."""
+
+    boxes: Tensor  # (B, 4) int64 crop (top, left, height, width) in the full-resolution image
+    flip: Tensor  # (B,) bool
+    jitter: Tensor  # (B,) bool: colour jitter applied
+    order: Tensor  # (B, 4) int64: the jitter's ops in the order applied (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    factors: Tensor  # (B, 4) float: brightness, contrast, saturation factors in [0.2, 1.8], hue shift in [-0.2, 0.2]
+    gray: Tensor  # (B,) bool
+    sigma: Tensor  # (B,) float: the blur's sigma in [0.1, 2]
+
+    def __getitem__(self, rows: slice) -> SimCLRParams:
+        return SimCLRParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
-PIPELINES: dict[str, Callable[[int], v2.Transform | BatchAugment | None]] = {
+class SimCLRTwoView(BatchAugment):
+    """torchvision's v2.Compose([RandomResizedCrop(size, antialias=True), RandomHorizontalFlip(),
+    RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), RandomGrayscale(0.2),
+    GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))]) on [0, 1] images, batched: the same
+    distributions of parameters, the same transform given them (lzn.data.transforms)."""
+
+    crops_any_size = True
+    SCALE, RATIO, TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10
+    P_FLIP, P_JITTER, P_GRAY = 0.5, 0.8, 0.2
+    JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation: factor in [1 - j, 1 + j]; hue: [-j, j]
+    SIGMA = (0.1, 2.0)
+    # Samples transformed together on a CPU: their pixels stay in cache through the ~40
+    # elementwise passes of the colour ops (a whole batch at once runs ~3x slower there).
+    CPU_CHUNK = 4
+
+    def __init__(self, size: int):
+        self.size, self.kernel = size, blur_kernel(size)
+
+    def params(self, sizes: Tensor, *, seed: int, step: int, view: int, positions: Tensor,
+               total: int) -> SimCLRParams:
+        """The parameters of the samples at `positions` (B,) whose images are (H_i, W_i) = sizes (B, 2)."""
+        t = self.TRIES
+        # One fixed layout of uniforms per sample of the global batch, whatever the sizes.
+        u = torch.rand(total, 2 * t + 14, generator=batch_generator(seed, step, view), dtype=torch.float64)[positions]
+        boxes = crop_boxes(sizes[:, 0], sizes[:, 1], u[:, :t], u[:, t : 2 * t], u[:, 2 * t], u[:, 2 * t + 1],
+                           scale=self.SCALE, ratio=self.RATIO)
+        u = u[:, 2 * t + 2 :]
+        lo = torch.tensor([max(0.0, 1 - j) for j in self.JITTER[:3]] + [-self.JITTER[3]], dtype=torch.float64)
+        hi = torch.tensor([1 + j for j in self.JITTER[:3]] + [self.JITTER[3]], dtype=torch.float64)
+        return SimCLRParams(
+            boxes=boxes, flip=u[:, 0] < self.P_FLIP, jitter=u[:, 1] < self.P_JITTER,
+            order=u[:, 2:6].argsort(1),  # the ranks of 4 iid uniforms: a uniform permutation
+            factors=(lo + (hi - lo) * u[:, 6:10]).float(), gray=u[:, 10] < self.P_GRAY,
+            sigma=(self.SIGMA[0] + (self.SIGMA[1] - self.SIGMA[0]) * u[:, 11]).float())
+
+    def apply(self, images: Images, p: SimCLRParams) -> Tensor:
+        """(B, C, size, size) in [-1, 1] of images in [-1, 1]: (B, C, H, W) or B images
+        (C, H_i, W_i), each cropped within its box."""
+        n = len(images)
+        device = (images if isinstance(images, Tensor) else images[0]).device
+        chunk = self.CPU_CHUNK if device.type == "cpu" else n
+        order = torch.where(p.jitter[:, None], p.order, -1)  # -1: no jitter
+        ints = order.to(device, non_blocking=True)
+        floats = torch.cat([p.factors, p.sigma[:, None]], 1).to(device, non_blocking=True)
+        out = None
+        for lo in range(0, n, chunk):
+            rows = slice(lo, lo + chunk)
+            x = self._view(images[rows], p[rows], order[rows], ints[rows], floats[rows])
+            if chunk >= n:
+                return x
+            if out is None:
+                out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            out[rows] = x
+        return out
+
+    def _view(self, images: Images, p: SimCLRParams, order: Tensor, ints: Tensor, floats: Tensor) -> Tensor:
+        """`apply` of a chunk; order: (b, 4) host, -1 without jitter; ints, floats: on the device."""
+        x = resized_crops(images, p.boxes, self.size, p.flip)
+        device, channels = x.device, x.shape[1]
+        # Resampling weights sum to 1, so [-1, 1] -> [0, 1] (what colour ops assume) commutes with the crop.
+        x = x.mul_(0.5).add_(0.5).clamp_(0, 1)
+        # ColorJitter in each sample's order: slot k applies each sample's k-th op; the three
+        # blends run on all samples in one pass, hue on its rows only (indices from the host
+        # parameters: no device sync).
+        for slot in range(4):
+            op = ints[:, slot]
+            if (order[:, slot] >= 0).any():
+                blend_ops_(x, op, floats[:, :3].gather(1, op.clamp(0, 2)[:, None])[:, 0])
+            rows = (order[:, slot] == 3).nonzero()[:, 0]
+            if len(rows) and channels == 3:
+                rows = rows.to(device, non_blocking=True)
+                x[rows] = adjust_hue(x[rows], floats[rows, 3])
+        rows = p.gray.nonzero()[:, 0]
+        if len(rows) and channels == 3:
+            rows = rows.to(device, non_blocking=True)
+            x[rows] = grayscale(x[rows]).expand(-1, channels, -1, -1)
+        x = gaussian_blur(x, self.kernel, floats[:, 4])
+        return x.mul_(2).sub_(1).clamp_(-1, 1)
+
+    def __call__(self, images, *, seed, step, view, positions, total):
+        sizes = (torch.tensor(images.shape[-2:]).expand(len(images), 2) if isinstance(images, Tensor)
+                 else torch.tensor([tuple(x.shape[-2:]) for x in images]))
+        return self.apply(images, self.params(sizes, seed=seed, step=step, view=view, positions=positions,
+                                              total=total))
+
+
+PIPELINES: dict[str, Callable[[int], BatchAugment | None]] = {
     "none": lambda size: None,
-    "flip": lambda size: v2.RandomHorizontalFlip(),
-    "simclr": _simclr,
-    "simclr_digits": _simclr_digits,
+    "flip": lambda size: HorizontalFlip(),
+    "simclr": SimCLRTwoView,
+    "simclr_digits": lambda size: DigitsTwoView(),
 }
 
 
@@ -101,7 +225,7 @@ def crops_any_size(name: str) -> bool:
     return name in CROPS_ANY_SIZE
 
 
-def build_augment(name: str, image_size: int) -> v2.Transform | BatchAugment | None:
+def build_augment(name: str, image_size: int) -> BatchAugment | None:
     if name not in PIPELINES:
         raise UserError(f"unknown augmentation {name!r}; expected one of {sorted(PIPELINES)}")
     return PIPELINES[name](image_size)
@@ -122,23 +246,17 @@ def stack_images(images: Images, why: str) -> Tensor:
     return torch.stack(list(images))
 
 
-def augment_batch(transform: v2.Transform | BatchAugment | None, images: Images, *, seed: int, step: int,
-                  positions: Tensor, total: int, view: int = 0) -> Tensor:
-    """Apply `transform` to each image in [-1, 1] under its own seed; returns (B, C, S, S).
+def augment_batch(transform: BatchAugment | None, images: Images, *, seed: int, step: int, positions: Tensor,
+                  total: int, view: int = 0) -> Tensor:
+    """`transform` of images in [-1, 1], each with its own parameters; returns (B, C, S, S).
 
-    images: (B, C, H, W), or a list of B images (C, H_i, W_i) at full resolution, which a
-    per-sample transform that crops (`crops_any_size`) maps to one size before they are
-    stacked. positions: (B,) positions of the images in the global batch of `total` images.
-    Per-sample transforms work on [0, 1] because colour transforms assume it.
+    images: (B, C, H, W) on any device, or a list of B images (C, H_i, W_i) on one device, at
+    full resolution for an augmentation that crops (`crops_any_size`); any other refuses
+    mixed sizes. positions: (B,) host positions of the images in the global batch of
+    `total` images.
     """
+    if not isinstance(images, Tensor) and not (transform is not None and transform.crops_any_size):
+        images = stack_images(images, f"for {type(transform).__name__}" if transform else "without augmentation")
     if transform is None:
-        return stack_images(images, "without augmentation")
-    if isinstance(transform, BatchAugment):
-        g = torch.Generator().manual_seed(seeds.batch_augmentation(seed, step, view))
-        return transform(stack_images(images, f"for {type(transform).__name__}"), g, positions, total)
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        for img, pos in zip(images, positions.tolist()):
-            torch.manual_seed(seeds.augmentation(seed, step, pos, view))
-            out.append(transform((img + 1) / 2).clamp(0, 1) * 2 - 1)
-    return stack_images(out, f"after {type(transform).__name__}")
+        return images
+    return transform(images, seed=seed, step=step, view=view, positions=positions, total=total)
