@@ -45,19 +45,30 @@ class StepRandom:
 
     Latent noise, RF times and RF noise come from here rather than the global RNG, so a
     sample gets the same noise whether 1 or W workers train, and a resumed run draws
-    exactly what it would have drawn.
+    exactly what it would have drawn. They are drawn on `device` by a generator there,
+    seeded by seeds.step_noise(seed, step): no host draw, no copy. On the CPU (device None
+    or "cpu") that is the stream every CPU result so far was trained with; a CUDA
+    generator (Philox, counter-based) draws a different stream, equally the same for any
+    number of workers, so a CUDA run and a CPU run of one config differ in their noise.
     """
 
     def __init__(self, seed: int, step: int, *, rank: int = 0, world: int = 1, device=None):
-        self.generator = torch.Generator().manual_seed(seeds.step_noise(seed, step))
-        self.rank, self.world, self.device = rank, world, device
+        self.device = torch.device("cpu" if device is None else device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seeds.step_noise(seed, step))
+        self.rank, self.world = rank, world
 
     def _slice(self, full: torch.Tensor, local: int) -> torch.Tensor:
-        return full[self.rank * local : (self.rank + 1) * local].to(self.device)
+        if self.world == 1:
+            return full
+        # A copy, so the other ranks' rows (world - 1 times this rank's) are freed at once.
+        return full[self.rank * local : (self.rank + 1) * local].clone()
 
     def normal(self, local: int, *shape: int) -> torch.Tensor:
         """(local, *shape) standard normal: this rank's rows of a (world * local, *shape) draw."""
-        return self._slice(torch.randn(self.world * local, *shape, generator=self.generator), local)
+        full = torch.randn(self.world * local, *shape, generator=self.generator, device=self.device)
+        return self._slice(full, local)
 
     def uniform(self, local: int, *shape: int) -> torch.Tensor:
-        return self._slice(torch.rand(self.world * local, *shape, generator=self.generator), local)
+        """(local, *shape) uniform in [0, 1): this rank's rows of a (world * local, *shape) draw."""
+        full = torch.rand(self.world * local, *shape, generator=self.generator, device=self.device)
+        return self._slice(full, local)

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from lzn.data.batches import make_batches
+from lzn import seeds
+from lzn.data.batches import StepBatcher, make_batches
 from lzn.data.digits import digits_split
 from lzn.data.stream import BatchStream, StepRandom
+from lzn.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +53,55 @@ def test_views_are_deterministic_rank_invariant_and_distinct(digits, augment):
     else:
         assert (one[0] - one[1]).abs().mean() > 0.1  # two different views
         assert not torch.equal(batches()(4)["views"], one)
+
+
+def test_step_random_on_the_cpu_is_the_stream_results_were_trained_with():
+    # The CPU stream is the definition: one CPU generator seeded by seeds.step_noise(seed,
+    # step), the global batch drawn in call order, this rank's rows.
+    g = torch.Generator().manual_seed(seeds.step_noise(4, 9))
+    noise, times = torch.randn(8, 3, generator=g), torch.rand(8, generator=g)
+    rng = StepRandom(4, 9, rank=1, world=2, device="cpu")
+    a, b = rng.normal(4, 3), rng.uniform(4)
+    assert torch.equal(a, noise[4:]) and torch.equal(b, times[4:])
+    assert a.device.type == "cpu" and StepRandom(4, 9).normal(8, 3).device.type == "cpu"
+
+
+def _as_uint8(images: torch.Tensor, pixel_max: int) -> torch.Tensor:
+    return torch.round((images + 1) * pixel_max / 2).to(torch.uint8)
+
+
+@pytest.mark.parametrize("augment", ["simclr_digits", "flip", "none"])
+def test_uint8_batches_give_the_views_of_their_float_pixels(digits, augment):
+    # Digits are stored as 0..16 (pixel_max 16): uint8 in, the same float pixels as the
+    # reader's to_float (x 2 / 16 - 1) and so the same views.
+    pixels = _as_uint8(digits.train_images, 16)
+    assert torch.equal(pixels.float() * (2 / 16) - 1, digits.train_images)
+
+    def batches(images, **kw):
+        return make_batches(images, digits.train_labels, global_batch=64, seed=2, augment=augment, two_view=True,
+                            **kw)
+
+    ref = batches(digits.train_images)(5)
+    got = batches(pixels, pixel_max=16)(5)
+    assert torch.equal(got["views"], ref["views"]) and got["views"].dtype == torch.float32
+    assert torch.equal(got["labels"], ref["labels"])
+
+
+def test_uint8_lists_of_sizes_are_converted_with_pixel_max_before_cropping():
+    g = torch.Generator().manual_seed(1)
+    sizes = [(40, 60), (33, 33), (80, 20), (50, 70)]
+    pixels = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    floats = [p.float() * (2 / 255) - 1 for p in pixels]
+    b = StepBatcher(global_batch=4, seed=5, augment="simclr", image_size=16, two_view=False)
+    labels = torch.arange(4)
+    assert torch.equal(b(pixels, labels, step=2)["images"], b(floats, labels, step=2)["images"])
+    assert torch.equal(b(torch.stack([p[:, :20, :20] for p in pixels]), labels, step=2)["images"],
+                       b(torch.stack([f[:, :20, :20] for f in floats]), labels, step=2)["images"])
+
+
+def test_bad_pixels_and_pixel_max_are_refused_by_name():
+    with pytest.raises(UserError, match=r"pixel_max .* got 0"):
+        StepBatcher(global_batch=2, seed=0, augment="none", image_size=2, two_view=False, pixel_max=0)
+    b = StepBatcher(global_batch=2, seed=0, augment="none", image_size=2, two_view=False)
+    with pytest.raises(UserError, match=r"uint8 .* or float .* got dtype torch.int64"):
+        b(torch.zeros(2, 1, 2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.long), step=0)
