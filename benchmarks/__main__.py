@@ -4,7 +4,8 @@ import importlib
 
 BENCHMARKS = {"zoning": "benchmarks.zoning", "zoning-precision": "benchmarks.zoning_precision",
               "data": "benchmarks.data", "train": "benchmarks.train",
-              "sweep": "benchmarks.sweep"}
+              "sweep": "benchmarks.sweep", "hotpath": "benchmarks.hotpath",
+              "gpu": "benchmarks.gpu"}
 
 
 def main() -> None:
