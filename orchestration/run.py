@@ -24,8 +24,10 @@ from typing import Callable
 
 import torch
 
-from lzn.data.batches import StepBatcher, make_batches
-from lzn.data.reader import ImageSplit, in_memory_problem, load_training_split
+from lzn.data.batches import StepBatcher
+from lzn.data.loader import prefetch_in_memory
+from lzn.data.reader import ImageSplit, in_memory_problem, load_pixel_split
+from lzn.data.shards import read_manifest
 from lzn.distributed import make_gather, rank, world_size
 from lzn.errors import UserError
 from lzn.eval_data import EvalData, InMemoryData, ShardData
@@ -33,7 +35,7 @@ from lzn.evaluate import PartStore, evaluate_on_ranks, metric_for_key
 from lzn.hardware import HardwareConfig, apply_hardware
 from lzn.inference import LZNModel
 from lzn.roles import Role, Roles, role_field
-from lzn.task import TWO_VIEW_OBJECTIVES, TaskConfig, build_objective, validate_task
+from lzn.task import TWO_VIEW_OBJECTIVES, DataConfig, TaskConfig, build_objective, validate_task
 from lzn.trainer import Trainer
 from orchestration.folder import EvalFolder, RunFolder, write_json
 from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
@@ -110,6 +112,17 @@ def validate_run(cfg: RunConfig) -> None:
         raise UserError(f"backend={cfg.backend!r} is not known; expected one of {list(BACKENDS)}")
     if cfg.backend == "ray":
         validate_trainer(cfg.trainer, cfg.train.batch_size)
+    if cfg.data.loader_workers < 0:
+        raise UserError(f"data.loader_workers must be >= 0 (0: decode on the training process), "
+                        f"got {cfg.data.loader_workers}")
+
+
+def streams(data: DataConfig) -> bool:
+    """Whether the train split streams (data.loader; auto: when it does not fit in memory):
+    Ray Data on backend=ray, a DataLoader over the shards on the local/torchrun backend."""
+    if data.loader != "auto":
+        return data.loader == "stream"
+    return in_memory_problem(data.dataset_dir, image_size=data.image_size, channels=data.channels) is not None
 
 
 @dataclass
@@ -244,9 +257,10 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
     checkpoint; every rank evaluates a share of the units, rank 0 returns the metrics (other
     ranks: the train summary).
 
-    batch_source: None reads the train split into memory (batches a function of (seed,
-    step)); else a callable that takes this rank's `StepBatcher` and returns `step -> batch`
-    (the Ray Data stream). The evaluation reads the split held in memory, else
+    batch_source: None holds the train split in memory as uint8 (batches a function of (seed,
+    step), gathered ahead on a thread); else a callable that takes this rank's `StepBatcher`
+    and returns `step -> batch` (the Ray Data stream, the shards through a DataLoader), closed
+    at the end when it has a `close()`. The evaluation reads the split held in memory, else
     (streamed) the shards. evaluate=False leaves it to the pipeline's evaluate stage
     (`pipelines.stages.evaluate`). report_metric: a metrics.json key that every rank's checkpoint
     store evaluates on the EMA model at every checkpoint (`report_metrics`, a collective: the
@@ -259,20 +273,19 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
     r, world = rank(), world_size()
     d = cfg.data
     two_view = cfg.objective in TWO_VIEW_OBJECTIVES
-    split = None  # in memory (streamed: none; the evaluation reads the shards)
+    split = None  # uint8 in memory; the evaluation reads it as float, unit by unit (streamed: the shards)
     if batch_source is None:
-        split = load_training_split(d.dataset_dir, image_size=d.image_size, channels=d.channels)
+        split = load_pixel_split(d.dataset_dir, image_size=d.image_size, channels=d.channels)
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     objective = build_objective(cfg, make_gather() if world > 1 else None).to(device)
     objective = apply_hardware(objective, cfg.hardware, device)  # before the trainer copies it into the EMA
-    if batch_source is None:
-        batches = make_batches(split.train_images, split.train_labels, global_batch=cfg.train.batch_size,
-                               seed=cfg.train.seed, augment=d.augment, two_view=two_view, rank=r, world=world,
-                               device=device)
-    else:
-        batches = batch_source(StepBatcher(global_batch=cfg.train.batch_size, seed=cfg.train.seed,
-                                           augment=d.augment, image_size=d.image_size, two_view=two_view,
-                                           rank=r, world=world, device=device))
+    batcher = StepBatcher(global_batch=cfg.train.batch_size, seed=cfg.train.seed, augment=d.augment,
+                          image_size=d.image_size, two_view=two_view, rank=r, world=world, device=device,
+                          pixel_max=split.pixel_max if split is not None else read_manifest(d.dataset_dir)["pixel_max"])
+    # The host side of the next batches (rows, gather, pinning) runs ahead of the training
+    # thread; `batches.close()` below stops it.
+    batches = prefetch_in_memory(split.train_pixels, split.train_labels, batcher) if batch_source is None \
+        else batch_source(batcher)
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks, tracker, jsonl, lock = [], None, None, None
     if r == 0:
@@ -293,6 +306,7 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
             if tracker is not None:
                 callbacks.append(tracker)
         metrics = dict(trainer.fit())
+        _close(batches)  # training is over: the prefetcher's thread, the stream's reader processes
         evaluated = _evaluate(cfg, trainer, data, RunFolder(run_dir).final_evaluation(trainer.step), device,
                               progress=trainer.progress) if evaluate else None  # every rank computes a share
         if r == 0:
@@ -306,9 +320,16 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
         if tracker is not None:
             tracker.close("FINISHED")
     finally:
+        _close(batches)  # again on a failure (close is idempotent)
         if lock is not None:
             lock.close()  # releases the flock
     return metrics
+
+
+def _close(batches) -> None:
+    """Stop what feeds `batches` (a prefetching thread, DataLoader processes), if anything does."""
+    if hasattr(batches, "close"):
+        batches.close()
 
 
 def _evaluation_data(cfg: RunConfig, split) -> EvalData:
