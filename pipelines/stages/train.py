@@ -1,19 +1,24 @@
 """The train stage: prepare the data if needed, then train (and, unless the DAG evaluates on
-its own, evaluate) a run in its folder, on this process (or torchrun's) or on Ray Train."""
+its own, evaluate) a run in its folder, on this process (or torchrun's) or on Ray Train. On
+this process a train split that does not fit in memory (or data.loader=stream) streams from
+the shards, each rank reading its part."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
 from lzn.atomic import write_atomically
+from lzn.data.augment import crops_any_size
+from lzn.data.loader import ShardBatches
 from lzn.errors import UserError
 from orchestration.folder import RunFolder
-from orchestration.run import RunConfig, refused_changes, run_params, train_and_evaluate, validate_run
+from orchestration.run import RunConfig, refused_changes, run_params, streams, train_and_evaluate, validate_run
 from pipelines.cli import device as pick_device, run_meta
 from pipelines.stages.prepare import ensure_prepared
 
@@ -47,6 +52,19 @@ def check_same_training(cfg: RunConfig, folder: RunFolder) -> None:
     write_atomically(record, lambda f: f.write(json.dumps(params, indent=1, sort_keys=True).encode() + b"\n"))
 
 
+def shard_stream(cfg: RunConfig) -> Callable | None:
+    """The `batch_source` of a train split that streams on this backend (data.loader=stream, or
+    auto when it does not fit in memory): this rank's part of the shards through a DataLoader,
+    images at full resolution for an augmentation that crops any size, else squared to
+    data.image_size. None: the split is held in memory."""
+    if not streams(cfg.data):
+        return None
+    d = cfg.data
+    full_resolution = crops_any_size(d.augment)
+    return lambda batcher: ShardBatches(d.dataset_dir, batcher, image_size=d.image_size, channels=d.channels,
+                                        full_resolution=full_resolution, workers=d.loader_workers)
+
+
 def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = True) -> dict:
     """Prepare, train and (unless evaluate=False) evaluate `cfg` in `run_dir`; rank 0's metrics."""
     validate_run(cfg)
@@ -69,7 +87,8 @@ def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = T
         meta = run_meta(cfg, dcfg, run_dir)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the shards rank 0 prepared
-    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta, evaluate=evaluate)
+    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta, evaluate=evaluate,
+                                 batch_source=shard_stream(cfg))
     if dist.is_initialized():  # not on failure: the other ranks may sit in another collective
         dist.barrier()
         dist.destroy_process_group()

@@ -104,6 +104,16 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert set(json.loads(record.read_text()).values()) == ranks, name
 
 
+def test_torchrun_streams_the_shards_with_data_loader_stream(tmp_path):
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m")
+    train("task=repr_digits", "scale=smoke", "data.loader=stream", "data.loader_workers=1", "train.batch_size=16",
+          out=tmp_path, launcher=torchrun)
+    metrics = json.loads((tmp_path / "repr_digits" / "smoke-seed0" / "metrics.json").read_text())
+    assert metrics["train/steps"] == 4 and metrics["train/skipped_steps"] == 0
+    assert 0 <= metrics["eval/linear_probe_top1"] <= 1  # digits fit in memory: rank 0 evaluates as usual
+
+
 @pytest.mark.slow
 def test_short_digits_run_improves_fid_over_untrained(tmp_path):
     common = ["task=gen_digits", "train.batch_size=64", "eval.fid_samples=256", "eval.sampler_steps=10"]
