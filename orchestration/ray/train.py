@@ -27,12 +27,11 @@ from lzn import seeds
 from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
 from lzn.errors import UserError
-from lzn.task import DataConfig
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
 from orchestration.mlflow.tracker import NodeMetricsMonitor
 from orchestration.ray.console import quiet_local_ray, quiet_train_worker, worker_progress
 from orchestration.reporting import STEP, final_report, finished_result
-from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, train_and_evaluate
+from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, streams, train_and_evaluate
 
 
 class RayCheckpoints:
@@ -76,26 +75,61 @@ class RayCheckpoints:
         return self.run_folder.ray_checkpoint(name)
 
 
+class _Ragged:
+    """A batch of images of several sizes, (C, H_i, W_i) uint8 each, and labels (B,): not a
+    tensor batch, so Ray Data hands it over as it is (it would concatenate the images)."""
+
+    def __init__(self, images: list[torch.Tensor], labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+
+def _uint8_rows(pin: bool):
+    """Ray Data's collate for the stream: numpy rows -> uint8 tensors (B, C, H, W), on Ray's
+    prefetch threads. One size: a tensor batch, which Ray pins and moves to the device; mixed
+    sizes (full resolution, for a cropping augmentation): `_Ragged`, pinned here."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Uint8Rows(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]):
+            pixels, labels = batch["image"], torch.from_numpy(batch["label"].astype(np.int64))
+            if pixels.dtype == object and len({p.shape for p in pixels}) == 1:  # one size, as objects
+                pixels = np.stack(list(pixels))
+            if pixels.dtype != object:  # (B, H, W, C) -> (B, C, H, W): one copy, here rather than on the device
+                return {"image": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), "label": labels}
+            images = [torch.from_numpy(np.ascontiguousarray(p.transpose(2, 0, 1))) for p in pixels]
+            if pin:
+                images, labels = [x.pin_memory() for x in images], labels.pin_memory()
+            return _Ragged(images, labels)
+
+    return Uint8Rows()
+
+
 class StreamedBatches:
     """`step -> batch` from this worker's Ray Data shard of the train split (data.loader=stream).
 
     Ray Train splits the rows evenly over the workers (equal=True), so every worker makes the
-    same number of steps per epoch; each pass shuffles within a seeded local buffer. Unlike
-    the in-memory loader the order is not a function of (seed, step): a resumed run starts a
-    fresh pass, and W workers do not see the batches of 1.
+    same number of steps per epoch; each pass shuffles within a seeded local buffer. Rows
+    arrive as uint8 tensors, `PREFETCH` batches ahead, collated (and on CUDA pinned and
+    copied to the device) by Ray Data's threads; `StepBatcher` converts and augments them on
+    the device. Unlike the in-memory loader the order is not a function of (seed, step): a
+    resumed run starts a fresh pass, and W workers do not see the batches of 1.
     """
 
     SHUFFLE_BUFFER = 2048
+    PREFETCH = 2
 
     def __init__(self, shard, batcher, *, seed: int):
         self.shard, self.batcher, self.seed = shard, batcher, seed
         self.passes, self._rows = 0, None
+        self.device = torch.device(batcher.device)
 
-    def _next_rows(self) -> dict:
+    def _next_rows(self):
         for _ in range(2):  # the rest of this pass, else a fresh one
             if self._rows is None:
-                self._rows = iter(self.shard.iter_batches(
-                    batch_size=self.batcher.local_batch, batch_format="numpy", drop_last=True,
+                cuda = self.device.type == "cuda"
+                self._rows = iter(self.shard.iter_torch_batches(
+                    batch_size=self.batcher.local_batch, drop_last=True, prefetch_batches=self.PREFETCH,
+                    collate_fn=_uint8_rows(pin=cuda), pin_memory=cuda, device=self.device,
                     local_shuffle_buffer_size=self.SHUFFLE_BUFFER,
                     local_shuffle_seed=seeds.stream_shuffle(self.seed, self.passes, self.batcher.rank)))
                 self.passes += 1
@@ -107,16 +141,15 @@ class StreamedBatches:
                         "rows: lower train.batch_size or use fewer workers")
 
     def __call__(self, step: int) -> dict:
-        from lzn.data.reader import to_float
-
         rows = self._next_rows()
-        pixels, pixel_max = rows["image"], int(rows["pixel_max"][0])
-        if pixels.dtype == object and len({p.shape for p in pixels}) == 1:  # one size, as objects
-            pixels = np.stack(list(pixels))
         # Full-resolution images of mixed sizes go to the batcher one by one: its augmentation
         # crops each to the task's size before the batch is stacked.
-        images = to_float(pixels, pixel_max) if pixels.dtype != object else [to_float(p, pixel_max) for p in pixels]
-        return self.batcher(images, torch.from_numpy(rows["label"].astype(np.int64)), step)
+        if isinstance(rows, _Ragged):
+            return self.batcher(rows.images, rows.labels, step)
+        return self.batcher(rows["image"], rows["label"], step)
+
+    def close(self) -> None:
+        self._rows = None  # Ray Data's prefetch threads end with the iterator
 
 
 def _node_metrics(meta: RunMeta | None, run_dir: Path,
@@ -194,15 +227,6 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         cfg.eval.inception_weights = str(Path(cfg.eval.inception_weights).expanduser().resolve())
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     return cfg
-
-
-def streams(data: DataConfig) -> bool:
-    """Whether the train split streams through Ray Data (data.loader, auto: when it does not fit)."""
-    from lzn.data.reader import in_memory_problem
-
-    if data.loader != "auto":
-        return data.loader == "stream"
-    return in_memory_problem(data.dataset_dir, image_size=data.image_size, channels=data.channels) is not None
 
 
 def check_cpus(trainer_cfg: RayTrainerConfig, have: float, stream: bool, autoscaling: bool) -> None:

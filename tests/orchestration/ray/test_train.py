@@ -12,21 +12,26 @@ from orchestration.run import RayTrainerConfig, validate_trainer
 
 class FakeShard:
     """What ray.train.get_dataset_shard returns, over a fixed array: passes in row order,
-    recording the shuffle seed each pass asks for."""
+    recording the shuffle seed each pass asks for; each numpy batch goes through the
+    stream's collate, as Ray Data's prefetch threads run it (on a CPU device, nothing moves)."""
 
     def __init__(self, pixels: np.ndarray, labels: np.ndarray):
-        self.pixels, self.labels, self.seeds = pixels, labels, []
+        self.pixels, self.labels, self.seeds, self.collated = pixels, labels, [], []
 
-    def iter_batches(self, *, batch_size, batch_format, drop_last, local_shuffle_buffer_size, local_shuffle_seed):
-        assert batch_format == "numpy" and drop_last
+    def iter_torch_batches(self, *, batch_size, drop_last, prefetch_batches, collate_fn, pin_memory, device,
+                           local_shuffle_buffer_size, local_shuffle_seed):
+        assert drop_last and prefetch_batches >= 2 and torch.device(device).type == "cpu" and not pin_memory
         self.seeds.append(local_shuffle_seed)
         for lo in range(0, len(self.pixels) - batch_size + 1, batch_size):
-            yield {"image": self.pixels[lo : lo + batch_size], "label": self.labels[lo : lo + batch_size],
-                   "pixel_max": np.full(batch_size, 16, np.int32)}
+            batch = collate_fn({"image": self.pixels[lo : lo + batch_size], "label": self.labels[lo : lo + batch_size],
+                                "pixel_max": np.full(batch_size, 16, np.int32)})
+            self.collated.append(batch)
+            yield batch
 
 
 def batcher(rank=0, world=2):
-    return StepBatcher(global_batch=8, seed=3, augment="none", image_size=2, two_view=False, rank=rank, world=world)
+    return StepBatcher(global_batch=8, seed=3, augment="none", image_size=2, two_view=False, rank=rank, world=world,
+                       pixel_max=16)
 
 
 def test_streamed_batches_convert_pixels_and_start_a_new_shuffled_pass_when_one_ends():
@@ -34,6 +39,8 @@ def test_streamed_batches_convert_pixels_and_start_a_new_shuffled_pass_when_one_
     shard = FakeShard(pixels, np.arange(10))
     batches = StreamedBatches(shard, batcher(), seed=3)
     first = batches(0)
+    rows = shard.collated[0]["image"]  # what crosses to the training thread: uint8 (B, C, H, W)
+    assert rows.dtype == torch.uint8 and torch.equal(rows, torch.from_numpy(pixels[:4]).permute(0, 3, 1, 2))
     assert first["images"].shape == (4, 1, 2, 2)
     expected = torch.from_numpy(pixels[:4]).permute(0, 3, 1, 2).float() / 16 * 2 - 1
     torch.testing.assert_close(first["images"], expected)
@@ -63,6 +70,9 @@ def test_full_resolution_rows_of_mixed_sizes_are_cropped_per_sample_before_stack
     simclr = StepBatcher(global_batch=8, seed=3, augment="simclr", image_size=16, two_view=True, world=2)
     views = StreamedBatches(shard, simclr, seed=0)(0)["views"]
     assert views.shape == (2, 4, 3, 16, 16)
+    ragged = shard.collated[0].images  # each row as stored, (C, H_i, W_i) uint8
+    assert [tuple(x.shape) for x in ragged] == [(3, 30, 40), (3, 17, 50), (3, 64, 64), (3, 20, 11)]
+    assert all(x.dtype == torch.uint8 for x in ragged)
     with pytest.raises(ValueError, match="cannot be stacked"):  # no cropping augmentation: refused, not squashed
         StreamedBatches(FakeShard(images, np.arange(4)), batcher(), seed=0)(0)
 
