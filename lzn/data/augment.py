@@ -132,7 +132,7 @@ class SimCLRTwoView(BatchAugment):
     SIGMA = (0.1, 2.0)
     # Samples transformed together on a CPU: their pixels stay in cache through the ~40
     # elementwise passes of the colour ops (a whole batch at once runs ~3x slower there).
-    CPU_CHUNK = 4
+    CPU_CHUNK = 8
 
     def __init__(self, size: int):
         self.size, self.kernel = size, blur_kernel(size)
@@ -185,8 +185,7 @@ class SimCLRTwoView(BatchAugment):
         # parameters: no device sync).
         for slot in range(4):
             op = ints[:, slot]
-            if (order[:, slot] >= 0).any():
-                blend_ops_(x, op, floats[:, :3].gather(1, op.clamp(0, 2)[:, None])[:, 0])
+            blend_ops_(x, op, floats[:, :3].gather(1, op.clamp(0, 2)[:, None])[:, 0])
             rows = (order[:, slot] == 3).nonzero()[:, 0]
             if len(rows) and channels == 3:
                 rows = rows.to(device, non_blocking=True)

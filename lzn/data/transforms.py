@@ -153,9 +153,8 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     # Hue in sixths of a turn, from the sector of the largest channel (as torchvision's
     # _rgb_to_hsv: red first, then green; a grey pixel gets 0), shifted and wrapped to [0, 6).
     is_r, is_g = maxc == r, maxc == g
-    six = 6 * shift.view(-1, 1, 1).to(images.dtype)
-    hue = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g)).div_(chroma.clamp(min=1e-30))
-    hue = hue.add_(torch.where(is_r, six, torch.where(is_g, six + 2, six + 4))).remainder_(6.0)
+    sector = torch.where(is_r, g - b, torch.where(is_g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
+    hue = sector.div_(chroma.clamp(min=1e-30)).add_(6 * shift.view(-1, 1, 1).to(images.dtype)).remainder_(6.0)
     # Back to RGB keeping value (max) and chroma (value x saturation). HSV -> RGB gives
     # channel n (5, 3, 1 for r, g, b) max - chroma clamp(min(k, 4 - k), 0, 1), k = (n + hue)
     # mod 6; over hue in [0, 6) that is, without a modulo, r = min + chroma (|hue - 3| - 1),
@@ -178,9 +177,10 @@ def gaussian_blur(images: Tensor, kernel: int, sigma: Tensor) -> Tensor:
     taps = torch.arange(kernel, device=images.device, dtype=images.dtype) - r
     weights = torch.softmax(-(taps[None, :] / sigma.to(images.dtype)[:, None]) ** 2 / 2, dim=1)  # (B, kernel)
     weights = weights.repeat_interleave(c, 0)
-    x = F.pad(images, (r, r, r, r), mode="reflect").reshape(1, b * c, h + 2 * r, w + 2 * r)
-    # Every (sample, channel) its own group; channels-last runs this depthwise conv ~3x faster on a CPU.
-    x = x.contiguous(memory_format=torch.channels_last)
+    # Every (sample, channel) its own group; channels-last (taken before padding, which keeps
+    # it) runs this depthwise conv ~2x faster on a CPU.
+    x = images.reshape(1, b * c, h, w).contiguous(memory_format=torch.channels_last)
+    x = F.pad(x, (r, r, r, r), mode="reflect")
     x = F.conv2d(x, weights.view(b * c, 1, 1, kernel), groups=b * c)
     x = F.conv2d(x, weights.view(b * c, 1, kernel, 1), groups=b * c)
     return x.reshape(b, c, h, w)

@@ -229,3 +229,20 @@ def test_mixed_sizes_without_a_cropping_augmentation_are_refused(augment):
         b([torch.zeros(1, 8, 8), torch.zeros(1, 8, 9)], torch.zeros(2, dtype=torch.long), step=0)
     with pytest.raises(ValueError, match="unknown augmentation 'simclr2'"):
         crops_any_size("simclr2")
+
+
+def test_the_accelerator_route_gives_the_cpu_routes_views(monkeypatch):
+    # On a GPU the whole batch goes at once and the crops are one batched GEMM; forced here
+    # on the CPU, the views equal those of the CPU route (chunks, torch's resize per crop).
+    import functools
+
+    import lzn.data.augment as augment
+    from lzn.data.transforms import resized_crops
+
+    x = torch.rand(12, 3, 60, 90, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    kw = dict(seed=1, step=2, view=0, positions=torch.arange(12), total=12)
+    aug = SimCLRTwoView(32)
+    cpu = aug(x, **kw)
+    monkeypatch.setattr(SimCLRTwoView, "CPU_CHUNK", 10**9)
+    monkeypatch.setattr(augment, "resized_crops", functools.partial(resized_crops, batched=True))
+    torch.testing.assert_close(aug(x, **kw), cpu, atol=PIPELINE_ATOL, rtol=0)
