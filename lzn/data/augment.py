@@ -131,7 +131,7 @@ class SimCLRTwoView(BatchAugment):
     JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation: factor in [1 - j, 1 + j]; hue: [-j, j]
     SIGMA = (0.1, 2.0)
     # Samples transformed together on a CPU: their pixels stay in cache through the ~40
-    # elementwise passes of the colour ops (a whole batch at once runs ~3x slower there).
+    # elementwise passes of the colour ops (a whole batch at once ran ~2x slower there).
     CPU_CHUNK = 8
 
     def __init__(self, size: int):

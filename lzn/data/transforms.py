@@ -2,8 +2,9 @@
 
 Each is torchvision.transforms.v2.functional's transform of the same name applied to every
 sample with that sample's parameter, written for a whole batch: images (B, C, H, W) float
-in [0, 1] (C = 1 or 3), parameters (B, ...) on the same device. No function reads a value
-back to the host. lzn.data.augment composes them into the SimCLR pipeline.
+in [0, 1] (C = 1 or 3), parameters (B, ...) on the same device (`resized_crops` takes its
+boxes on the host). No function reads a device value back to the host. lzn.data.augment
+composes them into the SimCLR pipeline.
 """
 from __future__ import annotations
 
@@ -78,10 +79,11 @@ def resized_crops(images: Tensor | Sequence[Tensor], boxes: Tensor, size: int, f
     image would inflate the whole batch); boxes: (B, 4) int64 (top, left, height, width),
     host. Two routes to torchvision's antialiased resize (a triangle filter, see
     `resize_weights`), the same numbers to ~1e-6: on an accelerator, one batched GEMM per
-    axis (out = Wy @ image @ Wx^T) on a (B, C, H, W) tensor; on the CPU, and for images of
-    mixed sizes, torch's own separable kernel per crop (a view: nothing copied but the
-    crop), which needs ~K multiply-adds per pixel (K ~ 2 scale + 1 taps) where the GEMM
-    needs H + W; a CPU core feels that 50-fold difference, a GPU barely. Not roi_align or
+    axis (out = Wy @ image @ Wx^T) on a (B, C, H, W) tensor, two kernels for the batch; on
+    the CPU, and for images of mixed sizes (a kernel each on a GPU), torch's own separable
+    kernel per crop (a view: nothing copied but the crop). That needs ~10 multiply-adds per
+    output pixel where the GEMM needs ~H + H W / size (~800 from 300 x 400 to 224): ~13x
+    the time on a CPU core, well under a millisecond on a GPU. Not roi_align or
     grid_sample: their bilinear taps (or roi_align's box average of them) are not that
     triangle filter, so large crops would alias or blur differently from torchvision's.
     `batched` forces a route (tests).
