@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import json
 import math
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from lzn.roles import Role, Roles, role_field
 from lzn.task import TWO_VIEW_OBJECTIVES, DataConfig, TaskConfig, build_objective, validate_task
 from lzn.trainer import Trainer
 from orchestration.folder import EvalFolder, RunFolder, write_json
-from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
+from orchestration.mlflow.tracker import NodeMetricsMonitor, RunTracker, TrackingConfig, flatten_params
 from orchestration.plots import write_run_artifacts
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
 
@@ -247,6 +248,21 @@ def _open_tracker(cfg: RunConfig, run_dir: Path, meta: RunMeta) -> RunTracker | 
                       f"{str(e)[:200]}); retrying for {t.open_timeout_s:g} s", file=sys.stderr, flush=True)
                 told = True
             time.sleep(5.0)
+
+
+def node_metrics(meta: RunMeta | None, run_dir: Path,
+                 local_rank: int) -> tuple[RunMeta | None, NodeMetricsMonitor | None]:
+    """(the meta to train with, this node's system-metrics monitor or None) for a run of
+    several processes (Ray Train, torchrun, a Slurm DDP job). With system metrics on, the
+    local rank 0 of every node samples its node as system/<hostname>/... in the run rank 0
+    opens, node 0 included: rank 0's tracker then samples nothing of its own."""
+    if meta is None or not meta.tracking_uri or not meta.tracking.system_metrics:
+        return meta, None
+    meta = dataclasses.replace(meta, tracking=dataclasses.replace(meta.tracking, system_metrics=False))
+    if local_rank != 0:
+        return meta, None
+    return meta, NodeMetricsMonitor(run_dir, meta.tracking_uri, socket.gethostname(),
+                                    every_s=meta.tracking.system_metrics_every_s).start()
 
 
 def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.device, meta: RunMeta | None = None,

@@ -13,7 +13,6 @@ must live on storage every node mounts at the same path.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import socket
@@ -28,10 +27,9 @@ from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
 from lzn.errors import UserError
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
-from orchestration.mlflow.tracker import NodeMetricsMonitor
 from orchestration.ray.console import quiet_local_ray, quiet_train_worker, worker_progress
 from orchestration.reporting import STEP, final_report, finished_result
-from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, streams, train_and_evaluate
+from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, node_metrics, streams, train_and_evaluate
 
 
 class RayCheckpoints:
@@ -152,20 +150,6 @@ class StreamedBatches:
         self._rows = None  # Ray Data's prefetch threads end with the iterator
 
 
-def _node_metrics(meta: RunMeta | None, run_dir: Path,
-                  local_rank: int) -> tuple[RunMeta | None, NodeMetricsMonitor | None]:
-    """(the meta to train with, this node's system-metrics monitor or None). With system
-    metrics on, the local rank 0 of every node samples its node as system/<hostname>/... in the
-    run rank 0 opens, node 0 included: rank 0's tracker then samples nothing of its own."""
-    if meta is None or not meta.tracking_uri or not meta.tracking.system_metrics:
-        return meta, None
-    meta = dataclasses.replace(meta, tracking=dataclasses.replace(meta.tracking, system_metrics=False))
-    if local_rank != 0:
-        return meta, None
-    return meta, NodeMetricsMonitor(run_dir, meta.tracking_uri, socket.gethostname(),
-                                    every_s=meta.tracking.system_metrics_every_s).start()
-
-
 def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -186,7 +170,7 @@ def _worker_loop(config: dict) -> None:
         source = lambda batcher: StreamedBatches(shard, batcher, seed=cfg.train.seed)  # noqa: E731
     checkpoints = RayCheckpoints(folder)
     key = config.get("report_metric")
-    meta, node_monitor = _node_metrics(config["meta"], run_dir, context.get_local_rank())
+    meta, node_monitor = node_metrics(config["meta"], run_dir, context.get_local_rank())
     try:
         metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta, checkpoints=checkpoints,
                                      batch_source=source, evaluate=config.get("evaluate", True), report_metric=key,

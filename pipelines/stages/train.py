@@ -18,7 +18,8 @@ from lzn.data.augment import crops_any_size
 from lzn.data.loader import ShardBatches
 from lzn.errors import UserError
 from orchestration.folder import RunFolder
-from orchestration.run import RunConfig, refused_changes, run_params, streams, train_and_evaluate, validate_run
+from orchestration.run import (RunConfig, node_metrics, refused_changes, run_params, streams, train_and_evaluate,
+                               validate_run)
 from pipelines.cli import device as pick_device, run_meta
 from pipelines.stages.prepare import ensure_prepared
 
@@ -85,10 +86,19 @@ def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = T
     if rank == 0:
         ensure_prepared(cfg.data)
         meta = run_meta(cfg, dcfg, run_dir)
+    node_monitor = None
     if dist.is_initialized():
-        dist.barrier()  # the other ranks read the shards rank 0 prepared
-    metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta, evaluate=evaluate,
-                                 batch_source=shard_stream(cfg))
+        # The other ranks read the shards rank 0 prepared, and learn where the run is tracked:
+        # each node's local rank 0 samples its node's system metrics into rank 0's run.
+        shared = [meta]
+        dist.broadcast_object_list(shared, src=0)
+        meta, node_monitor = node_metrics(shared[0], run_dir, int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        metrics = train_and_evaluate(cfg, run_dir, device=device, meta=meta, evaluate=evaluate,
+                                     batch_source=shard_stream(cfg))
+    finally:
+        if node_monitor is not None:
+            node_monitor.stop()
     if dist.is_initialized():  # not on failure: the other ranks may sit in another collective
         dist.barrier()
         dist.destroy_process_group()

@@ -89,7 +89,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     train(*common, "run_name=one", out=tmp_path)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m")
-    train(*common, "run_name=two", out=tmp_path, launcher=torchrun)
+    train(*common, "run_name=two", "tracking.system_metrics_every_s=1", out=tmp_path, launcher=torchrun)
 
     def losses(name):
         rows = (tmp_path / "gen_digits" / name / "train_metrics.jsonl").read_text().splitlines()
@@ -102,6 +102,11 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for name, ranks in (("one", {0}), ("two", {0, 1})):
         record = RunFolder(tmp_path / "gen_digits" / name).final_evaluation(4).part_ranks
         assert set(json.loads(record.read_text()).values()) == ranks, name
+    # The node's local rank 0 sampled it into rank 0's run, prefixed by its hostname; rank 0's
+    # tracker sampled nothing of its own.
+    client, run_id = mlflow_run(tmp_path / "gen_digits" / "two")
+    system = {k for k in client.get_run(run_id).data.metrics if k.startswith("system/")}
+    assert system and all(k.startswith(f"system/{socket.gethostname()}/") for k in system), system
 
 
 def test_torchrun_streams_the_shards_with_data_loader_stream(tmp_path):

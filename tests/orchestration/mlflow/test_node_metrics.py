@@ -136,21 +136,20 @@ def test_a_monitor_that_mlflow_stopped_is_started_again_while_the_run_runs(serve
     assert len(steps) == len(set(steps)) and max(steps) > before  # new samples, no step logged twice
 
 
-def test_on_ray_each_nodes_local_rank_0_monitors_and_rank_0s_tracker_does_not(server, tmp_path):
+def test_in_a_multi_process_run_each_nodes_local_rank_0_monitors_and_rank_0s_tracker_does_not(server, tmp_path):
     import socket
 
-    from orchestration.ray.train import _node_metrics
-    from orchestration.run import RunMeta
+    from orchestration.run import RunMeta, node_metrics
 
     meta = RunMeta(tracking_uri=server)
     assert meta.tracking.system_metrics
-    trained_with, none = _node_metrics(meta, tmp_path, local_rank=1)
+    trained_with, none = node_metrics(meta, tmp_path, local_rank=1)
     assert none is None and not trained_with.tracking.system_metrics  # node 0's sampler is its local rank 0's
-    trained_with, monitor = _node_metrics(meta, tmp_path, local_rank=0)
+    trained_with, monitor = node_metrics(meta, tmp_path, local_rank=0)
     try:
         assert not trained_with.tracking.system_metrics and monitor.node_id == socket.gethostname()
         assert meta.tracking.system_metrics  # the caller's meta is not changed
     finally:
         monitor.stop()
     untracked = RunMeta(tracking_uri=None)
-    assert _node_metrics(untracked, tmp_path, 0) == (untracked, None)
+    assert node_metrics(untracked, tmp_path, 0) == (untracked, None)
