@@ -1,7 +1,6 @@
 """Latent parallelism: two gloo processes, each with half the batch, reproduce one process
 with the whole batch (latents, alignment loss and anchor gradients)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from lzn.distributed import all_gather_with_grad, global_indices, make_gather
 from lzn.zoning import alignment_loss, compute_latents
+from tests.ports import free_port
 
 B, Q, STEPS = 16, 5, 10
 # Near tau = eps the flow is stiff: float64 rounding in the anchor gradients grows like
@@ -49,16 +49,10 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_two_gloo_processes_match_one_process(tmp_path):
     world = 2
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world,
                        join=True, start_method="spawn")
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
@@ -113,7 +107,7 @@ def test_shapes_are_checked_once_per_shape(tmp_path):
     """The shape check is a collective plus a host read: it runs on the first call with each
     shape, and a mismatch met there still raises on every rank instead of hanging."""
     world = 2
-    mp.start_processes(_shape_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world,
+    mp.start_processes(_shape_worker, args=(world, free_port(), str(tmp_path)), nprocs=world,
                        join=True, start_method="spawn")
     for r in range(world):
         out = torch.load(tmp_path / f"shape{r}.pt", weights_only=True)

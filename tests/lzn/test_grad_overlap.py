@@ -9,7 +9,6 @@ uses and one only rank 0 uses, a channels_last convolution, many small buckets, 
 only, which both ranks skip. It also counts the project's host conversions inside steps.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 
 from lzn.objectives import GenerationObjective, LatentConfig
 from tests.lzn.toy import ToyDecoder, ToyEncoder, toy_images
+from tests.ports import free_port
 
 STEPS, FREEZE, NAN_STEP, NAN_RANK = 5, 2, 3, 1
 
@@ -104,16 +104,10 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_overlapped_gradients_are_the_mean_of_the_local_ones(tmp_path):
     world = 2
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True,
                        start_method="spawn")
     runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     names = runs[0]["names"]

@@ -4,7 +4,6 @@ and rank 0 reports the numbers. The Ray Train and torchrun runs of tests/integra
 tests/pipelines check the same records end to end."""
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from orchestration.folder import RunFolder
 from orchestration.reporting import REPORT_INDEX, tune_key
 from orchestration.run import train_and_evaluate
 from pipelines.config import register, to_run_config
+from tests.ports import free_port
 
 CONF = Path(__file__).resolve().parents[2] / "pipelines" / "conf"
 WORLD = 2
@@ -37,12 +37,6 @@ class EveryRankReports(FolderCheckpoints):
     def save(self, state, step, rank):
         self.reports.append(self.report_metrics(step))
         return super().save(state, step, rank)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, cfg, run_dir):
@@ -68,7 +62,7 @@ def test_every_rank_evaluates_at_each_checkpoint_and_at_the_end(tmp_path):
             "task=gen_digits", "scale=smoke", f"output_dir={tmp_path}", "eval.chunk_size=8"]))
     cfg.data.shards_dir = str(tmp_path / "data")
     run_dir = tmp_path / "run"
-    mp.start_processes(_worker, args=(_free_port(), cfg, str(run_dir)), nprocs=WORLD, join=True,
+    mp.start_processes(_worker, args=(free_port(), cfg, str(run_dir)), nprocs=WORLD, join=True,
                        start_method="spawn")
     rank0, rank1 = (json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(WORLD))
     folder = RunFolder(run_dir)

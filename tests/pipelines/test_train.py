@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.folder import RunFolder
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_KEYS = {
@@ -78,17 +79,11 @@ def test_bad_value_fails_before_training(tmp_path):
     assert not (tmp_path / "gen_digits" / "smoke-seed0" / "checkpoints").exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
     common = ["task=gen_digits", "scale=smoke", "train.deterministic=true", "train.batch_size=16"]
     train(*common, "run_name=one", out=tmp_path)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m")
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m")
     train(*common, "run_name=two", "tracking.system_metrics_every_s=1", out=tmp_path, launcher=torchrun)
 
     def losses(name):
@@ -111,7 +106,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 def test_torchrun_streams_the_shards_with_data_loader_stream(tmp_path):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m")
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m")
     train("task=repr_digits", "scale=smoke", "data.loader=stream", "data.loader_workers=1", "train.batch_size=16",
           out=tmp_path, launcher=torchrun)
     metrics = json.loads((tmp_path / "repr_digits" / "smoke-seed0" / "metrics.json").read_text())

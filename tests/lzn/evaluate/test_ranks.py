@@ -3,7 +3,6 @@ process, with both ranks computing parts; a unit failing on one rank fails the e
 rank 0 instead of hanging either."""
 import json
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lzn.evaluate import core
 from lzn.objectives import AlignConfig, LatentConfig
 from lzn.task import DataConfig, EvalConfig, ModelConfig, TaskConfig
 from tests.lzn.evaluate.tasks import gen_cfg, model_of
+from tests.ports import free_port
 
 WORLD = 2
 
@@ -36,12 +36,6 @@ def evaluations(digits: Path) -> dict:
     and the linear probe, in shards of 16 rows so each has dozens of units."""
     return {"fid": (gen_cfg(digits, chunk_size=16, kid_pr_samples=30, is_splits=4), ["fid"]),
             "probe": (repr_cfg(digits), ["linear_probe"])}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, digits, out):
@@ -91,7 +85,7 @@ def test_two_ranks_give_the_metrics_of_one_process_and_share_the_units(digits, t
         torch.set_num_threads(threads)
     for cached in (digits / "fid_stats").glob("*.pt"):  # the ranks compute the reference in units too
         cached.unlink()
-    mp.start_processes(_worker, args=(_free_port(), str(digits), str(tmp_path)), nprocs=WORLD, join=True,
+    mp.start_processes(_worker, args=(free_port(), str(digits), str(tmp_path)), nprocs=WORLD, join=True,
                        start_method="spawn")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
 
