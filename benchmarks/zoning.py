@@ -102,11 +102,12 @@ class _GemmRecorder(TorchDispatchMode):
 def _our_gemm_flops(gemms: list[tuple]) -> float:
     """The GEMM flops lzn.zoning really performed: 2 m k n for each recorded (m, k)(k, n).
 
-    For Euler with 20 + 20 steps and several anchor chunks (B = N = 4096: 4 chunks of 1024)
-    that is 2 GEMM-equivalents (2 B N q flops each) per posterior evaluation forward and
-    7 backward (the row term's first pass recomputes the posteriors and grad_m a^T), 3 for
-    the alignment's last step, whose mean gets no gradient, and 1 for the accuracy's
-    nearest-anchor search: 357. `lzn.posterior._PosteriorMean` says which GEMMs run.
+    For Euler with 20 + 20 steps that is 2 GEMM-equivalents (2 B N q flops each) per
+    posterior evaluation forward and 5 backward (3 for the alignment's last step, whose mean
+    gets no gradient), and 1 for the accuracy's nearest-anchor search: 279. (Before the
+    kernel ran over blocks of whole rows, its row term took a second pass over anchor
+    chunks, 2 more per evaluation: 357 at B = N = 4096.) `lzn.posterior._PosteriorMean`
+    says which GEMMs run.
     """
     return sum(2.0 * sa[0] * sa[1] * sb[1] for sa, _, sb, _ in gemms)
 
