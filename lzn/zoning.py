@@ -24,7 +24,7 @@ Public functions:
 
 Precision: the math runs in the inputs' dtype (float32 or better) in IEEE arithmetic:
 autocast is switched off, and so are TF32 and reduced-precision float32 matmuls
-(`ieee_float32`), during every call and inside the backward of its posterior GEMMs, so a
+(`lzn.precision.ieee_float32`), during every call and inside the backward of its posterior GEMMs, so a
 run that turns them on for its networks never reaches the logits, which are scaled by up
 to 1/eps^2 (1e8 at eps = 1e-4) and need float32's 24-bit mantissa. Its backward is exact up to rounding: float64 matches central finite differences
 at eps = 1e-4. In float32 most of the remaining gradient error comes from the solver's
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 from typing import Callable, Iterator
 
@@ -56,6 +55,7 @@ from torch import Tensor
 
 from lzn import posterior
 from lzn.errors import UserError
+from lzn.precision import full_precision, ieee_backward
 from lzn.solvers import SOLVERS, FlowGrid, solver_coefficients
 
 Gather = Callable[[Tensor], Tensor]
@@ -86,80 +86,6 @@ def check_values(enabled: bool) -> Iterator[None]:
 def values_checked() -> bool:
     """Whether the value checks run here (`check_values`; on by default)."""
     return _CHECK_VALUES.get()
-
-
-_B = torch.backends
-# torch >= 2.9 also has per-backend fp32_precision settings; reading the older flags raises
-# once a caller has mixed the two APIs, so the state is saved through the API that answers.
-_PRECISION_LEAVES = tuple(
-    leaf for leaf in (getattr(getattr(_B, b, None), op, None) for b in ("cuda", "cudnn", "mkldnn")
-                      for op in ("matmul", "conv", "rnn"))
-    if leaf is not None and hasattr(leaf, "fp32_precision")
-)
-
-
-def _enter_ieee_float32() -> tuple:
-    """Switch TF32 and reduced-precision float32 matmuls off; returns what restores them."""
-    try:
-        saved = ("legacy", _B.cuda.matmul.allow_tf32, _B.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-    except RuntimeError:  # the newer API set them: save and set through it
-        saved = ("leaves", [(leaf, leaf.fp32_precision) for leaf in _PRECISION_LEAVES])
-        for leaf in _PRECISION_LEAVES:
-            leaf.fp32_precision = "ieee"
-        return saved
-    torch.set_float32_matmul_precision("highest")
-    _B.cuda.matmul.allow_tf32 = False
-    _B.cudnn.allow_tf32 = False
-    return saved
-
-
-def _restore_precision(saved: tuple) -> None:
-    if saved[0] == "legacy":
-        _, matmul, cudnn, precision = saved
-        torch.set_float32_matmul_precision(precision)  # first: it also sets the matmul TF32 flag
-        _B.cuda.matmul.allow_tf32, _B.cudnn.allow_tf32 = matmul, cudnn
-    else:
-        for leaf, value in saved[1]:
-            leaf.fp32_precision = value
-
-
-@contextlib.contextmanager
-def ieee_float32() -> Iterator[None]:
-    """IEEE float32 matmuls and convolutions inside the block (no TF32, no bf16 passes), the
-    caller's settings restored after it, also when it raises. The settings are process-wide."""
-    saved = _enter_ieee_float32()
-    try:
-        yield
-    finally:
-        _restore_precision(saved)
-
-
-def _ieee_backward(t: Tensor) -> Tensor:
-    """Run the backward of t's autograd node (the posterior GEMMs) under `ieee_float32` too:
-    it runs later, in loss.backward(), outside the call that built it."""
-    node = t.grad_fn
-    if node is not None:
-        saved: list[tuple] = []
-        node.register_prehook(lambda grad_outputs: saved.append(_enter_ieee_float32()))
-        node.register_hook(lambda grad_inputs, grad_outputs: _restore_precision(saved.pop()))
-    return t
-
-
-def _full_precision(fn):
-    """Run the zoning math in IEEE float32 or better, also inside a bf16/fp16 autocast region
-    and with TF32 on: the expanded logits and the solver's cancellations need float32's
-    mantissa."""
-
-    def up(v):
-        return v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
-        with torch.autocast(device, enabled=False), ieee_float32():
-            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------- validation
@@ -256,7 +182,7 @@ def _field_at(x: Tensor, anchors: Tensor, log_weights: Tensor | None, tau: float
     return flow, x - (1.0 - tau) * flow.centre, tau
 
 
-@_full_precision
+@full_precision
 def zone_posterior(
     x: Tensor, anchors: Tensor, tau: float, log_weights: Tensor | None = None
 ) -> Tensor:
@@ -267,11 +193,11 @@ def zone_posterior(
     """
     flow, y, tau = _field_at(x, anchors, log_weights, tau, None)
     scale, bias = posterior.logit_terms(flow.anchors, flow.sq_norms, log_weights, tau)
-    logits = _ieee_backward(torch.addmm(bias.unsqueeze(0), y, flow.anchors.t(), alpha=scale))
+    logits = ieee_backward(torch.addmm(bias.unsqueeze(0), y, flow.anchors.t(), alpha=scale))
     return torch.log_softmax(logits, dim=1)
 
 
-@_full_precision
+@full_precision
 def zone_velocity(
     x: Tensor,
     anchors: Tensor,
@@ -312,7 +238,7 @@ class _Flow:
 
     def mean(self, y: Tensor, tau: float, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         out = posterior.posterior_mean(y, self.anchors, self.sq_norms, self.log_weights, tau, self.chunk, targets)
-        _ieee_backward(out[0])  # one autograd node for the three outputs
+        ieee_backward(out[0])  # one autograd node for the three outputs
         return out
 
     @torch.no_grad()
@@ -356,7 +282,7 @@ def _state_dtype(state_dtype: torch.dtype | None) -> torch.dtype | None:
     return state_dtype
 
 
-@_full_precision
+@full_precision
 def compute_latents(
     anchors: Tensor,
     noise: Tensor,
@@ -411,7 +337,7 @@ def compute_latents(
     return flow.uncentred(flow.integrate(y0, grid), grid.taus[-1]).to(anchors.dtype)
 
 
-@_full_precision
+@full_precision
 def alignment_loss(
     latents: Tensor,
     anchors: Tensor,
@@ -478,7 +404,7 @@ def alignment_loss(
 
 
 @torch.no_grad()
-@_full_precision
+@full_precision
 def assign_zones(
     latents: Tensor,
     anchors: Tensor,
