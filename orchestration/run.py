@@ -39,7 +39,8 @@ from lzn.roles import Role, Roles, role_field
 from lzn.task import TWO_VIEW_OBJECTIVES, DataConfig, TaskConfig, build_objective, validate_task
 from lzn.trainer import Trainer
 from orchestration.folder import EvalFolder, RunFolder, write_json
-from orchestration.mlflow.tracker import NodeMetricsMonitor, RunTracker, TrackingConfig, flatten_params
+from orchestration.mlflow.node_metrics import NodeMetricsMonitor
+from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
 from orchestration.plots import write_run_artifacts
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
 

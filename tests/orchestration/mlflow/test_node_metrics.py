@@ -12,19 +12,10 @@ from mlflow import MlflowClient
 
 from lzn.atomic import write_atomically
 from orchestration.folder import RunFolder
-from orchestration.mlflow.server import local_server, stop_local_server
-from orchestration.mlflow.tracker import NodeMetricsMonitor
+from orchestration.mlflow.node_metrics import NodeMetricsMonitor
 
 CPU = "cpu_utilization_percentage"  # what MLflow's CPU monitor logs on every machine
 WAIT_S = 120.0  # a bound on waiting for samples on a loaded machine, not a timing assertion
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    state = tmp_path_factory.mktemp("mlflow-node-metrics")
-    uri = local_server(state)
-    yield uri
-    assert stop_local_server(state)
 
 
 @pytest.fixture(autouse=True)

@@ -36,14 +36,6 @@ def restore_http_env():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    state = tmp_path_factory.mktemp("mlflow-tracking")
-    uri = local_server(state)
-    yield uri
-    assert stop_local_server(state)
-
-
 @pytest.fixture
 def outage(tmp_path_factory):
     """A server of each test's own, which it kills and restarts on the same port: a test that
