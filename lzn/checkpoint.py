@@ -4,7 +4,9 @@ A checkpoint holds everything needed for a bit-identical continuation: model and
 weights, optimizer and scheduler state, every RNG state, the iteration and counters.
 It is written to a temporary file in the same folder and renamed, so a crash never
 leaves a half-written file under a checkpoint name, and loaded with
-`torch.load(weights_only=True)`, so a checkpoint cannot execute code.
+`torch.load(weights_only=True)`, so a checkpoint cannot execute code. A disk too full for
+the new checkpoint is a `DiskFullError` that names it, the bytes needed and free, and the
+previous checkpoint, which stays as it was (older ones are pruned only after a write).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lzn.atomic import write_atomically
+from lzn.atomic import DiskFullError, write_atomically
 from lzn.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"  # a run folder's checkpoint store (lzn.trainer.FolderCheckpoints)
@@ -44,15 +46,44 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def tensor_bytes(payload) -> int:
+    """The bytes of the tensors in `payload` (nested dicts, lists, tuples), each storage once:
+    a lower bound on its torch.save size."""
+    seen, total, stack = set(), 0, [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.untyped_storage().data_ptr(), item.storage_offset(), item.numel(), item.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
 def save_atomically(payload: dict, path: Path) -> None:
-    """torch.save through `write_atomically`: never a half-written checkpoint."""
-    write_atomically(path, lambda f: torch.save(payload, f))
+    """torch.save through `write_atomically`: never a half-written checkpoint, and a disk that
+    cannot hold its tensors refused before a byte is written."""
+    write_atomically(path, lambda f: torch.save(payload, f), size_hint=tensor_bytes(payload))
 
 
 def save_checkpoint(state: dict, folder: Path, step: int, keep: int = 3) -> Path:
     """Write `state` atomically as ckpt-<step>.pt and keep the `keep` newest checkpoints."""
     final = checkpoint_path(folder, step)
-    save_atomically(state, final)
+    try:
+        save_atomically(state, final)
+    except DiskFullError as e:
+        previous = latest_checkpoint(folder)
+        kept = (f"The previous checkpoint {previous} is intact, and the same command resumes from it"
+                if previous else "No earlier checkpoint exists")
+        raise DiskFullError(
+            f"cannot write the checkpoint of step {step}: {e.facts}. {kept}. Free space on that disk (other runs' "
+            f"outputs; this run keeps its {keep} newest checkpoints, train.keep_checkpoints=) or move the run "
+            "folder to a larger disk (output_dir=), then run the same command again",
+            path=e.path, needed=e.needed, free=e.free) from e
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return final
