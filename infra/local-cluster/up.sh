@@ -149,7 +149,10 @@ start_ray() {  # K NAME ARGS...: `ray start --block` on node K in a session of i
   local log="$STATE/log/$name-node$k.log"
   [[ -f "$log" ]] && mv -f "$log" "$log.prev"
   # setsid: a session of its own; nsenter and `ip netns exec` exec, so $! is ray itself.
-  setsid nsenter --uts="$(uts_of "$k")" -- ip netns exec "$(netns "$k")" \
+  # RAY_ADDRESS in every Ray process's environment: Ray's state API, which Ray Train's
+  # controller actors call without an address, would otherwise look for a cluster by scanning
+  # this machine's processes, and here it sees every node's GCS (and any other Ray).
+  RAY_ADDRESS="$(ip_of 1):$GCS_PORT" setsid nsenter --uts="$(uts_of "$k")" -- ip netns exec "$(netns "$k")" \
     "$RAY_BIN" start --block --node-ip-address="$(ip_of "$k")" --num-cpus="$CPUS" \
     --object-store-memory=$((STORE_MB * 1024 * 1024)) --temp-dir="$STATE/ray/n$k" --disable-usage-stats "$@" \
     > "$log" 2>&1 < /dev/null &
