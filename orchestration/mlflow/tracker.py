@@ -35,8 +35,8 @@ from typing import Iterator, Mapping, Optional
 from lzn.atomic import write_atomically
 from lzn.errors import UserError
 from orchestration.mlflow.pending import (
-    MAX_BATCH, MAX_BATCH_TAGS, append_pending, fail_fast, import_pending, is_permanent, read_pending,
-    send_batches, warn,
+    MAX_BATCH, MAX_BATCH_TAGS, REFUSED, PendingRefused, append_pending, append_refused, deliver, describe_refused,
+    fail_fast, import_pending, read_pending, replay_command, warn,
 )
 from orchestration.folder import CONFIG_FILE, RunFolder
 from orchestration.mlflow.runs import RefusedChanges, find_or_create_experiment, param_value, stored_run
@@ -139,6 +139,7 @@ class RunTracker:
         self._stop = threading.Event()
         self._down_since_delivered: int | None = None  # metrics delivered since an outage began
         self._max_step = last_logged_step
+        self._refusals_said: set[str] = set()  # the reasons of refusals already warned about
         self._closed = False
         self._system_metrics = system_metrics
         self._system_metrics_every_s = system_metrics_every_s
@@ -167,8 +168,11 @@ class RunTracker:
             run, changes = stored_run(client, run_file, uri, params, refused_changes)
             run_id = run.info.run_id
         if pending.exists():  # before RUNNING: the file may end with the previous attempt's status
-            n = import_pending(pending, uri)
-            warn(f"delivered {n} metrics/tags that a previous attempt kept in {pending}")
+            try:
+                n = import_pending(pending, uri)
+                warn(f"delivered {n} metrics/tags that a previous attempt kept in {pending}")
+            except PendingRefused as e:  # kept aside, marked: never a reason not to train
+                warn(str(e))
         if resumed:
             client.update_run(run_id, status="RUNNING")
             run = client.get_run(run_id)
@@ -280,16 +284,15 @@ class RunTracker:
         if not metrics and not tags:
             return None
         try:
-            send_batches(self._client, self.run_id, metrics, tags)
-        except Exception as e:
-            if not is_permanent(e):
-                if self._down_since_delivered is None:
-                    self._down_since_delivered = 0
-                    warn(f"MLflow server {self.uri} unreachable: buffering {len(self._metrics)} metrics, "
-                          f"retrying every {self._flush_every_s:g}s ({type(e).__name__}: {str(e)[:200]})")
-                return False
-            warn(f"MLflow server {self.uri} refused {len(metrics)} metrics and {len(tags)} tags of run "
-                  f"{self.run_id}, dropped: {e}")
+            refused = deliver(self._client, self.run_id, metrics, tags)
+        except Exception as e:  # deliver raises only when the server cannot be reached
+            if self._down_since_delivered is None:
+                self._down_since_delivered = 0
+                warn(f"MLflow server {self.uri} unreachable: buffering {len(self._metrics)} metrics, "
+                      f"retrying every {self._flush_every_s:g}s ({type(e).__name__}: {str(e)[:200]})")
+            return False
+        if refused[0] or refused[1]:
+            self._keep_refused(refused, len(metrics) + len(tags))
         with self._lock:
             del self._metrics[:n]
             for k, v in tags.items():
@@ -305,11 +308,29 @@ class RunTracker:
                 self._recovered()
         return True
 
+    def _keep_refused(self, refused: tuple[list, list], sent: int) -> None:
+        """What the server refused of one batch goes to the pending file, marked with its reason
+        (never dropped); said once per reason, since an expired token refuses every batch."""
+        append_refused(self._pending, self.run_id, self.uri, *refused)
+        reasons = {why for _, why in refused[0] + refused[1]}
+        new = reasons - self._refusals_said
+        self._refusals_said |= reasons
+        if new:
+            n = len(refused[0]) + len(refused[1])
+            warn(f"MLflow server {self.uri} refused {n} of {sent} metrics/tags of run {self.run_id} "
+                  f"({'; '.join(sorted(new))}); delivered the rest and kept these in {self._pending}, marked "
+                  f"\"{REFUSED}\". Fix the cause (a valid token in MLFLOW_TRACKING_TOKEN, a key or value MLflow "
+                  f"accepts), then run: {replay_command(self._pending, self.uri)}")
+
     def _recovered(self) -> None:
         pending = self._pending
         if pending.exists():  # spilled during the outage
-            with contextlib.suppress(Exception):
+            try:
                 warn(f"delivered {import_pending(pending, self.uri)} metrics/tags spilled to {pending}")
+            except PendingRefused as e:
+                warn(str(e))
+            except Exception:  # down again: the flush thread notices
+                pass
         if self._system_metrics and not self._stop.is_set():  # mlflow's monitor thread exits for good
             self._start_monitor(resume=True)                    # on its first failed request
 
@@ -381,14 +402,20 @@ class RunTracker:
             self._spill()
         pending = self._pending
         if delivered and pending.exists():  # spilled earlier in an outage that has ended
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # refused entries stay, said below
                 import_pending(pending, self.uri)
         if pending.exists():
-            kept = read_pending(pending)[0]
+            records = read_pending(pending)[0]
+            refused = [r for r in records if REFUSED in r]
+            kept = [r for r in records if REFUSED not in r and "status" not in r]
             n_tags = sum("tag" in r for r in kept)
-            warn(f"MLflow server {self.uri} unreachable at close: kept {len(kept) - n_tags} metrics and {n_tags} "
-                  f"tags of run {self.run_id} in {pending}. Reopening this run folder delivers them, or run: "
-                  f"python -m orchestration.mlflow.tracker import {pending} --uri {self.uri}")
+            if kept:
+                warn(f"MLflow server {self.uri} unreachable at close: kept {len(kept) - n_tags} metrics and {n_tags} "
+                      f"tags of run {self.run_id} in {pending}. Reopening this run folder delivers them, or run: "
+                      f"{replay_command(pending, self.uri)}")
+            if refused:
+                warn(f"MLflow server {self.uri} refused {describe_refused(refused)} of run {self.run_id}: kept in "
+                      f"{pending}, marked \"{REFUSED}\". Fix the cause, then run: {replay_command(pending, self.uri)}")
         try:
             self._client.set_terminated(self.run_id, status)
         except Exception as e:
@@ -424,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped" if stop_local_server(args.dir) else f"no MLflow server was running for {args.dir}")
     else:
         fail_fast()
-        print(f"delivered {import_pending(args.file, args.uri)} metrics/tags from {args.file}")
+        try:
+            print(f"delivered {import_pending(args.file, args.uri)} metrics/tags from {args.file}")
+        except PendingRefused as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
