@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -56,6 +56,13 @@ class RayTrainerConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # Ray's CPU reservation; torch threads: max(1, round(cpus_per_worker))
     max_failures: int = 3  # worker failures a run recovers from (each restarts from the last checkpoint)
+    # Elastic training (Ray Train's ScalingConfig(num_workers=(min, max))): a run that loses workers (a node
+    # gone) restarts from its last checkpoint on as many as remain, down to min_workers, and grows back
+    # when they return. Every worker count in [min_workers, num_workers] must divide train.batch_size: the
+    # global batch stays fixed and its rows are a function of (seed, step), so the losses do not change.
+    # None: num_workers, a fixed size; a restart then waits up to node_wait_s for the lost workers' resources.
+    min_workers: Optional[int] = None
+    node_wait_s: float = 600.0
 
 
 @dataclass
@@ -104,6 +111,16 @@ def validate_trainer(cfg: RayTrainerConfig, global_batch: int) -> None:
     if global_batch % cfg.num_workers:
         raise UserError(f"train.batch_size={global_batch} is the global batch: it must be divisible by "
                         f"trainer.num_workers={cfg.num_workers}")
+    if cfg.min_workers is not None:
+        if not 1 <= cfg.min_workers <= cfg.num_workers:
+            raise UserError(f"trainer.min_workers must be in [1, trainer.num_workers={cfg.num_workers}] (or null: "
+                            f"a fixed size), got {cfg.min_workers}")
+        if bad := [w for w in range(cfg.min_workers, cfg.num_workers + 1) if global_batch % w]:
+            raise UserError(f"trainer.min_workers={cfg.min_workers}: an elastic run may have any worker count in "
+                            f"[{cfg.min_workers}, {cfg.num_workers}], and train.batch_size={global_batch} (the global "
+                            f"batch) is not divisible by {bad}; raise trainer.min_workers or change the batch size")
+    if not cfg.node_wait_s > 0:
+        raise UserError(f"trainer.node_wait_s must be > 0 seconds, got {cfg.node_wait_s}")
 
 
 def validate_run(cfg: RunConfig) -> None:

@@ -28,6 +28,7 @@ from lzn.checkpoint import load_checkpoint
 from lzn.errors import UserError
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
 from orchestration.ray.console import quiet_local_ray, quiet_train_worker, worker_progress
+from orchestration.ray.node_loss import NodeWatch, scaling_workers, start_tries
 from orchestration.reporting import STEP, final_report, finished_result
 from orchestration.run import RayTrainerConfig, RunConfig, RunMeta, node_metrics, streams, train_and_evaluate
 
@@ -163,6 +164,11 @@ def _worker_loop(config: dict) -> None:
     folder.workers.mkdir(parents=True, exist_ok=True)
     info = {"pid": os.getpid(), "node": socket.gethostname(), "rank": rank, "world": context.get_world_size()}
     write_atomically(folder.worker_record(rank), lambda f: f.write(json.dumps(info).encode()))
+    if rank == 0:  # an elastic restart on fewer workers: the records name this attempt's workers only
+        for r in range(context.get_world_size(), 1 << 16):
+            if not folder.worker_record(r).exists():
+                break
+            folder.worker_record(r).unlink(missing_ok=True)
     device = ray.train.torch.get_device() if trainer_cfg.use_gpu else torch.device("cpu")
     source = None
     if config["stream"]:
@@ -265,16 +271,23 @@ def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,
                                "progress": progress},
             datasets=datasets or None,
             scaling_config=ray.train.ScalingConfig(
-                num_workers=trainer_cfg.num_workers, use_gpu=trainer_cfg.use_gpu,
+                num_workers=scaling_workers(trainer_cfg), use_gpu=trainer_cfg.use_gpu,
                 resources_per_worker={"CPU": trainer_cfg.cpus_per_worker,
                                       **({"GPU": 1} if trainer_cfg.use_gpu else {})}),
             run_config=ray.train.RunConfig(
                 name=RAY_STORAGE, storage_path=str(run_dir),
-                failure_config=ray.train.FailureConfig(max_failures=trainer_cfg.max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=trainer_cfg.max_failures,
+                                                       controller_failure_limit=start_tries(trainer_cfg)),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"), callbacks=callbacks or None),
         )
-        trainer.fit()
+        with NodeWatch(trainer_cfg) as watch:
+            try:
+                trainer.fit()
+            except Exception as e:
+                if (failure := watch.failure(e)) is not None:
+                    raise failure from e
+                raise
     finally:
         if started:
             ray.shutdown()
