@@ -106,12 +106,19 @@ def _uint8_rows(pin: bool):
 class StreamedBatches:
     """`step -> batch` from this worker's Ray Data shard of the train split (data.loader=stream).
 
-    Ray Train splits the rows evenly over the workers (equal=True), so every worker makes the
-    same number of steps per epoch; each pass shuffles within a seeded local buffer. Rows
-    arrive as uint8 tensors, `PREFETCH` batches ahead, collated (and on CUDA pinned and
-    copied to the device) by Ray Data's threads; `StepBatcher` converts and augments them on
-    the device. Unlike the in-memory loader the order is not a function of (seed, step): a
-    resumed run starts a fresh pass, and W workers do not see the batches of 1.
+    The shard is this worker's part of `orchestration.ray.data.stream_passes`: every pass the
+    run needs, one after the other, in ONE Ray Data execution that this class iterates from
+    the first step to the last (a new execution per pass costs 1-2 s of start-up, which on a
+    small dataset is many steps). Ray Train splits the stream evenly over the workers
+    (equal=True), so every worker has the same number of steps; within a pass each worker
+    reads rows no other worker reads, and rows are shuffled within a local buffer seeded by
+    (seed, rank) (seeds.stream_shuffle, pass_index = the execution), whose `SHUFFLE_BUFFER`
+    rows may straddle the end of one pass and the start of the next. Rows arrive as uint8
+    tensors, `PREFETCH` batches ahead, collated (and on CUDA pinned and copied to the device)
+    by Ray Data's threads; `StepBatcher` converts and augments them on the device. Unlike the
+    in-memory loader the order is not a function of (seed, step): a resumed run starts the
+    stream again, and W workers do not see the batches of 1. Should the stream end before
+    the run (more steps than planned), a new execution starts (`executions` counts them).
     """
 
     SHUFFLE_BUFFER = 2048
@@ -119,24 +126,24 @@ class StreamedBatches:
 
     def __init__(self, shard, batcher, *, seed: int):
         self.shard, self.batcher, self.seed = shard, batcher, seed
-        self.passes, self._rows = 0, None
+        self.executions, self._rows = 0, None
         self.device = torch.device(batcher.device)
 
     def _next_rows(self):
-        for _ in range(2):  # the rest of this pass, else a fresh one
+        for _ in range(2):  # the rest of the stream, else a fresh execution of it
             if self._rows is None:
                 cuda = self.device.type == "cuda"
                 self._rows = iter(self.shard.iter_torch_batches(
                     batch_size=self.batcher.local_batch, drop_last=True, prefetch_batches=self.PREFETCH,
                     collate_fn=_uint8_rows(pin=cuda), pin_memory=cuda, device=self.device,
                     local_shuffle_buffer_size=self.SHUFFLE_BUFFER,
-                    local_shuffle_seed=seeds.stream_shuffle(self.seed, self.passes, self.batcher.rank)))
-                self.passes += 1
+                    local_shuffle_seed=seeds.stream_shuffle(self.seed, self.executions, self.batcher.rank)))
+                self.executions += 1
             rows = next(self._rows, None)
             if rows is not None:
                 return rows
             self._rows = None
-        raise UserError(f"a pass over this worker's shard holds no full batch of {self.batcher.local_batch} "
+        raise UserError(f"this worker's shard of the stream holds no full batch of {self.batcher.local_batch} "
                         "rows: lower train.batch_size or use fewer workers")
 
     def __call__(self, step: int) -> dict:
@@ -256,13 +263,14 @@ def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,
             import ray.data
 
             ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker line
-            from orchestration.ray.data import read_shards
+            from orchestration.ray.data import stream_passes
 
             from lzn.data.augment import crops_any_size
 
-            datasets["train"] = read_shards(cfg.data.dataset_dir, "train", image_size=cfg.data.image_size,
-                                            channels=cfg.data.channels,
-                                            full_resolution=crops_any_size(cfg.data.augment))
+            datasets["train"] = stream_passes(  # every pass of the run in one execution
+                cfg.data.dataset_dir, "train", seed=cfg.train.seed, steps=cfg.train.iterations,
+                global_batch=cfg.train.batch_size, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                full_resolution=crops_any_size(cfg.data.augment))
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
