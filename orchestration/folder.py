@@ -14,7 +14,7 @@
       eval/step-<N>-train/parts/        the run's own evaluation of its final EMA model: ranks.json, which
                                         rank computed each part (the parts go once it is reduced)
       eval/step-<N>-report/parts/       the same of a sweep's metric at the step-N checkpoint
-      workers/rank-<r>.json             where each Ray Train worker ran
+      workers/rank-<r>.json             where each worker ran (node, IP, pid)
       pipeline/                         the stage DAG's records
       report.md                         the report stage's page
       .hydra/config.yaml                the resolved config Hydra composed
@@ -188,7 +188,9 @@ class RunFolder(_Folder):
         return self.path / "workers"
 
     def worker_record(self, rank: int) -> Path:
-        """Where the Ray Train worker of `rank` records where it ran."""
+        """Where the worker of `rank` (Ray Train, torchrun, Slurm) records where it ran:
+        `orchestration.network.node_identity()` (hostname, pid, node IP, Ray node id or Slurm
+        node name) with its rank and world size."""
         return self.workers / f"rank-{rank}.json"
 
     @property

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from lzn.atomic import write_atomically
 from lzn.checkpoint import load_checkpoint
 from lzn.errors import UserError
 from orchestration.folder import RAY_CHECKPOINT_FILE, RAY_STORAGE, RunFolder
+from orchestration.network import node_identity
+from orchestration.ray.backend import LznTorchConfig
 from orchestration.ray.console import quiet_local_ray, quiet_train_worker, worker_progress
 from orchestration.ray.node_loss import NodeWatch, scaling_workers, start_tries
 from orchestration.reporting import STEP, final_report, finished_result
@@ -169,7 +170,8 @@ def _worker_loop(config: dict) -> None:
     rank = context.get_world_rank()
     folder = RunFolder(run_dir)
     folder.workers.mkdir(parents=True, exist_ok=True)
-    info = {"pid": os.getpid(), "node": socket.gethostname(), "rank": rank, "world": context.get_world_size()}
+    # Where it runs: hostname, pid, Ray node IP and id (on a cluster the hostname alone can be the same on all).
+    info = {**node_identity(), "rank": rank, "world": context.get_world_size()}
     write_atomically(folder.worker_record(rank), lambda f: f.write(json.dumps(info).encode()))
     if rank == 0:  # an elastic restart on fewer workers: the records name this attempt's workers only
         for r in range(context.get_world_size(), 1 << 16):
@@ -273,6 +275,7 @@ def fit_on_ray(cfg: RunConfig, run_dir: str | Path, meta: RunMeta | None, *,
                 full_resolution=crops_any_size(cfg.data.augment))
         trainer = TorchTrainer(
             _worker_loop,
+            torch_config=LznTorchConfig(),  # GLOO/NCCL_SOCKET_IFNAME from each worker's Ray node IP
             train_loop_config={"cfg": absolute_paths(cfg), "run_dir": str(run_dir), "trainer": trainer_cfg,
                                "meta": meta, "stream": stream, "evaluate": evaluate,
                                "report_metric": report_metric, "report_mode": report_mode,

@@ -18,6 +18,7 @@ from lzn.data.augment import crops_any_size
 from lzn.data.loader import ShardBatches
 from lzn.errors import UserError
 from orchestration.folder import RunFolder
+from orchestration.network import node_identity, pick_for_master
 from orchestration.run import (RunConfig, node_metrics, refused_changes, run_params, streams, train_and_evaluate,
                                validate_run)
 from pipelines.cli import device as pick_device, run_meta
@@ -27,6 +28,7 @@ from pipelines.stages.prepare import ensure_prepared
 def _init_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        pick_for_master()  # GLOO/NCCL_SOCKET_IFNAME: the interface towards MASTER_ADDR, where unset
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -79,7 +81,12 @@ def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = T
         ensure_prepared(cfg.data)  # on the driver, before any worker starts
         return fit_on_ray(cfg, run_dir, run_meta(cfg, dcfg, run_dir), evaluate=evaluate)
     device = pick_device(cfg.device)
-    rank, _ = _init_distributed(device)
+    rank, world = _init_distributed(device)
+    if world > 1:  # where each rank runs (hostname, pid, its node's address, Slurm's node name)
+        record = RunFolder(run_dir).worker_record(rank)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        info = json.dumps({**node_identity(), "rank": rank, "world": world}).encode()
+        write_atomically(record, lambda f: f.write(info))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     meta = None
