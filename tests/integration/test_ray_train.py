@@ -163,3 +163,18 @@ def test_streamed_training_reads_the_shards_through_ray_data(tmp_path, ray_head)
     assert set(ranks.values()) == {0, 1} and {u.split("-")[0] for u in ranks} == {"probe_train", "probe_test"}
     assert len(losses(run_dir)) == 6
     assert (run_dir / "ray" / "ckpt-000000006" / "ckpt.pt").exists()
+
+
+def test_a_streamed_generation_run_is_evaluated_with_its_fid(tmp_path, ray_head):
+    """gen_digits through Ray Data at global batch 400 (3 steps a pass over the 1257 rows):
+    the 6 steps cross a pass boundary inside one stream, and the run is evaluated from the
+    shards by both workers, FID included (a streamed run is never left unevaluated)."""
+    train("task=gen_digits", "scale=smoke", "backend=ray", "data.loader=stream", "trainer.num_workers=2",
+          "trainer.cpus_per_worker=0.5", "train.batch_size=400", "train.iterations=6", "train.checkpoint_every=6",
+          out=tmp_path, head=ray_head)
+    run_dir = tmp_path / "gen_digits" / "smoke-seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/steps"] == 6 and len(losses(run_dir)) == 6
+    assert metrics["eval/fid"] > 0 and metrics["eval/fid_samples"] == 16
+    ranks = json.loads(RunFolder(run_dir).final_evaluation(6).part_ranks.read_text())
+    assert set(ranks.values()) == {0, 1}  # sharded over both workers
