@@ -10,7 +10,8 @@ never leave it. Pipelines by name:
   (lzn/data/imagenet_aug.py:28-38): RandomResizedCrop of the full-resolution image, flip,
   ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur always (p = 1,
   kernel int(0.1 size) made odd: 23 at 224, sigma uniform in [0.1, 2]), with torchvision's
-  semantics (`SimCLRTwoView`; its ops in lzn.data.transforms). It takes images of any size
+  semantics (`SimCLRTwoView`; its batched ops in lzn.data.transforms, and on a CPU device
+  image by image through lzn.data.image_ops). It takes images of any size
   and returns size x size, so a batch of mixed sizes stays a list and each is cropped from
   its full resolution (`crops_any_size`);
 - "simclr_digits": its 8x8 single-channel variant: no flip (a mirrored 2 is not a 2),
@@ -19,13 +20,14 @@ never leave it. Pipelines by name:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lzn import seeds
+from lzn.data import image_ops
 from lzn.data.transforms import adjust_hue, blend_ops_, crop_boxes, gaussian_blur, grayscale, resized_crops
 from lzn.errors import UserError
 
@@ -115,9 +117,6 @@ class SimCLRParams:
     gray: Tensor  # (B,) bool
     sigma: Tensor  # (B,) float: the blur's sigma in [0.1, 2]
 
-    def __getitem__(self, rows: slice) -> SimCLRParams:
-        return SimCLRParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
-
 
 class SimCLRTwoView(BatchAugment):
     """torchvision's v2.Compose([RandomResizedCrop(size, antialias=True), RandomHorizontalFlip(),
@@ -130,9 +129,9 @@ class SimCLRTwoView(BatchAugment):
     P_FLIP, P_JITTER, P_GRAY = 0.5, 0.8, 0.2
     JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation: factor in [1 - j, 1 + j]; hue: [-j, j]
     SIGMA = (0.1, 2.0)
-    # Samples transformed together on a CPU: their pixels stay in cache through the ~40
-    # elementwise passes of the colour ops (a whole batch at once ran ~2x slower there).
-    CPU_CHUNK = 8
+    # On a CPU device the views are made image by image (lzn.data.image_ops: cache-resident,
+    # nothing computed for a coin that says no); elsewhere the whole batch at once.
+    PER_IMAGE_ON_CPU = True
 
     def __init__(self, size: int):
         self.size, self.kernel = size, blur_kernel(size)
@@ -157,25 +156,33 @@ class SimCLRTwoView(BatchAugment):
     def apply(self, images: Images, p: SimCLRParams) -> Tensor:
         """(B, C, size, size) in [-1, 1] of images in [-1, 1]: (B, C, H, W) or B images
         (C, H_i, W_i), each cropped within its box."""
-        n = len(images)
         device = (images if isinstance(images, Tensor) else images[0]).device
-        chunk = self.CPU_CHUNK if device.type == "cpu" else n
+        if device.type == "cpu" and self.PER_IMAGE_ON_CPU:
+            return self._views_per_image(images, p)
         order = torch.where(p.jitter[:, None], p.order, -1)  # -1: no jitter
-        ints = order.to(device, non_blocking=True)
         floats = torch.cat([p.factors, p.sigma[:, None]], 1).to(device, non_blocking=True)
-        out = None
-        for lo in range(0, n, chunk):
-            rows = slice(lo, lo + chunk)
-            x = self._view(images[rows], p[rows], order[rows], ints[rows], floats[rows])
-            if chunk >= n:
-                return x
-            if out is None:
-                out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            out[rows] = x
+        return self._view(images, p, order, order.to(device, non_blocking=True), floats)
+
+    def _views_per_image(self, images: Images, p: SimCLRParams) -> Tensor:
+        """`apply` on a CPU: each view through one reused (C, size, size) buffer, the jitter's
+        ops in the sample's order only where its coin says so, grayscale blurred as one plane."""
+        first = images[0]
+        out = torch.empty((len(images), first.shape[0], self.size, self.size), dtype=first.dtype)
+        x = torch.empty(out.shape[1:], dtype=first.dtype)
+        ops = (image_ops.brightness_, image_ops.contrast_, image_ops.saturation_, image_ops.hue_)
+        rows = zip(images, p.boxes.tolist(), p.flip.tolist(), p.jitter.tolist(), p.order.tolist(),
+                   p.factors.tolist(), p.gray.tolist(), image_ops.blur_taps(self.kernel, p.sigma))
+        for slot, (image, box, flip, jitter, order, factors, gray, taps) in zip(out, rows):
+            image_ops.crop_into_(x, image, box, flip)
+            if jitter:
+                for op in order:
+                    ops[op](x, factors[op])
+            y = image_ops.gray_plane(x) if gray and x.shape[0] == 3 else x
+            image_ops.gaussian_blur_into(slot, y, taps, scale=2.0, shift=-1.0)  # to [-1, 1]
         return out
 
     def _view(self, images: Images, p: SimCLRParams, order: Tensor, ints: Tensor, floats: Tensor) -> Tensor:
-        """`apply` of a chunk; order: (b, 4) host, -1 without jitter; ints, floats: on the device."""
+        """`apply` of a whole batch at once; order: (B, 4) host, -1 without jitter; ints, floats: on the device."""
         x = resized_crops(images, p.boxes, self.size, p.flip)
         device, channels = x.device, x.shape[1]
         # Resampling weights sum to 1, so [-1, 1] -> [0, 1] (what colour ops assume) commutes with the crop.

@@ -233,7 +233,7 @@ def test_mixed_sizes_without_a_cropping_augmentation_are_refused(augment):
 
 def test_the_accelerator_route_gives_the_cpu_routes_views(monkeypatch):
     # On a GPU the whole batch goes at once and the crops are one batched GEMM; forced here
-    # on the CPU, the views equal those of the CPU route (chunks, torch's resize per crop).
+    # on the CPU, the views equal those of the CPU route (image by image, lzn.data.image_ops).
     import functools
 
     import lzn.data.augment as augment
@@ -243,6 +243,6 @@ def test_the_accelerator_route_gives_the_cpu_routes_views(monkeypatch):
     kw = dict(seed=1, step=2, view=0, positions=torch.arange(12), total=12)
     aug = SimCLRTwoView(32)
     cpu = aug(x, **kw)
-    monkeypatch.setattr(SimCLRTwoView, "CPU_CHUNK", 10**9)
+    monkeypatch.setattr(SimCLRTwoView, "PER_IMAGE_ON_CPU", False)
     monkeypatch.setattr(augment, "resized_crops", functools.partial(resized_crops, batched=True))
     torch.testing.assert_close(aug(x, **kw), cpu, atol=PIPELINE_ATOL, rtol=0)
