@@ -34,7 +34,7 @@ METRICS = "metrics.json"
 CONFIG_FILE = "config.yaml"  # the training config, in .hydra/ and as the MLflow run's artifact
 MLFLOW_RUN = "mlflow_run.json"
 MLFLOW_PENDING = "mlflow_pending.jsonl"
-PARTS_WORKERS = "workers.json"  # in an evaluation's parts/: which Ray worker process computed each part
+PARTS_WORKERS = "workers.json"  # in an evaluation's parts/: where each part was computed (its Ray actor's node, pid)
 PARTS_RANKS = "ranks.json"  # in an evaluation's parts/: which rank of a training run computed each part
 # The evaluations a training run makes of its own EMA model (`eval/step-<N>-<name>/`; the
 # evaluate stage's are named by a hash of 12 hex digits, so they never meet these).

@@ -7,7 +7,8 @@ and each worker writes its parts into the evaluation's parts folder (shared stor
 cluster). The driver merges the parts once, in unit order (`lzn.evaluate.evaluate`), so the
 numbers do not depend on the number of workers; the linear probe trains on one of them.
 A worker that dies is restarted (`trainer.max_failures`) and its unit retried; parts
-already written are never recomputed, also when the command is run again.
+already written are never recomputed, also when the command is run again. parts/workers.json
+says where each part was computed: unit -> {hostname, pid, ip, node_id} of its actor.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from lzn.errors import UserError
 from lzn.eval_data import ShardData
 from lzn.evaluate import Evaluator, PartStore, Unit, evaluate, fid_extractor, load_model, train_probe
 from orchestration.folder import PARTS_WORKERS
+from orchestration.network import node_identity
 from orchestration.ray.train import RayTrainerConfig, absolute_paths, check_cpus, init_ray
 from orchestration.run import RunConfig
 
@@ -54,9 +56,10 @@ class EvalWorker:
         self.evaluator = Evaluator(spec.cfg, model, data, cache_dir=spec.cache_dir)
         self.store = PartStore(spec.parts_dir)
 
-    def run(self, unit: Unit) -> tuple[str, int]:
+    def run(self, unit: Unit) -> tuple[str, dict]:
+        """Compute and save `unit`; returns its name and where it ran (hostname, pid, Ray node IP and id)."""
         self.store.save(unit, self.evaluator.run(unit))
-        return unit.name, os.getpid()
+        return unit.name, node_identity()
 
     def probe(self, train_units: list[Unit], test_units: list[Unit], progress: bool = True) -> dict:
         return train_probe(self.spec.cfg, self.store, train_units, test_units, device=self.device, progress=progress)

@@ -6,7 +6,9 @@
 (reported every `train.checkpoint_every` steps into <run_dir>/ray/ckpt-<step>/) and fault
 tolerance: a worker that dies restarts the group from the last checkpoint
 (`max_failures` times), and re-running the same command after the driver died restores
-the run from the same storage. Each worker writes <run_dir>/workers/rank-<r>.json (pid,
+the run from the same storage. A lost node (`orchestration.ray.node_loss`): an elastic run
+(`trainer.min_workers`) goes on with the workers that remain, a fixed-size one waits for
+them at most `trainer.node_wait_s`. Each worker writes <run_dir>/workers/rank-<r>.json (pid,
 node) so an operator can find it. On a multi-node cluster the run folder and the shards
 must live on storage every node mounts at the same path.
 """

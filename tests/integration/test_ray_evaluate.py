@@ -37,7 +37,7 @@ def test_fid_is_the_same_with_one_and_two_ray_workers(ray_head, tmp_path):
         folder = evaluation(done)
         results[backend, n] = json.loads((folder / "metrics.json").read_text())
         if backend == "ray":
-            workers[n] = set(json.loads((folder / "parts" / "workers.json").read_text()).values())
+            workers[n] = {w["pid"] for w in json.loads((folder / "parts" / "workers.json").read_text()).values()}
     assert len(workers[1]) == 1 and len(workers[2]) == 2  # 2 worker processes shared the shards
     base = results["local", 1]
     assert base["eval/fid_samples"] == 48 and base["eval/fid_reference_samples"] == 1257
