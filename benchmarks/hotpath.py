@@ -8,8 +8,10 @@ throughput, and the step time of each backend on the same work.
   not counted: they happen every `log_every` / `checkpoint_every` steps by design). On a GPU
   each one waits for the device to drain its queue.
 - `augment_speedup`: two-view SimCLR augmentation at 224 px of full-resolution images,
-  batched (one call over the batch) over per-sample (torchvision v2 in a Python loop, the
-  previous implementation), in images/s, one thread each.
+  batched (one call over the batch, what the trainer runs; on a CPU device it works image
+  by image inside, lzn.data.image_ops) over per-sample (torchvision v2 in a Python loop,
+  the previous implementation), in images/s, one thread each, the two measured in turn
+  (best of 3 each) so that load on a shared machine slows both.
 - `input_img_per_s_per_core`: JPEG decode + two-view SimCLR augmentation + float tensor,
   images/s on one thread (`torch.set_num_threads(1)`).
 - the step time of the local, torchrun (2 x 1) and Ray Train (2 x 1) backends on gen_digits
@@ -164,16 +166,10 @@ def input_rate(batch: int = 64, size: int = 224, source: tuple[int, int] = (300,
 
 
 def augment_speedup(batch: int = 64, size: int = 224, source: tuple[int, int] = (300, 400)) -> tuple[float, float]:
-    """(batched, per-sample) two-view SimCLR images/s on one thread."""
-    from benchmarks.augment import augment_throughput
+    """(batched, per-sample) two-view SimCLR images/s on one thread, measured in turn, best of 3 each."""
+    from benchmarks.augment import interleaved_throughput
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return (augment_throughput(batch=batch, size=size, source=source, batched=True),
-                augment_throughput(batch=batch, size=size, source=source, batched=False))
-    finally:
-        torch.set_num_threads(threads)
+    return interleaved_throughput(batch=batch, size=size, source=source)
 
 
 def backend_steps(iterations: int) -> dict[str, float]:
