@@ -156,10 +156,14 @@ start_ray() {  # K NAME ARGS...: `ray start --block` on node K in a session of i
     "$RAY_BIN" start --block --node-ip-address="$(ip_of "$k")" --num-cpus="$CPUS" \
     --object-store-memory=$((STORE_MB * 1024 * 1024)) --temp-dir="$STATE/ray/n$k" --disable-usage-stats "$@" \
     > "$log" 2>&1 < /dev/null &
-  local pid=$!
-  sleep 0.2
-  local comm; comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
-  [[ -n "$comm" ]] || die "$name on node $k exited at once: $(tail -n 20 "$log")"
+  local pid=$! comm="" want; want="$(basename "$RAY_BIN" | cut -c1-15)"
+  for _ in $(seq 200); do  # setsid, nsenter and ip exec in turn until it is ray (slow on a busy machine)
+    comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
+    [[ -n "$comm" && "$comm" == "$want" ]] && break
+    [[ -n "$comm" ]] || die "$name on node $k exited at once: $(tail -n 20 "$log")"
+    sleep 0.1
+  done
+  [[ "$comm" == "$want" ]] || die "$name on node $k (pid $pid) is still '$comm' after 20 s, not $want"
   echo "$k $name $pid $comm" >> "$PIDS"
 }
 

@@ -146,3 +146,42 @@ class MlflowOnNode:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+SOCKET_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+class RayCluster:
+    """What a test module's 2-node Ray cluster offers its tests: the nodes, Ray, and an MLflow
+    server on node 1 (`tests/integration/test_multinode.py`'s module fixture makes one)."""
+
+    def __init__(self, cluster: LocalCluster, mlflow: MlflowOnNode):
+        self.cluster, self.mlflow = cluster, mlflow
+
+    def env(self, out: Path, **extra) -> dict:
+        """A driver's environment: this one without any Ray address, token or socket interface
+        of its own, plus the cluster's Ray variables, its MLflow and a data folder under `out`."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in SOCKET_VARS}
+        return {**base, **self.cluster.ray_env(), "MLFLOW_TRACKING_URI": self.mlflow.uri,
+                "LZN_DATA_DIR": str(out / "data"), "OMP_NUM_THREADS": "1", **extra}
+
+    def pipeline(self, module: str, overrides: list[str], out: Path, *, node: int = 1, env: dict | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+        """`python -m <module> output_dir=<out> <overrides>` on `node`, as a user on that node runs it."""
+        argv = [sys.executable, "-m", module, f"output_dir={out}", *overrides]
+        done = self.cluster.run_on(node, argv, env=env or self.env(out), cwd=ROOT, timeout=timeout)
+        if done.returncode != 0:
+            raise AssertionError(f"{module} on node {node} failed ({done.returncode}):\n"
+                                 f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        return done
+
+    def start(self, module: str, overrides: list[str], out: Path, *, node: int = 1,
+              env: dict | None = None) -> subprocess.Popen:
+        """The same in the background, its output in out/driver-<ns>.log (`proc.log_path`)."""
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"driver-{time.time_ns()}.log"
+        with path.open("w") as log:
+            proc = self.cluster.popen_on(node, [sys.executable, "-m", module, f"output_dir={out}", *overrides],
+                                         env=env or self.env(out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_path = path
+        return proc
