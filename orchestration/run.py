@@ -338,6 +338,7 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
         if r == 0 and meta.tracking_uri:  # after everything that can refuse the config
             tracker = _open_tracker(cfg, run_dir, meta)
             if tracker is not None:
+                tracker.log_dataset(cfg.data.dataset_dir)  # the UI's Dataset column: name, checksum, rows
                 callbacks.append(tracker)
         metrics = dict(trainer.fit())
         _close(batches)  # training is over: the prefetcher's thread, the stream's reader processes
@@ -457,7 +458,7 @@ def _report(cfg: RunConfig, trainer: Trainer, data: EvalData, evaluated: dict | 
         tracker.log_artifact(trainer.last_checkpoint, "checkpoint")
     if meta.tracking.register_model:
         alias = meta.tracking.model_alias
-        version = tracker.register_model(trainer.ema, f"lzn-{cfg.name}", alias)
+        version = tracker.register_model(trainer.ema, cfg, f"lzn-{cfg.name}", alias)
         if version is not None:
             print(f"registered model lzn-{cfg.name} version {version} as @{alias}", file=sys.stderr)
 

@@ -178,6 +178,15 @@ def write_manifest(dataset_dir: Path, manifest: dict) -> None:
     write_atomically(Path(dataset_dir) / MANIFEST, lambda f: f.write(text.encode()))
 
 
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 (hex) of what a dataset holds: every split's shards by name, rows and SHA-256,
+    in order. The same shards give the same checksum whenever they were prepared; a changed,
+    added or removed image changes it."""
+    content = {split: [[s["file"], s["rows"], s["sha256"]] for s in entry["shards"]]
+               for split, entry in sorted(manifest["splits"].items())}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def read_manifest(dataset_dir: Path) -> dict:
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():

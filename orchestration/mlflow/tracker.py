@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
 from lzn.atomic import write_atomically
 from lzn.errors import UserError
@@ -102,24 +102,6 @@ def _number(value) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """mlflow.pytorch.log_model only reads the global tracking URI. Set it for one call and put
-    back both the global and $MLFLOW_TRACKING_URI (mlflow's own _use_tracking_uri unsets the
-    variable on exit when no global URI was set before)."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    old_global, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_global)
-        if old_env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 class RunTracker:
@@ -245,22 +227,25 @@ class RunTracker:
         except Exception as e:
             warn(f"could not upload {path} to run {self.run_id} on {self.uri}: {e}")
 
-    def register_model(self, module, name: str, alias: str) -> str | None:
-        """Log `module` as this run's model, register it under `name`, point `alias` at the new
-        version and return the version; None (and a warning) if the server refused or is down.
-        Pickle serialization: MLflow 3's default, torch.export ("pt2"), needs an input example."""
-        import mlflow.pytorch
+    def log_dataset(self, dataset_dir) -> None:
+        """The run's prepared dataset as an MLflow input (name, the manifest's checksum as its
+        digest, source, rows per split: orchestration.mlflow.dataset); a failure is a warning."""
+        from orchestration.mlflow.dataset import dataset_input
+
+        try:
+            self._client.log_inputs(self.run_id, datasets=[dataset_input(dataset_dir)])
+        except Exception as e:
+            warn(f"could not log the dataset {dataset_dir} of run {self.run_id} on {self.uri}: {e}")
+
+    def register_model(self, objective, cfg, name: str, alias: str) -> str | None:
+        """Log `objective` (the EMA model; `cfg`: its task) as this run's model without pickle
+        (orchestration.mlflow.model), register it under `name`, point `alias` at the new
+        version and return the version; None (and a warning) if the server refused or is down."""
+        from orchestration.mlflow.model import log_lzn_model
 
         self.flush(timeout_s=30)
         try:
-            with _global_tracking_uri(self.uri):
-                # run_id travels through log_model's **kwargs to Model.log, which links the
-                # logged model to this run without start_run (whose exit would end the run).
-                info = mlflow.pytorch.log_model(
-                    module, name="model", run_id=self.run_id, registered_model_name=name,
-                    pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                    serialization_format="pickle", step=self._max_step, await_registration_for=60)
-            version = str(info.registered_model_version)
+            version = log_lzn_model(self.uri, self.run_id, objective, cfg, name, step=self._max_step)
             self._client.set_registered_model_alias(name, alias, version)
             return version
         except Exception as e:

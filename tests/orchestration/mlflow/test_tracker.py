@@ -281,25 +281,6 @@ def test_close_during_outage_keeps_metrics_for_import(outage, tmp_path, capsys):
         assert client.get_run(t.run_id).info.status == "FINISHED"
 
 
-def test_register_model_sets_alias_on_the_new_version(server, tmp_path, monkeypatch):
-    import mlflow.pytorch
-
-    client = MlflowClient(server)
-    torch.manual_seed(0)
-    module = torch.nn.Linear(3, 2)
-    with _open(server, tmp_path / "run-f") as t:
-        t.on_log(1, {"loss": 0.5})
-        first = t.register_model(module, "lzn-tracking-test-model", "candidate")
-        second = t.register_model(module, "lzn-tracking-test-model", "candidate")
-    assert (first, second) == ("1", "2")
-    version = client.get_model_version_by_alias("lzn-tracking-test-model", "candidate")
-    assert version.version == second and version.run_id == t.run_id
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
-    loaded = mlflow.pytorch.load_model("models:/lzn-tracking-test-model@candidate")
-    x = torch.randn(4, 3)
-    torch.testing.assert_close(loaded(x), module(x))
-
-
 def test_a_resumed_run_may_change_how_long_and_where_it_runs_but_not_what_it_trains(tmp_path):
     from types import SimpleNamespace
 
