@@ -5,7 +5,9 @@ MLflow store alone.
 Sections: the leaderboard (linked to the MLflow run pages), a parallel-coordinates plot of
 the swept hyperparameters against the sweep's metric, the training curves of the top trials,
 the best trial's sample grid and latent-zone plot, and, for generation tasks, RF next to
-RF + LZN (the best finished run of each objective in the experiment) when both exist.
+RF + LZN: the sweep's best trial beside the RF baseline the sweep trained at its values and
+budget (tag `lzn.sweep.baseline` = the parent run), else the best finished run of each
+objective in the experiment, when both exist.
 
 Everything comes from MLflow, so the report can be built on any machine that reaches the
 server: the sweep's parent run (tag `lzn.sweep`) gives the metric, its mode and the search
@@ -37,6 +39,7 @@ STATUS_TAG = "lzn.sweep.status"
 TOP_TRIALS = 5  # training curves drawn
 PLOTS = ("samples.png", "latent_zones.png")  # the best trial's images, as the training run logs them
 GENERATION_OBJECTIVES = {"rf": "RF", "generation": "RF + LZN"}
+BASELINE_TAG = "lzn.sweep.baseline"  # on a sweep's RF baseline run: the sweep's parent run id
 GENERATION_METRIC = "eval/fid"
 FID_SAMPLES = "eval/fid_samples"
 
@@ -217,11 +220,28 @@ def generation_pair(client, experiment_id: str) -> dict[str, Optional[Baseline]]
         if not scored:
             pair[label] = None
             continue
-        best = min(scored, key=lambda r: r.data.metrics[GENERATION_METRIC])
-        metrics = {k: v for k, v in best.data.metrics.items() if k.startswith("eval/")}
-        pair[label] = Baseline(label, best.info.run_id, best.info.run_name or best.info.run_id, metrics,
-                               image_data_uri(client, best.info.run_id, "samples.png"))
+        pair[label] = _baseline(client, label, min(scored, key=lambda r: r.data.metrics[GENERATION_METRIC]))
     return pair
+
+
+def _baseline(client, label: str, run) -> Baseline:
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    return Baseline(label, run.info.run_id, run.info.run_name or run.info.run_id, metrics,
+                    image_data_uri(client, run.info.run_id, "samples.png"))
+
+
+def sweep_pair(client, sweep: Optional[Sweep]) -> dict[str, Optional[Baseline]] | None:
+    """RF + LZN: the sweep's best trial; RF: the baseline the sweep trained at that trial's
+    values and budget. None when the sweep has no finished baseline with an FID."""
+    if sweep is None or sweep.best is None or not sweep.best.run_id:
+        return None
+    runs = client.search_runs([sweep.experiment_id], f"tags.`{BASELINE_TAG}` = '{sweep.parent_run_id}' "
+                              "and attributes.status = 'FINISHED'")
+    scored = [r for r in runs if _finite(r.data.metrics.get(GENERATION_METRIC))]
+    if not scored:
+        return None
+    return {"RF": _baseline(client, "RF", scored[0]),
+            "RF + LZN": _baseline(client, "RF + LZN", client.get_run(sweep.best.run_id))}
 
 
 # ------------------------------------------------------------------------------ figures
@@ -426,7 +446,7 @@ def build_report(uri: str, experiment: str | None = None, sweep: str | None = No
     experiment = experiment or latest_sweep_experiment(client)
     data = load_sweep(client, experiment, sweep)
     experiment_id = _experiment(client, experiment).experiment_id
-    pair = generation_pair(client, experiment_id)
+    pair = sweep_pair(client, data) or generation_pair(client, experiment_id)
     if data is None and pair is None:
         raise ReportError(f"experiment {experiment!r} holds no sweep and no RF/RF + LZN runs to compare: "
                           f"`make sweep TASK=<task>` makes a sweep")

@@ -8,9 +8,15 @@ lands in <output_dir>/<task>/sweeps/<sweep.name>/ (<scale> unless named); the sa
 continues an interrupted sweep. At the end the leaderboard is printed and saved
 (leaderboard.md, leaderboard.csv), and the best trial's config is written as a task file:
 `python -m pipelines.train --config-dir <sweep folder> task=best_<task>` trains it.
+
+A generation sweep (objective=generation) then trains the RF baseline, the same model without
+LZN (objective=rf), at the best trial's settings and budget in <sweep folder>/baseline/, as
+an MLflow run of the experiment tagged `lzn.sweep.baseline` = the parent run's id, so the
+report (`make report`) shows RF beside RF + LZN, samples and FID (sweep.baseline=false: not).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -83,6 +89,56 @@ def best_task_yaml(cfg: SweepRun, row) -> str:
             + OmegaConf.to_yaml(values))
 
 
+BASELINE_TAG = "lzn.sweep.baseline"  # on the RF run: the id of the sweep's parent run
+BASELINE_OF = {"generation": "rf"}  # objective swept -> its baseline without LZN
+
+
+def baseline_config(task_cfg: RunConfig, sweep: SweepConfig, params: dict | None = None) -> RunConfig | None:
+    """The baseline run of a sweep of `task_cfg` (None: its objective has none, or
+    sweep.baseline=false): the task at the trial values `params` with the baseline objective."""
+    objective = BASELINE_OF.get(task_cfg.objective)
+    if objective is None or not sweep.baseline:
+        return None
+    return trial_config(task_cfg, {**(params or {}), "objective": objective})
+
+
+def train_baseline(cfg: SweepRun, task_cfg: RunConfig, rows, sweep_dir: Path, meta, parent) -> dict | None:
+    """Train (or, already done, read) the RF baseline at the best finished trial's values and
+    budget; its metrics.json, or None when the sweep has no baseline or no finished trial."""
+    from orchestration.ray.train import fit_on_ray
+    from orchestration.reporting import finished_result
+
+    best = next((r for r in rows if r.status == "finished" and r.value is not None), None)
+    rf = baseline_config(task_cfg, cfg.sweep, best.params if best else None)
+    if rf is None or best is None:
+        return None
+    run_dir = sweep_dir / "baseline"
+    if finished_result(run_dir, cfg.sweep.metric, rf.train.iterations) is None:
+        if meta is not None:
+            meta = copy.deepcopy(meta)
+            meta.run_name = f"{cfg.sweep.name}-baseline-{rf.objective}"
+            # the sweep's registered model is the best config trained on its own, never the baseline
+            meta.tracking = dataclasses.replace(meta.tracking, register_model=False)
+            meta.tags = {**meta.tags, BASELINE_TAG: parent.run_id if parent else "", "lzn.baseline_trial": best.trial,
+                         "lzn.run_dir": str(run_dir)}
+        print(f"[sweep] training the baseline objective={rf.objective} at trial {best.trial}'s values "
+              f"({rf.train.iterations} steps) in {run_dir}", file=sys.stderr, flush=True)
+        fit_on_ray(rf, run_dir, meta)
+    from orchestration.folder import RunFolder
+
+    return RunFolder(run_dir).read_metrics()
+
+
+def baseline_line(cfg: SweepRun, rows, metrics: dict | None) -> str:
+    """One line for the leaderboard: the baseline's metric beside the best trial's."""
+    if metrics is None:
+        return ""
+    best = next(r for r in rows if r.status == "finished" and r.value is not None)
+    key = cfg.sweep.metric
+    return (f"\nRF baseline (objective={BASELINE_OF[cfg.objective]}, trial {best.trial}'s values and budget): "
+            f"{key} = {metrics.get(key, float('nan')):.6g}; RF + LZN (trial {best.trial}): {key} = {best.value:.6g}\n")
+
+
 def run(cfg: SweepRun, sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[str, Path]]:
     """Check, run (or resume) and record the sweep; returns (leaderboard rows, files written)."""
     from lzn.evaluate import metric_for_key
@@ -93,6 +149,8 @@ def run(cfg: SweepRun, sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[st
     validate_sweep(cfg.sweep, run_params(task_cfg))
     metric_for_key(task_cfg, cfg.sweep.metric)  # one the task's objective has
     check_values(task_cfg, cfg.sweep)
+    if (rf := baseline_config(task_cfg, cfg.sweep)) is not None:
+        validate_run(rf)  # the baseline too, before anything starts
     for note in smoke_space(cfg):
         print(note, file=sys.stderr)
     check_data(task_cfg.data)
@@ -113,13 +171,19 @@ def run(cfg: SweepRun, sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[st
     try:
         rows = run_sweep(task_cfg, cfg.sweep, sweep_dir, meta=meta, parent_run_id=parent and parent.run_id)
         files = write_results(cfg, rows, sweep_dir)
+        baseline = train_baseline(cfg, task_cfg, rows, sweep_dir, meta, parent)
+        if baseline is not None:
+            with files["leaderboard.md"].open("a") as f:
+                f.write(baseline_line(cfg, rows, baseline))
         if parent is not None:
             best = next((r for r in rows if r.status == "finished" and r.value is not None), None)
             counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "error")}
             parent.log_metrics({"sweep/trials": float(len(rows)), "sweep/finished": float(counts["finished"]),
                                 "sweep/stopped_early": float(counts["stopped early"]),
                                 "sweep/errors": float(counts["error"]),
-                                **({f"best/{cfg.sweep.metric}": best.value} if best else {})}, step=len(rows))
+                                **({f"best/{cfg.sweep.metric}": best.value} if best else {}),
+                                **({f"baseline/{cfg.sweep.metric}": baseline[cfg.sweep.metric]}
+                                   if baseline and cfg.sweep.metric in baseline else {})}, step=len(rows))
             for path in files.values():
                 parent.log_artifact(path)
         status = "FINISHED"

@@ -71,6 +71,9 @@ class SweepConfig:
     max_concurrent_trials: int = 0  # 0: as many as the cluster fits (trainer.* per trial)
     seed: int = 0  # of the search
     space: dict[str, ParamSpec] = field(default_factory=dict)  # config key -> how it varies
+    # A generation sweep (objective=generation) also trains the RF baseline (objective=rf, the
+    # same model without LZN) at the best trial's settings and budget (pipelines.sweep).
+    baseline: bool = True
 
 
 def validate_sweep(sweep: SweepConfig, base_params: dict[str, str]) -> None:

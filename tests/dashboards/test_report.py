@@ -119,3 +119,26 @@ def test_fids_from_different_sample_counts_are_flagged(store, tmp_path):
     text = build_report(store.uri, store.experiment, out=tmp_path / "r.html").read_text()
     assert "rf-more-samples" in text and "RF samples: not logged" in text
     assert "the two FIDs come from different sample counts (RF: 1257 vs RF + LZN: 500)" in text
+
+
+def test_the_sweeps_own_baseline_is_the_rf_side_beside_its_best_trial(mlflow_tracking_uri, tmp_path):
+    """The RF run the sweep trained at its best trial's values and budget (tag
+    lzn.sweep.baseline = the parent run) is the RF side, even beside a better RF run of other
+    settings; the sweep's best trial is the RF + LZN side."""
+    from mlflow import MlflowClient
+
+    from dashboards.report import build_report
+
+    sweep = make_sweep_store(mlflow_tracking_uri, with_rf=True)  # rf-seed0: FID 52, not the sweep's
+    client = MlflowClient(sweep.uri)
+    run = client.create_run(sweep.experiment_id, run_name="smoke-baseline-rf",
+                            tags={"lzn.sweep.baseline": sweep.parent_run_id})
+    client.log_param(run.info.run_id, "objective", "rf")
+    for key, value in {"eval/fid": 61.5, "eval/fid_samples": 500.0}.items():
+        client.log_metric(run.info.run_id, key, value, step=400)
+    client.set_terminated(run.info.run_id)
+    text = build_report(sweep.uri, sweep.experiment, out=tmp_path / "r.html").read_text()
+    section = text[text.index('id="rf-vs-lzn"'):]
+    best = min((t for t in TRIALS if t[1] == "finished"), key=lambda t: t[4])
+    assert "smoke-baseline-rf" in section and "rf-seed0" not in section
+    assert f"trial-{best[0]}" in section and "61.5" in section

@@ -65,3 +65,19 @@ def test_a_value_that_makes_an_invalid_trial_is_refused_before_the_sweep():
         check_values(cfg, cfg.sweep)
     ok = load("task=gen_cifar10")
     check_values(ok, ok.sweep)
+
+
+def test_a_generation_sweep_has_an_rf_baseline_at_the_trials_values_and_budget():
+    from orchestration.run import as_run_config
+    from pipelines.sweep import baseline_config
+
+    cfg = load("task=gen_digits")  # the default `make sweep`
+    task = as_run_config(cfg)
+    rf = baseline_config(task, cfg.sweep, {"optim.lr.decoder": 1.5e-3, "latent.dim": 8})
+    assert cfg.sweep.baseline and rf.objective == "rf" and task.objective == "generation"
+    assert rf.optim.lr["decoder"] == 1.5e-3 and rf.latent.dim == 8  # the best trial's values
+    assert (rf.train.iterations, rf.train.batch_size, rf.eval.fid_samples) == (400, 64, 500)  # its budget
+    assert (rf.model, rf.data) == (task.model, task.data)
+    assert baseline_config(task, dataclasses.replace(cfg.sweep, baseline=False)) is None
+    repr_cfg = load("task=repr_digits")  # representation: no RF baseline (its baseline is SimCLR, not swept)
+    assert baseline_config(as_run_config(repr_cfg), repr_cfg.sweep) is None
