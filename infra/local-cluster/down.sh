@@ -56,8 +56,8 @@ if [[ -f "$CREATED" ]]; then
     case "$kind" in
       uts) if mountpoint -q "$what" 2>/dev/null || findmnt -rn "$what" >/dev/null 2>&1; then umount "$what"; fi
            rm -f "$what" ;;
-      etc) [[ "$what" == /etc/netns/"$NAME"-node* ]] && rm -rf -- "$what"
-           rmdir /etc/netns 2>/dev/null || true ;;
+      etc) if [[ "$what" == /etc/netns ]]; then rmdir /etc/netns 2>/dev/null || true  # only if empty: another cluster's
+           elif [[ "$what" == /etc/netns/"$NAME"-node* ]]; then rm -rf -- "$what"; fi ;;
       netns) [[ -e "/run/netns/$what" ]] && ip netns del "$what" ;;
       link) ip link show "$what" >/dev/null 2>&1 && ip link del "$what" ;;
       *) say "warning: unknown record '$kind $what' in $CREATED, left alone" ;;

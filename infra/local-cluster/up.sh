@@ -58,7 +58,9 @@ claim() {  # KIND NAME EXISTS-COMMAND...: 0 if to be made, 1 if ours and present
   local kind="$1" name="$2"; shift 2
   if "$@" >/dev/null 2>&1; then
     was_created "$kind $name" && return 1
-    die "$kind $name exists but is not recorded in $CREATED: not ours, left alone (remove it by hand if it is a leftover: ip ${kind/etc/netns} del $name)"
+    local hint="ip $kind del $name"
+    [[ "$kind" == etc ]] && hint="rm -r $name"
+    die "$kind $name exists but is not recorded in $CREATED: not ours, left alone (if it is a leftover of a cluster whose state folder is gone: $hint)"
   fi
   return 0
 }
@@ -97,6 +99,7 @@ for k in $(seq "$N"); do
     ip -n "$ns" link set eth0 up
     ip -n "$ns" route add default via "$(gateway)"  # as a real host has one (Ray's own IP guess uses it)
   fi
+  if [[ ! -d /etc/netns ]]; then mkdir /etc/netns; record_created "etc /etc/netns"; fi
   etc="/etc/netns/$ns"
   if claim etc "$etc" test -e "$etc"; then
     mkdir -p "$etc"
