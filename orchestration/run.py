@@ -440,7 +440,8 @@ def _report(cfg: RunConfig, trainer: Trainer, data: EvalData, evaluated: dict | 
     checkpoint and the registered model."""
     model = LZNModel(trainer.ema, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), device)
     run_folder = RunFolder(run_dir)
-    pngs = write_run_artifacts(cfg, model, _zones_split(cfg, data), jsonl.rows(), run_folder.artifacts)
+    rows = jsonl.rows()
+    pngs = write_run_artifacts(cfg, model, _zones_split(cfg, data), rows, run_folder.artifacts)
     if evaluated is not None:
         metrics.update(evaluated)
     else:  # the evaluate stage's numbers of this very checkpoint stay (a re-run of train)
@@ -450,7 +451,9 @@ def _report(cfg: RunConfig, trainer: Trainer, data: EvalData, evaluated: dict | 
     run_folder.write_metrics(metrics)
     if tracker is None:
         return
-    tracker.log_metrics(metrics, step=trainer.step)
+    # A key the last step logged (train/skipped_steps) is in MLflow at this step already: once per step.
+    stepped = set(rows[-1]) if rows and rows[-1]["step"] == trainer.step else set()
+    tracker.log_metrics({k: v for k, v in metrics.items() if k not in stepped}, step=trainer.step)
     for png in pngs:
         tracker.log_artifact(png, "plots")
     tracker.log_artifact(run_folder.metrics)

@@ -64,6 +64,9 @@ def test_rerun_resumes_instead_of_restarting(tmp_path):
     client, run_id = mlflow_run(run_dir)
     assert run_id == first_run  # the same MLflow run continues
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in log]
+    for key in sorted({k for row in rows for k in row} - {"step"}):  # every key once a step, the summary's too
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [r["step"] for r in rows if key in r], key
     assert json.loads((run_dir / "metrics.json").read_text())["train/resumed_from_step"] == 2
 
 
