@@ -94,6 +94,8 @@ def measure(size: int, n: int, *, workers: int = 2, batch: int = 128, epochs: in
 
 
 def main(quick: bool = False) -> None:
+    from benchmarks import data_stream
+
     plan = [(32, 2000), (256, 200)] if quick else [(32, 20000), (256, 2000)]
     rows = []
     for size, n in plan:
@@ -102,7 +104,11 @@ def main(quick: bool = False) -> None:
     print(f"\nRead throughput through a torch DataLoader (batch 128, best of 2 epochs, "
           f"{torch.get_num_threads()} threads):")
     print(table(rows))
+    steps = data_stream.measure(quick=quick)
+    print("\nStep time, gen_digits on 1 Ray Train worker: data.loader=stream (Ray Data, one execution "
+          "for every pass) vs memory (best of 2 runs, without checkpoints)")
+    print(table(steps))
     OUT.mkdir(exist_ok=True)
     path = OUT / "data.json"
-    path.write_text(json.dumps(rows, indent=2))
+    path.write_text(json.dumps({"read": rows, "streamed_step": steps}, indent=2))
     print(f"\nwrote {path}")
