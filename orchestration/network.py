@@ -18,6 +18,7 @@ from typing import Callable, MutableMapping
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 _said: set[tuple] = set()  # what this process already printed
+_node_address: list[str] = []  # the address the last pick was for: this node's, for node_identity
 
 
 def interfaces() -> dict[str, list[str]]:
@@ -60,6 +61,8 @@ def pick_socket_interfaces(address: str, why: str, *, env: MutableMapping[str, s
     env = os.environ if env is None else env
     table = interfaces()
     name = interface_of(address, table)
+    if name is not None:
+        _node_address[:] = [address]
     chosen, kept = {}, {}
     for var in SOCKET_IFNAME_VARS:
         if env.get(var):
@@ -148,6 +151,8 @@ def node_identity() -> dict:
         pass
     if os.environ.get("SLURMD_NODENAME"):
         found["slurm_node"] = os.environ["SLURMD_NODENAME"]
+    if "ip" not in found and _node_address:  # the address pick_for_master found (rank 0's is not MASTER_ADDR's)
+        found["ip"] = _node_address[0]
     if "ip" not in found and os.environ.get("MASTER_ADDR"):
         try:
             found["ip"] = source_address(os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT") or 29500))

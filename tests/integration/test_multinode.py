@@ -125,3 +125,50 @@ def test_make_submit_to_the_two_node_jobs_api(ray_cluster, tmp_path):
     client = MlflowClient(rc.mlflow.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+
+
+# One rank per node, as Slurm's DDP launcher (submitit) or torchrun start them: MASTER_ADDR is
+# node 1's hostname, which is 127.0.1.1 on node 1 itself. pick=1 goes through the trainer's
+# own start (pipelines.stages.train._init_distributed), pick=0 calls init_process_group bare.
+RANK_CODE = """
+import datetime, json, os, sys
+import torch, torch.distributed as dist
+if sys.argv[1] == "1":
+    from pipelines.stages.train import _init_distributed
+    _init_distributed(torch.device("cpu"))
+else:
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=10))
+x = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(x)
+from orchestration.network import node_identity
+print(json.dumps({"sum": x.item(), "gloo": os.environ.get("GLOO_SOCKET_IFNAME"), "ip": node_identity().get("ip")}))
+"""
+
+
+def ranks_on_both_nodes(c: LocalCluster, pick: str, port: int) -> list[subprocess.CompletedProcess]:
+    base = {k: v for k, v in os.environ.items() if k not in SOCKET_VARS}
+    procs = []
+    for rank in (0, 1):
+        env = {**base, "MASTER_ADDR": c.hostname(1), "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
+        procs.append(c.popen_on(rank + 1, [sys.executable, "-c", RANK_CODE, pick], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def test_ddp_ranks_on_two_nodes_connect_over_eth0_where_bare_gloo_goes_to_loopback(ray_cluster):
+    c = ray_cluster.cluster
+    bare = ranks_on_both_nodes(c, "0", 29611)
+    assert any(d.returncode != 0 for d in bare)  # the issue's failure, reproduced on this cluster
+    assert "127.0.1.1" in "".join(d.stderr for d in bare) or "127.0.0.1" in "".join(d.stderr for d in bare)
+    picked = ranks_on_both_nodes(c, "1", 29612)
+    assert [d.returncode for d in picked] == [0, 0], [d.stderr[-2000:] for d in picked]
+    results = [json.loads(d.stdout.strip().splitlines()[-1]) for d in picked]
+    assert results == [{"sum": 3.0, "gloo": "eth0", "ip": c.node_ip(k)} for k in (1, 2)]  # what each rank records
+    assert "this node's route out (MASTER_ADDR=" in picked[0].stdout  # rank 0: its own name is loopback
+    assert f"the interface of {c.node_ip(2)}, this node's address towards MASTER_ADDR={c.hostname(1)}" \
+        in picked[1].stdout

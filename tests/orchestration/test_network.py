@@ -98,9 +98,14 @@ def test_an_unresolvable_master_addr_names_it():
 def test_node_identity_names_host_pid_and_slurm_node(monkeypatch):
     monkeypatch.setenv("SLURMD_NODENAME", "gpu-17")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setattr(network, "_node_address", [])  # no pick yet in this process
     found = network.node_identity()
     assert found["hostname"] == socket.gethostname() and found["pid"] == os.getpid()
     assert found["slurm_node"] == "gpu-17"
     name, ip = an_outside_address()
     monkeypatch.setenv("MASTER_ADDR", ip)
+    assert network.node_identity()["ip"] == ip
+    # After a pick, the address picked for: on rank 0's node MASTER_ADDR's route is loopback.
+    network.pick_socket_interfaces(ip, "identity test", env={}, say=lambda _: None)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert network.node_identity()["ip"] == ip
