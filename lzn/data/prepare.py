@@ -8,10 +8,16 @@ tasks from orchestration.ray.data). It is
 - crash-safe: each shard is renamed into place when complete and records the
   fingerprint of its inputs, so a re-run after a crash keeps the finished shards and
   writes only the rest; the manifest, written last, is removed before any rewrite;
-- tolerant: an item that does not decode is skipped and listed in the manifest.
+- tolerant: an item that does not decode is skipped and listed in the manifest;
+- what a task sees, when asked (`target`): every image converted to the task's channels and,
+  when its size differs, resized (shorter side) and centre-cropped (lzn.data.resize); the
+  manifest's "resize" records how and from which sizes;
+- held out: a dataset without a test or val split gets a stratified, seeded one (`holdout`,
+  lzn.data.holdout), recorded in the manifest's "holdout"; a split the data has is kept.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import hashlib
 import json
@@ -28,7 +34,9 @@ from lzn.data.shards import (
     MANIFEST, SCHEMA_VERSION, ShardSummary, encode_image, read_manifest, shard_fingerprint, shard_name,
     split_entry, summarize_shard, verify_shards, write_manifest, write_shard,
 )
-from lzn.data.sources import SOURCES, Item, SourceError
+from lzn.data.holdout import HELD_OUT, HELD_OUT_SPLITS, check_fraction, counts, hold_out
+from lzn.data.resize import METHOD, Target, prepared_pixels, source_shape
+from lzn.data.sources import SOURCES, Item, Listing, SourceError
 from lzn.errors import UserError
 
 EXECUTORS = ("auto", "ray", "process", "serial")
@@ -43,6 +51,9 @@ class PrepareConfig:
     raw_max_side: int = 64  # images up to this side are stored as raw pixels, larger ones as stored
     download: bool = False  # fetch the source when it can be downloaded (cifar10)
     verify: bool = True  # a re-run checks every shard's SHA-256 (else sizes only)
+    # Store every image as the task sees it: data.channels, data.image_size square (shorter side
+    # resized, centre crop). False: as the source stores them (a cropping augmentation needs those).
+    resize: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class ShardTask:
     items: tuple[Item, ...]
     first_index: int  # source_index of items[0]
     raw_max_side: int
+    target: Optional[Target] = None  # convert and resize every image to this (None: as stored)
 
 
 @dataclass
@@ -85,7 +97,8 @@ def run_shard_task(task: ShardTask) -> tuple[str, ShardSummary]:
     rows, rejected = [], []
     for k, item in enumerate(task.items):
         try:
-            cols = encode_image(item.read(), task.raw_max_side)
+            cols = encode_image(_target_image(item.read(), task.target, task.raw_max_side)
+                                if task.target else item.read(), task.raw_max_side)
         except Exception as e:  # noqa: BLE001 - PIL raises many types; any of them rejects the file
             # Without object addresses (PIL names its BytesIO): the same input gives the same shard.
             rejected.append({"path": item.path, "reason": re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")})
@@ -93,6 +106,20 @@ def run_shard_task(task: ShardTask) -> tuple[str, ShardSummary]:
         rows.append({**cols, "label": item.label, "class_name": item.class_name,
                      "source_index": task.first_index + k, "source_path": item.path})
     return task.path, write_shard(Path(task.path), rows, fingerprint=task.fingerprint, rejected=rejected)
+
+
+def _target_image(data, target: Target, raw_max_side: int):
+    """The task's pixels: raw up to raw_max_side, else PNG (lossless) bytes."""
+    pixels = prepared_pixels(data, target)
+    if target.size <= raw_max_side:
+        return pixels
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if target.channels == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def serial_map(fn: Callable, tasks: Iterable) -> Iterator:
@@ -124,7 +151,7 @@ def process_map(workers: int) -> MapFn:
 
 
 def plan_shards(items: list[Item], split_dir: Path, *, shard_bytes: int, shard_rows: int, raw_max_side: int,
-                salt: str) -> list[ShardTask]:
+                salt: str, target: Optional[Target] = None) -> list[ShardTask]:
     """Pack `items` (in order) into shards of at most `shard_bytes` / `shard_rows`."""
     groups, current, size = [], [], 0
     for item in items:
@@ -140,15 +167,47 @@ def plan_shards(items: list[Item], split_dir: Path, *, shard_bytes: int, shard_r
         h = hashlib.sha256(f"{salt}|{first}".encode())
         for item in group:
             h.update(f"{item.path}|{item.stamp}|{item.label}|{item.class_name}\n".encode())
-        tasks.append(ShardTask(str(split_dir / shard_name(index)), h.hexdigest(), tuple(group), first, raw_max_side))
+        tasks.append(ShardTask(str(split_dir / shard_name(index)), h.hexdigest(), tuple(group), first, raw_max_side,
+                               target))
         first += len(group)
     return tasks
 
 
+def split_off_holdout(listing: Listing, fraction: float, seed: int) -> Optional[dict]:
+    """Without a held-out split (HELD_OUT_SPLITS), move a stratified, seeded `fraction` of
+    train to a new HELD_OUT split, in listing order; the manifest's record of it, or None when
+    the data has its own (kept as it is) or fraction is 0."""
+    check_fraction(fraction)
+    if fraction == 0 or "train" not in listing.splits or any(listing.splits.get(s) for s in HELD_OUT_SPLITS):
+        return None
+    items = listing.splits["train"]
+    held = hold_out([i.label for i in items], fraction, seed)
+    if not held.any():
+        raise SourceError(f"data.holdout={fraction} holds out no image of the {len(items)} in train (every class "
+                          "needs 2 or more): add images, or make a test/ split yourself")
+    listing.splits = {**listing.splits, "train": [i for i, h in zip(items, held) if not h],
+                      HELD_OUT: [i for i, h in zip(items, held) if h]}
+    return {"from": "train", "to": HELD_OUT, "fraction": fraction, "seed": seed, "stratified_by": "class",
+            "counts": counts([i.class_name for i in items], held)}
+
+
+def resize_record(listing: Listing, target: Target) -> dict:
+    """The manifest's record of what the prepare stage did to the images' sizes and modes."""
+    shapes = {split: collections.Counter(filter(None, (source_shape(i.ref) for i in items)))
+              for split, items in listing.splits.items()}
+    changed = lambda shape: shape.split("x")[:2] != [str(target.size)] * 2
+    return {"size": target.size, "channels": target.channels, "method": METHOD,
+            "source_sizes": {s: dict(sorted(c.items())) for s, c in shapes.items()},
+            "resized": {s: sum(n for shape, n in c.items() if changed(shape)) for s, c in shapes.items()}}
+
+
 def prepare_dataset(source: str, root: Optional[str], dataset_dir: Path, cfg: PrepareConfig, *,
                     splits: Optional[list[str]] = None, map_fn: Optional[MapFn] = None,
-                    progress: bool = True) -> PrepareReport:
-    """Prepare `source` (read from `root`) as shards in `dataset_dir` (see the module doc)."""
+                    progress: bool = True, target: Optional[Target] = None, holdout: float = 0.0,
+                    holdout_seed: int = 0) -> PrepareReport:
+    """Prepare `source` (read from `root`) as shards in `dataset_dir` (see the module doc):
+    images as `target` (None: as stored); `holdout` of each class held out when there is no
+    held-out split."""
     if source not in SOURCES:
         raise SourceError(f"unknown data source {source!r}; expected one of {sorted(SOURCES)}")
     if cfg.shard_mb <= 0 or cfg.shard_rows < 1 or cfg.raw_max_side < 0:
@@ -158,12 +217,14 @@ def prepare_dataset(source: str, root: Optional[str], dataset_dir: Path, cfg: Pr
     listing = SOURCES[source](root, download=cfg.download, splits=splits)
     if not any(listing.splits.values()):
         raise SourceError(f"source {source!r} at {root} lists no images in any split")
-    salt = f"v{SCHEMA_VERSION}|{cfg.raw_max_side}|{listing.pixel_max}"
+    held_out = split_off_holdout(listing, holdout, holdout_seed)
+    resized = resize_record(listing, target) if target else None
+    salt = f"v{SCHEMA_VERSION}|{cfg.raw_max_side}|{listing.pixel_max}|{target.shape if target else 'as stored'}"
     plan = {split: plan_shards(items, dataset_dir / split, shard_bytes=int(cfg.shard_mb * 2**20),
-                               shard_rows=cfg.shard_rows, raw_max_side=cfg.raw_max_side, salt=salt)
+                               shard_rows=cfg.shard_rows, raw_max_side=cfg.raw_max_side, salt=salt, target=target)
             for split, items in listing.splits.items()}
     fingerprint = hashlib.sha256(json.dumps(
-        {"classes": listing.classes, "rejected": listing.rejected,
+        {"classes": listing.classes, "rejected": listing.rejected, "holdout": held_out, "resize": resized,
          "shards": {s: [t.fingerprint for t in ts] for s, ts in plan.items()}}, sort_keys=True).encode()).hexdigest()
 
     bad: set[str] = set()
@@ -209,7 +270,7 @@ def prepare_dataset(source: str, root: Optional[str], dataset_dir: Path, cfg: Pr
         "schema_version": SCHEMA_VERSION, "name": dataset_dir.name,
         "source": {"kind": source, "root": None if root is None else str(Path(root).expanduser().resolve())},
         "fingerprint": fingerprint, "pixel_max": listing.pixel_max, "classes": listing.classes,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "splits": entries,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resize": resized, "holdout": held_out, "splits": entries,
     })
     return PrepareReport(dataset_dir, {s: e["rows"] for s, e in entries.items()}, len(todo), len(kept),
                          repaired=sorted(bad), rejected=sum(len(e["rejected"]) for e in entries.values()))
