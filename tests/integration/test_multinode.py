@@ -137,7 +137,11 @@ if sys.argv[1] == "1":
     from pipelines.stages.train import _init_distributed
     _init_distributed(torch.device("cpu"))
 else:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=10))
+    # The store waits for rank 0 as long as a busy machine needs; Gloo's own connect, 10 s.
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), 2, os.environ["RANK"] == "0",
+                          timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=int(os.environ["RANK"]), world_size=2,
+                            timeout=datetime.timedelta(seconds=10))
 x = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(x)
 from orchestration.network import node_identity
@@ -163,8 +167,9 @@ def ranks_on_both_nodes(c: LocalCluster, pick: str, port: int) -> list[subproces
 def test_ddp_ranks_on_two_nodes_connect_over_eth0_where_bare_gloo_goes_to_loopback(ray_cluster):
     c = ray_cluster.cluster
     bare = ranks_on_both_nodes(c, "0", 29611)
-    assert any(d.returncode != 0 for d in bare)  # the failure, reproduced on this cluster
-    assert "127.0.1.1" in "".join(d.stderr for d in bare) or "127.0.0.1" in "".join(d.stderr for d in bare)
+    errors = "".join(d.stderr for d in bare)
+    assert any(d.returncode != 0 for d in bare), errors[-2000:]  # the failure, reproduced on this cluster
+    assert "Gloo connectFullMesh failed" in errors and "remote=[127.0.1.1]" in errors, errors[-3000:]
     picked = ranks_on_both_nodes(c, "1", 29612)
     assert [d.returncode for d in picked] == [0, 0], [d.stderr[-2000:] for d in picked]
     results = [json.loads(d.stdout.strip().splitlines()[-1]) for d in picked]
