@@ -169,6 +169,7 @@ class SimCLRTwoView(BatchAugment):
         first = images[0]
         out = torch.empty((len(images), first.shape[0], self.size, self.size), dtype=first.dtype)
         x = torch.empty(out.shape[1:], dtype=first.dtype)
+        work = image_ops.Workspace(first.dtype)
         ops = (image_ops.brightness_, image_ops.contrast_, image_ops.saturation_, image_ops.hue_)
         rows = zip(images, p.boxes.tolist(), p.flip.tolist(), p.jitter.tolist(), p.order.tolist(),
                    p.factors.tolist(), p.gray.tolist(), image_ops.blur_taps(self.kernel, p.sigma))
@@ -176,9 +177,9 @@ class SimCLRTwoView(BatchAugment):
             image_ops.crop_into_(x, image, box, flip)
             if jitter:
                 for op in order:
-                    ops[op](x, factors[op])
-            y = image_ops.gray_plane(x) if gray and x.shape[0] == 3 else x
-            image_ops.gaussian_blur_into(slot, y, taps, scale=2.0, shift=-1.0)  # to [-1, 1]
+                    ops[op](x, factors[op], work)
+            y = image_ops.gray_plane(x, work) if gray and x.shape[0] == 3 else x
+            image_ops.gaussian_blur_into(slot, y, taps, scale=2.0, shift=-1.0, work=work)  # to [-1, 1]
         return out
 
     def _view(self, images: Images, p: SimCLRParams, order: Tensor, ints: Tensor, floats: Tensor) -> Tensor:

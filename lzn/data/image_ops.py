@@ -12,6 +12,8 @@ Images: (C, H, W) float in [0, 1], C = 1 or 3; ops ending in _ work in place.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -25,32 +27,53 @@ from lzn.data.transforms import LUMA
 TAP_FLOOR = 2.0 ** -40
 
 
-def gray_plane(x: Tensor) -> Tensor:
+class Workspace:
+    """Scratch tensors reused from image to image (one per caller and thread): a fresh
+    buffer of ~1 MB costs its page faults every time on a CPU, ~10% of a view here."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype, self._flat = dtype, {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialised tensor of `shape`, the same memory for `name` on every call."""
+        n = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < n:
+            flat = self._flat[name] = torch.empty(n, dtype=self.dtype)
+        return flat[:n].view(shape)
+
+
+def _scratch(work: Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype) if work is None else work.get(name, shape)
+
+
+def gray_plane(x: Tensor, work: Workspace | None = None) -> Tensor:
     """(1, H, W) luma of a 3-channel image, torchvision's sum in torchvision's order."""
     r, g, b = x
-    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(0)
+    out = _scratch(work, "gray", (1, *x.shape[1:]), x.dtype)
+    return torch.mul(r, LUMA[0], out=out[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(0)
 
 
-def brightness_(x: Tensor, factor: float) -> Tensor:
+def brightness_(x: Tensor, factor: float, work: Workspace | None = None) -> Tensor:
     """F.adjust_brightness: factor x clamped to [0, 1]."""
     return x.mul_(factor).clamp_(0, 1)
 
 
-def contrast_(x: Tensor, factor: float) -> Tensor:
+def contrast_(x: Tensor, factor: float, work: Workspace | None = None) -> Tensor:
     """F.adjust_contrast: blend with the mean of the image's grayscale."""
-    mean = (gray_plane(x) if x.shape[0] == 3 else x).mean()
+    mean = (gray_plane(x, work) if x.shape[0] == 3 else x).mean()
     return x.mul_(factor).add_(mean, alpha=1.0 - factor).clamp_(0, 1)
 
 
-def saturation_(x: Tensor, factor: float) -> Tensor:
+def saturation_(x: Tensor, factor: float, work: Workspace | None = None) -> Tensor:
     """F.adjust_saturation: blend with the image's grayscale; a 1-channel image is unchanged."""
     if x.shape[0] == 1:
         return x
-    gray = gray_plane(x)  # before x changes
+    gray = gray_plane(x, work)  # before x changes
     return x.mul_(factor).add_(gray, alpha=1.0 - factor).clamp_(0, 1)
 
 
-def hue_(x: Tensor, shift: float) -> Tensor:
+def hue_(x: Tensor, shift: float, work: Workspace | None = None) -> Tensor:
     """F.adjust_hue by `shift` turns in [-0.5, 0.5]; a 1-channel image has no hue.
 
     As torchvision's RGB -> HSV -> RGB round trip, keeping value (max) and chroma (max - min):
@@ -61,7 +84,7 @@ def hue_(x: Tensor, shift: float) -> Tensor:
     if x.shape[0] == 1:
         return x
     r, g, b = x
-    hi, lo, chroma, hue, t, mask = torch.empty((6, *x.shape[1:]), dtype=x.dtype)
+    hi, lo, chroma, hue, t, mask = _scratch(work, "hue", (6, *x.shape[1:]), x.dtype)
     torch.maximum(torch.maximum(r, g, out=hi), b, out=hi)
     torch.minimum(torch.minimum(r, g, out=lo), b, out=lo)
     torch.sub(hi, lo, out=chroma)
@@ -106,7 +129,7 @@ def band_matrix(taps: list[float], block: int) -> Tensor:
 
 
 def gaussian_blur_into(out: Tensor, x: Tensor, taps: list[float], *, scale: float = 1.0, shift: float = 0.0,
-                       block: int = 16) -> Tensor:
+                       block: int = 16, work: Workspace | None = None) -> Tensor:
     """out = clamp(scale blur(x) + shift) per channel, F.gaussian_blur with 1-d kernel `taps`
     over reflect-padded edges (torchvision's padding). x: (C, H, W), H, W > len(taps) // 2;
     out: (C', H, W) with C' = C, or C = 1 for a grey image whose channel is copied to all C'.
@@ -123,17 +146,31 @@ def gaussian_blur_into(out: Tensor, x: Tensor, taps: list[float], *, scale: floa
         y = x.mul(taps[0])
     else:
         bh, bw = _block(h, block), _block(w, block)
-        padded = F.pad(x[None], (r, r, r, r), mode="reflect")[0]  # (C, H + 2r, W + 2r)
+        padded = _reflect_pad(x, r, _scratch(work, "padded", (c, h + 2 * r, w + 2 * r), x.dtype))
         # Horizontal: windows of bw + 2r columns every bw, rows ordered (H + 2r, C): one GEMM.
-        windows = padded.permute(1, 0, 2).unfold(2, bw + 2 * r, bw).reshape(-1, bw + 2 * r)
-        rows = torch.mm(windows, band_matrix(taps, bw).t()).view(h + 2 * r, c * w)
+        windows = _scratch(work, "windows", (h + 2 * r, c, w // bw, bw + 2 * r), x.dtype)
+        windows.copy_(padded.permute(1, 0, 2).unfold(2, bw + 2 * r, bw))
+        rows = torch.mm(windows.view(-1, bw + 2 * r), band_matrix(taps, bw).t(),
+                        out=_scratch(work, "rows", ((h + 2 * r) * c * w // bw, bw), x.dtype)).view(h + 2 * r, c * w)
         # Vertical: windows of bh + 2r rows every bh, each (bh + 2r, C W), one batched GEMM.
         stacked = rows.as_strided((h // bh, bh + 2 * r, c * w), (bh * c * w, c * w, 1))
-        y = torch.matmul(band_matrix(taps, bh), stacked).view(h, c, w).permute(1, 0, 2)
+        y = _scratch(work, "blurred", (h // bh, bh, c * w), x.dtype)
+        y = torch.matmul(band_matrix(taps, bh), stacked, out=y).view(h, c, w).permute(1, 0, 2)
     if c != out.shape[0]:
         y = y.expand(out.shape[0], h, w)
     return torch.add(torch.tensor(shift, dtype=out.dtype), y, alpha=scale, out=out).clamp_(
         min(shift, scale + shift), max(shift, scale + shift))
+
+
+def _reflect_pad(x: Tensor, r: int, out: Tensor) -> Tensor:
+    """out (C, H + 2r, W + 2r) = F.pad(x, (r, r, r, r), mode="reflect"), into given memory."""
+    _, h, w = x.shape
+    out[:, r : r + h, r : r + w] = x
+    out[:, r : r + h, :r] = x[:, :, 1 : r + 1].flip(-1)  # the edge itself is not repeated
+    out[:, r : r + h, r + w :] = x[:, :, w - r - 1 : w - 1].flip(-1)
+    out[:, :r] = out[:, r + 1 : 2 * r + 1].flip(-2)
+    out[:, r + h :] = out[:, h - 1 : h + r - 1].flip(-2)
+    return out
 
 
 def _block(n: int, block: int) -> int:
