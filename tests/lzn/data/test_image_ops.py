@@ -92,3 +92,17 @@ def test_crop_into_is_torchvisions_resized_crop_mapped_to_unit_range(flip):
         ref = F.resized_crop(image, *box, [16, 16], antialias=True)
         ref = F.hflip(ref) if flip else ref
         torch.testing.assert_close(out, ((ref + 1) / 2).clamp(0, 1), atol=ATOL, rtol=0)
+
+
+def test_a_reused_workspace_gives_the_views_of_fresh_memory():
+    # Scratch left over from a wider blur, a colour image and a hue must not leak into the next op.
+    work = image_ops.Workspace()
+    x, gray = _rand(3, 32, 32, seed=7), _rand(1, 32, 32, seed=8)
+    wide, narrow = image_ops.blur_taps(23, torch.tensor([2.0, 0.4]))
+    image_ops.hue_(x.clone(), 0.1, work)
+    image_ops.gaussian_blur_into(torch.empty(3, 32, 32), x, wide, work=work)
+    for image, taps in [(gray, narrow), (x, narrow), (gray, wide)]:
+        fresh = image_ops.gaussian_blur_into(torch.empty(3, 32, 32), image, taps)
+        assert torch.equal(image_ops.gaussian_blur_into(torch.empty(3, 32, 32), image, taps, work=work), fresh)
+    assert torch.equal(image_ops.hue_(x.clone(), -0.15, work), image_ops.hue_(x.clone(), -0.15))
+    assert torch.equal(image_ops.saturation_(x.clone(), 0.3, work), image_ops.saturation_(x.clone(), 0.3))
