@@ -6,6 +6,7 @@ never import paths:
     encoder = build_encoder("ncsnpp_cifar10", latent_dim=200, image_size=32, channels=3)
     decoder = build_decoder("ddpmpp_cifar10", image_size=32, channels=3, cond_dim=200)
 
+`model.encoder=auto` / `decoder=auto` pick these by image size (`lzn.models.presets`).
 `overrides` replace fields of the preset's config dataclass (`NCSNppEncoderConfig`,
 `UNetConfig`, ...), e.g. `build_decoder("ddpmpp_cifar10", ..., dropout=0.0)`; an unknown
 key is a ValueError listing the valid ones.
@@ -13,10 +14,14 @@ key is a ValueError listing the valid ones.
 | name | kind | paper params | ours (3 ch, q = 200, ResNet q = 256) |
 | --- | --- | --- | --- |
 | digits_cnn | encoder, 1x8x8 | - | 66,976 (1 ch, q = 16) |
+| ncsnpp_tiny | encoder, <= 32 px (CPU) | - | 859,184 (32 px, `model.encoder=auto`'s heads) |
+| ncsnpp_128 | encoder, 96-128 px | - | 86,864,832 (128 px) |
 | ncsnpp_cifar10 | encoder | 49.8M | 49,790,260 |
 | ncsnpp_256 | encoder | 87.8M | 87,768,896 |
 | resnet50_gn | encoder | 24.0M | 28,231,232 (the described head adds 4.7M) |
 | unet_digits | decoder, 1x8x8 | - | 189,025 (1 ch, cond 4) |
+| unet_tiny | decoder, <= 32 px (CPU) | - | 757,603 (32 px) |
+| ncsnpp_128 | decoder, 96-128 px | - | 62,568,338 (128 px) |
 | ddpmpp_cifar10 | decoder | 61.9M | 61,906,819 (cond 200) |
 | ncsnpp_256 | decoder | 65.7M | 65,676,821 (cond 200) |
 """

@@ -206,6 +206,14 @@ ENCODER_PRESETS: dict[str, tuple[type[nn.Module], object]] = {
     "ncsnpp_256": (NCSNppEncoder, NCSNppEncoderConfig(
         ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2, dropout=0.0, fir=True, input_skip=True,
         head_resolutions=(64, 32, 16, 8, 4))),
+    # A CPU-sized NCSN++ for <= 32 px (lzn.models.presets): one block per level, narrow heads.
+    "ncsnpp_tiny": (NCSNppEncoder, NCSNppEncoderConfig(
+        nf=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, head_channels=8,
+        head_hidden=64)),
+    # 65-128 px: the 256 px encoder's widths at each resolution from 128 down (one level fewer).
+    "ncsnpp_128": (NCSNppEncoder, NCSNppEncoderConfig(
+        ch_mult=(1, 2, 2, 2, 2, 2), num_res_blocks=2, dropout=0.0, fir=True, input_skip=True,
+        head_resolutions=(64, 32, 16, 8, 4))),
     # Paper (CS2 ImageNet): "24.0M" params with latent_dim 256; see tests for the real count.
     "resnet50_gn": (ResNet50GN, ResNet50GNConfig()),
 }

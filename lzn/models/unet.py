@@ -9,6 +9,8 @@ per-channel bias as the time.
 
 Presets (`UNET_PRESETS`; parameter counts for 3 channels and cond_dim 200):
 - "unet_digits": tiny, for 1x8x8 digits on a laptop CPU (189k params at 1 channel, cond 4).
+- "unet_tiny": for 8-32 px on a CPU (nf 16, ch_mult 1,2,4, 1 block): 757,603 at 32 px.
+- "ncsnpp_128": the 256 px network's widths per resolution from 128 down: 62,568,338 at 128 px.
 - "ddpmpp_cifar10": RF's CIFAR10 DDPM++ (nf 128, ch_mult 1,2,2,2, 4 blocks, attn 16,
   dropout 0.15, positional time embedding, skip_rescale): 61,906,819. Paper: 61.9M.
 - "ncsnpp_256": score_sde's CelebA-HQ NCSN++ (Fourier embedding, ch_mult 1,1,2,2,2,2,2,
@@ -72,9 +74,15 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     # ~0.19M params: one block per level keeps a CPU step at ~50 ms for a batch of 16.
     "unet_digits": UNetConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                               dropout=0.0),
+    # A CPU-sized U-Net for <= 32 px (lzn.models.presets), attention at the lowest resolution.
+    "unet_tiny": UNetConfig(nf=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
     "ddpmpp_cifar10": UNetConfig(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
                                  dropout=0.15),
     "ncsnpp_256": UNetConfig(nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2,
+                             attn_resolutions=(16,), dropout=0.0, fir=True, output_skip=True,
+                             input_skip=True, embedding="fourier", scale_by_sigma=True),
+    # 65-128 px: the 256 px network's widths at each resolution from 128 down (one level fewer).
+    "ncsnpp_128": UNetConfig(nf=128, ch_mult=(1, 2, 2, 2, 2, 2), num_res_blocks=2,
                              attn_resolutions=(16,), dropout=0.0, fir=True, output_skip=True,
                              input_skip=True, embedding="fourier", scale_by_sigma=True),
 }

@@ -60,8 +60,8 @@ PAPER_PRESETS = [("encoder", n) for n in PAPER_ENCODERS] + [("decoder", n) for n
 
 # ------------------------------------------------------------------------------ registry
 def test_registries_list_every_preset_and_reject_unknown_names():
-    assert set(ENCODERS) == {"digits_cnn", "ncsnpp_cifar10", "ncsnpp_256", "resnet50_gn"}
-    assert set(DECODERS) == {"unet_digits", "ddpmpp_cifar10", "ncsnpp_256"}
+    assert set(ENCODERS) == {"digits_cnn", "ncsnpp_tiny", "ncsnpp_cifar10", "ncsnpp_128", "ncsnpp_256", "resnet50_gn"}
+    assert set(DECODERS) == {"unet_digits", "unet_tiny", "ddpmpp_cifar10", "ncsnpp_128", "ncsnpp_256"}
     with pytest.raises(ValueError, match="unknown encoder 'vit'.*digits_cnn.*resnet50_gn"):
         build_encoder("vit", latent_dim=8, image_size=8, channels=1)
     with pytest.raises(ValueError, match="unknown decoder 'dit'.*ddpmpp_cifar10.*unet_digits"):
