@@ -40,8 +40,9 @@ eval: setup
 sweep: setup
 	$(PY) -m pipelines.sweep task=$(TASK) $(ARGS)
 
-# The pipeline as a Slurm job (submitit): training, or the sweep with SWEEP=1; where and how from
-# the `slurm` config (pipelines/conf/slurm/; local: the cluster of infra/slurm/up.sh).
+# The pipeline as a Slurm job (submitit): the stage DAG as `make train` runs it (done stages are
+# skipped), or the sweep with SWEEP=1; where and how from the `slurm` config
+# (pipelines/conf/slurm/; local: the cluster of infra/slurm/up.sh, one node or --nodes N).
 slurm: setup
 	$(PY) -m pipelines.slurm task=$(TASK) $(if $(filter 1 true yes,$(SWEEP)),mode=sweep) $(ARGS)
 

@@ -2,9 +2,11 @@
 machine, brought up by infra/slurm/up.sh (munge, slurmctld, slurmd; installed with apt-get
 on a fresh machine) on ports of its own and stopped by infra/slurm/down.sh at the end.
 
-A digits training job on a Ray cluster inside the allocation is requeued with `scontrol
-requeue` once it has a checkpoint: the same job id runs again, resumes from that checkpoint,
-and continues the same MLflow run (the session's server, $MLFLOW_TRACKING_URI). A 2-trial
+A digits job of the stage DAG (pipelines.run) on a Ray cluster inside the allocation is
+requeued with `scontrol requeue` once it has a checkpoint: the same job id runs again, skips
+the prepared data, resumes from that checkpoint, continues the same MLflow run (the session's
+server, $MLFLOW_TRACKING_URI) and evaluates on Ray actors; the same job submitted again skips
+every stage. A 2-trial
 sweep runs as a Slurm job. The DDP launcher trains as 2 Slurm tasks and is preempted the way
 Slurm warns of a time limit (USR2): the job checkpoints, requeues itself and resumes. Bad
 input fails before anything is submitted."""
@@ -185,12 +187,14 @@ def ray_processes_of(job_id: str) -> list[int]:
     return found
 
 
-def test_a_training_job_requeued_midway_resumes_from_its_checkpoint_into_the_same_mlflow_run(slurm, tmp_path):
+def test_a_dag_job_requeued_midway_resumes_from_its_checkpoint_into_the_same_mlflow_run_and_skips_done_stages(
+        slurm, tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "slurm.log"
     # 60 short steps: the requeue lands between the first checkpoint (step 10) and the end.
-    with submitted(slurm, *SMOKE, f"output_dir={out}", "trainer.num_workers=1", "train.iterations=60",
-                   "train.checkpoint_every=10", log=log) as proc:
+    job_args = (*SMOKE, f"output_dir={out}", "trainer.num_workers=1", "train.iterations=60",
+                "train.checkpoint_every=10")
+    with submitted(slurm, *job_args, log=log) as proc:
         run_dir = out / "gen_digits" / "smoke-seed0"
         wait_for_checkpoint(lambda: committed_checkpoint(run_dir), proc, log)
         job_id = job_id_in(log)
@@ -200,6 +204,14 @@ def test_a_training_job_requeued_midway_resumes_from_its_checkpoint_into_the_sam
 
     assert f"Slurm job {job_id} ended COMPLETED" in text
     assert f"[slurm] job {job_id} task 0/1 on" in text and "attempt 2, launcher=ray" in text
+    assert f"-m pipelines.run {' '.join(job_args[:1])}" in text  # the job runs the stage DAG
+    attempt2 = text[text.index("attempt 2, launcher=ray"):]
+    assert "[pipeline] prepare: up to date, skipped" in attempt2 and "[pipeline] train: running" in attempt2
+    records = {s: json.loads((run_dir / "pipeline" / f"{s}.json").read_text())
+               for s in ("prepare", "train", "evaluate", "report")}
+    evaluation = Path(records["evaluate"]["outputs"]["metrics"]["path"]).parent
+    workers = json.loads((evaluation / "parts" / "workers.json").read_text())  # the Ray actors' parts
+    assert workers and all(w["pid"] > 0 for w in workers.values())
     job_dir = run_dir / "slurm" / job_id  # the job and log folders that were reported
     assert f"job folder: {job_dir}" in text and f"run folder: {run_dir}" in text
     heads = [job_dir / f"ray_head.{job_id}.{attempt}.json" for attempt in (0, 1)]  # a head per attempt
@@ -220,6 +232,15 @@ def test_a_training_job_requeued_midway_resumes_from_its_checkpoint_into_the_sam
     assert run.data.metrics["eval/fid"] == pytest.approx(metrics["eval/fid"])
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, 61))  # every step once: none lost, none logged twice
+
+    # The same job again: every stage is done, so it trains and evaluates nothing.
+    log2 = tmp_path / "slurm-again.log"
+    with submitted(slurm, *job_args, log=log2) as proc:
+        again = finish(proc, log2)
+    assert "stages: prepare skipped, train skipped, evaluate skipped, report skipped" in again
+    assert json.loads((run_dir / "pipeline" / "evaluate.json").read_text()) == records["evaluate"]
+    assert len(client.search_runs([run.info.experiment_id], f"tags.`lzn.run_dir` = '{run_dir}'")) == 1
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 61))
 
 
 def test_a_two_trial_sweep_runs_as_a_slurm_job(slurm, tmp_path):
