@@ -13,10 +13,12 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from lzn.data.holdout import check_fraction
 from lzn.data.prepare import EXECUTORS, PrepareConfig
 from lzn.errors import UserError
 from lzn.models import build_decoder, build_encoder
 from lzn.models.anchors import LabelAnchors
+from lzn.models.presets import AUTO, preset_for
 from lzn.objectives import (
     AlignConfig,
     GenerationObjective,
@@ -39,6 +41,10 @@ class DataConfig:
     root: Optional[str] = role_field(Role.RUNTIME, default=None)
     # imagefolder: the split folders to read (None: those found).
     splits: Optional[list[str]] = role_field(Role.TRAINING, default=None)
+    # Data without a test or val split: this fraction of each class is held out as "test",
+    # picked with holdout_seed (lzn.data.holdout; 0: none). A split the data has is kept.
+    holdout: float = role_field(Role.TRAINING, default=0.1)
+    holdout_seed: int = role_field(Role.TRAINING, default=0)
     shards_dir: str = role_field(Role.RUNTIME, default="data")  # where prepared datasets live
     image_size: int = role_field(Role.TASK, default=8)
     channels: int = role_field(Role.TASK, default=1)
@@ -64,8 +70,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: Optional[str] = None  # lzn.models.ENCODERS
-    decoder: Optional[str] = None  # lzn.models.DECODERS
+    encoder: Optional[str] = None  # lzn.models.ENCODERS, or auto: sized from data.image_size (lzn.models.presets)
+    decoder: Optional[str] = None  # lzn.models.DECODERS, or auto
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     decoder_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -77,7 +83,9 @@ class EvalConfig:
     sampler: str = "euler"  # image ODE: euler or rk45
     sampler_steps: int = 10
     fid_samples: int = 0  # 0: as many as the reference (training) set
-    fid_features: str = "digits_cnn"  # digits_cnn or inception
+    # digits_cnn (8x8 digits), inception (the standard FID; needs its weights) or pixels (Frechet
+    # distance of pixels pooled to 8x8, lzn.metrics.pixel_features: no network, not comparable to FID)
+    fid_features: str = "digits_cnn"
     inception_weights: Optional[str] = role_field(Role.RUNTIME, default=None)
     probe_epochs: int = 300
     probe_lr: float = 3e-4  # the paper's; small datasets need more (digits: 3e-3)
@@ -123,18 +131,34 @@ class TaskConfig:
     simclr_temperature: float = role_field(Role.TRAINING, default=0.5)
 
 
+def model_presets(cfg: TaskConfig) -> tuple[tuple[Optional[str], dict], tuple[Optional[str], dict]]:
+    """(encoder name, overrides), (decoder name, overrides) that the task builds: `auto`
+    resolved from data.image_size (lzn.models.presets.preset_for), the task's overrides on top."""
+    m = cfg.model
+    sized = None
+    if AUTO in (m.encoder, m.decoder):
+        sized = preset_for(cfg.data.image_size, decoder=cfg.objective not in TWO_VIEW_OBJECTIVES)
+    encoder = ((sized.encoder, {**sized.encoder_overrides, **m.encoder_overrides}) if m.encoder == AUTO
+               else (m.encoder, dict(m.encoder_overrides)))
+    decoder = ((sized.decoder, {**sized.decoder_overrides, **m.decoder_overrides}) if m.decoder == AUTO
+               else (m.decoder, dict(m.decoder_overrides)))
+    return encoder, decoder
+
+
 def _encoder(cfg: TaskConfig) -> nn.Module:
-    if not cfg.model.encoder:
+    (name, overrides), _ = model_presets(cfg)
+    if not name:
         raise UserError(f"objective {cfg.objective!r} needs model.encoder")
-    return build_encoder(cfg.model.encoder, latent_dim=cfg.latent.dim, image_size=cfg.data.image_size,
-                         channels=cfg.data.channels, **cfg.model.encoder_overrides)
+    return build_encoder(name, latent_dim=cfg.latent.dim, image_size=cfg.data.image_size,
+                         channels=cfg.data.channels, **overrides)
 
 
 def _decoder(cfg: TaskConfig, cond_dim: int) -> nn.Module:
-    if not cfg.model.decoder:
-        raise UserError(f"objective {cfg.objective!r} needs model.decoder")
-    return build_decoder(cfg.model.decoder, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                         cond_dim=cond_dim, **cfg.model.decoder_overrides)
+    _, (name, overrides) = model_presets(cfg)
+    if not name:
+        raise UserError(f"objective {cfg.objective!r} needs model.decoder (a representation task has none)")
+    return build_decoder(name, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                         cond_dim=cond_dim, **overrides)
 
 
 OBJECTIVES: dict[str, Callable[[TaskConfig, Any], nn.Module]] = {
@@ -178,9 +202,10 @@ def validate_task(cfg: TaskConfig) -> None:
 
     one_of("objective", cfg.objective, OBJECTIVES)
     if cfg.model.encoder is not None:
-        one_of("model.encoder", cfg.model.encoder, ENCODERS)
+        one_of("model.encoder", cfg.model.encoder, [*ENCODERS, AUTO])
     if cfg.model.decoder is not None:
-        one_of("model.decoder", cfg.model.decoder, DECODERS)
+        one_of("model.decoder", cfg.model.decoder, [*DECODERS, AUTO])
+    model_presets(cfg)  # an image size that no preset is sized for fails here, naming the valid ones
     one_of("data.augment", cfg.data.augment, PIPELINES)
     one_of("data.source", cfg.data.source_name, SOURCES)
     one_of("data.prepare.executor", cfg.data.prepare.executor, EXECUTORS)
@@ -188,7 +213,15 @@ def validate_task(cfg: TaskConfig) -> None:
     one_of("latent.solver", cfg.latent.solver, SOLVERS)
     one_of("align.solver", cfg.align.solver, SOLVERS)
     one_of("eval.sampler", cfg.eval.sampler, METHODS)
-    one_of("eval.fid_features", cfg.eval.fid_features, ("digits_cnn", "inception"))
+    one_of("eval.fid_features", cfg.eval.fid_features, ("digits_cnn", "inception", "pixels"))
+    if (cfg.objective not in TWO_VIEW_OBJECTIVES and cfg.eval.fid_features == "digits_cnn"
+            and (cfg.data.image_size, cfg.data.channels) != (8, 1)):
+        raise UserError(f"eval.fid_features=digits_cnn reads 8x8 grey digits, not {cfg.data.image_size}x"
+                        f"{cfg.data.image_size}x{cfg.data.channels} images: use eval.fid_features=inception "
+                        "(with its weights) or pixels")
+    check_fraction(cfg.data.holdout)
+    if cfg.data.channels not in (1, 3):
+        raise UserError(f"data.channels must be 1 (grey) or 3 (RGB), got {cfg.data.channels}")
     for what in ("latent.dim", "latent.steps", "align.steps", "train.iterations", "train.batch_size",
                  "train.checkpoint_every", "train.log_every", "eval.batch_size", "eval.probe_batch_size", "data.image_size",
                  "data.channels", "data.num_classes", "eval.sampler_steps", "eval.probe_epochs", "eval.probe_lr"):

@@ -37,6 +37,38 @@ def guarded(fn: Callable[[], T]) -> T:
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def unknown_group_choice(args: list[str]) -> str | None:
+    """What is wrong with a `group=name` argument (task=, data=, scale=, hardware=, ...) that
+    names no YAML in pipelines/conf/<group>/, with the closest known names; None when every
+    one is known. Checked before Hydra composes, so the user reads a suggestion, not a trace."""
+    import difflib
+
+    for arg in args:
+        key, eq, value = arg.lstrip("+").partition("=")
+        folder = CONF / key
+        if not eq or "." in key or "/" in key or not value or value == "null" or not folder.is_dir():
+            continue
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        for choice in value.split(","):  # a multirun's list
+            if choice not in known:
+                close = difflib.get_close_matches(choice, known, n=3, cutoff=0.6)
+                hint = f"did you mean {' or '.join(close)}? " if close else ""
+                return f"{key}={choice!r} is not known; {hint}known: {', '.join(known)} (pipelines/conf/{key}/)"
+    return None
+
+
+def entry(main: Callable[[], T]) -> T:
+    """Run a Hydra entry point, after refusing an unknown config group choice (exit 2)."""
+    problem = unknown_group_choice(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT)
+    return main()
+
+
 def device(name: str):
     """auto: cuda when available, else cpu."""
     import torch

@@ -46,4 +46,6 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.cli import entry  # an unknown task= is refused with suggestions before Hydra composes
+
+    sys.exit(entry(main))

@@ -38,7 +38,7 @@ from pipelines.stages.evaluate import Target, evaluate_checkpoint, extractor_dig
 # The train stage's inputs: what is trained and how long (more iterations train on), not
 # where or how it runs, nor how it is evaluated.
 TRAIN_INPUTS = (Role.TASK, Role.MODEL, Role.TRAINING, Role.LENGTH)
-PREPARE_KEYS = ("shard_mb", "shard_rows", "raw_max_side")
+PREPARE_KEYS = ("shard_mb", "shard_rows", "raw_max_side", "resize")
 
 
 def _training_inputs(cfg: RunConfig) -> dict:
@@ -51,7 +51,7 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
     from lzn.evaluate import select_metrics
     from lzn.reference_cache import manifest_checksum
     from orchestration.ray.evaluate import eval_settings
-    from pipelines.stages.prepare import prepare
+    from pipelines.stages.prepare import prepare, target as prepare_target
     from pipelines.stages.report import write_report
     from pipelines.stages.train import train
 
@@ -84,6 +84,7 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
     pipeline = Pipeline([
         Stage("prepare", do_prepare, inputs=lambda: {
             "source": d.source_name, "root": d.root, "splits": d.splits, "dataset_dir": str(d.dataset_dir.resolve()),
+            "holdout": [d.holdout, d.holdout_seed], "target": str(prepare_target(d) or "as stored"),
             **{k: getattr(d.prepare, k) for k in PREPARE_KEYS}},
             digests={"manifest": lambda p: manifest_checksum(p.parent)}),
         Stage("train", do_train, inputs=lambda: _training_inputs(cfg), needs=("prepare",)),
@@ -145,4 +146,6 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipelines.cli import entry  # an unknown task= is refused with suggestions before Hydra composes
+
+    sys.exit(entry(main))

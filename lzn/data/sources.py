@@ -7,7 +7,8 @@ prepare stage packs it into shards and decodes in parallel. Sources by name (SOU
   downloads the archive with download=true);
 - imagenet: the ILSVRC2012 archives (train tar of per-class tars, val tar, devkit) or an
   extracted train/<wnid>/*.JPEG + val/ layout;
-- imagefolder: root/<class>/<image> or root/<split>/<class>/<image> (any format PIL reads).
+- imagefolder: root/<class>/<image>, root/<split>/<class>/<image> or a flat folder of images
+  (any format PIL reads; the prepare stage makes a held-out split when there is none).
 """
 from __future__ import annotations
 
@@ -274,10 +275,10 @@ def _list_imagenet_archives(base: Path) -> Listing:
 
 # --- image folders ---------------------------------------------------------------------
 
-IMAGEFOLDER_LAYOUT = """  <class>/<image>            (one split, "train")
-or <split>/<class>/<image>    (splits named train, val, valid, validation or test, or data.splits)
-or <split>/<image>            (unlabelled images)
-with images in any format PIL reads (png, jpg, webp, ...)"""
+IMAGEFOLDER_LAYOUT = """  <class>/<image>            (no split: data.holdout of each class is held out as "test")
+or <split>/<class>/<image>    (splits named train, val, valid, validation or test, or data.splits; kept)
+or <split>/<image> or <image> (unlabelled images: generation)
+with images in any format PIL reads (png, jpg, webp, ...), any sizes and modes"""
 _SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
 

@@ -226,7 +226,11 @@ def fid_extractor(name: str, cache_dir: Path, weights: str | None = None) -> nn.
         return metrics.digits_cnn_extractor(cache_dir)
     if name == "inception":
         return metrics.inception_extractor(weights)
-    raise UserError(f"unknown FID feature extractor {name!r}; expected digits_cnn or inception")
+    if name == "pixels":
+        from lzn.metrics.pixel_features import pixel_extractor
+
+        return pixel_extractor()
+    raise UserError(f"unknown FID feature extractor {name!r}; expected digits_cnn, inception or pixels")
 
 
 def sampling(cfg) -> dict:

@@ -134,6 +134,10 @@ def extractor_digest(cfg, chosen: list[str]) -> str | None:
         from lzn.metrics.fid import inception_weights_path
 
         return sha256_file(inception_weights_path(cfg.eval.inception_weights))  # fails early when missing
+    if cfg.eval.fid_features == "pixels":
+        from lzn.metrics.pixel_features import PIXELS_NAME, THUMBNAIL
+
+        return f"{PIXELS_NAME}:{THUMBNAIL}"
     from lzn.metrics.digits_classifier import cache_key
 
     return f"digits_cnn:{cache_key()}"

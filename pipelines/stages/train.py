@@ -22,7 +22,7 @@ from orchestration.network import node_identity, pick_for_master
 from orchestration.run import (RunConfig, node_metrics, refused_changes, run_params, streams, train_and_evaluate,
                                validate_run)
 from pipelines.cli import device as pick_device, run_meta
-from pipelines.stages.prepare import ensure_prepared
+from pipelines.stages.prepare import check_trainable, ensure_prepared
 
 
 def _init_distributed(device: torch.device) -> tuple[int, int]:
@@ -79,6 +79,7 @@ def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = T
         from orchestration.ray.train import fit_on_ray
 
         ensure_prepared(cfg.data)  # on the driver, before any worker starts
+        check_trainable(cfg)  # before the tracking server and Ray start
         return fit_on_ray(cfg, run_dir, run_meta(cfg, dcfg, run_dir), evaluate=evaluate)
     device = pick_device(cfg.device)
     rank, world = _init_distributed(device)
@@ -92,6 +93,7 @@ def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = T
     meta = None
     if rank == 0:
         ensure_prepared(cfg.data)
+        check_trainable(cfg)  # before the tracking server starts
         meta = run_meta(cfg, dcfg, run_dir)
     node_monitor = None
     if dist.is_initialized():

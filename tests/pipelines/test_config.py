@@ -22,7 +22,8 @@ def load(*overrides) -> RunConfig:
 
 
 def test_every_paper_and_digits_task_is_defined():
-    assert PAPER_TASKS | {"gen_digits", "repr_digits", "joint_digits"} == set(TASKS)
+    assert PAPER_TASKS | {"gen_digits", "repr_digits", "joint_digits", "gen_images", "repr_images",
+                          "joint_images"} == set(TASKS)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -52,12 +53,14 @@ def test_only_the_256px_generation_decoders_scale_by_sigma():
     and False in case_study_1_cifar10.py and case_study_3.py."""
     from lzn.models.layers import replace_config
     from lzn.models.unet import UNET_PRESETS
+    from lzn.task import model_presets
 
     scaled = set()
     for task in TASKS:
         c = load(f"task={task}")
-        if c.model.decoder is not None:
-            if replace_config(UNET_PRESETS[c.model.decoder], c.model.decoder_overrides).scale_by_sigma:
+        _, (decoder, overrides) = model_presets(c)  # model.decoder=auto as the task builds it
+        if decoder is not None:
+            if replace_config(UNET_PRESETS[decoder], overrides).scale_by_sigma:
                 scaled.add(task)
     assert scaled == {"gen_afhq_cat", "gen_celebahq", "gen_lsun_bedroom"}
 
