@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from mlflow import MlflowClient
 
 from tests.integration.conftest import make_command
 from tests.integration.local_cluster import ROOT, SOCKET_VARS, LocalCluster, MlflowOnNode, RayCluster
-from tests.integration.test_ray_train import losses
+from tests.integration.test_ray_train import logged, losses
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None,
                                 reason="the local cluster's network namespaces need root, iproute2 and util-linux")
@@ -149,7 +151,8 @@ print(json.dumps({"sum": x.item(), "gloo": os.environ.get("GLOO_SOCKET_IFNAME"),
 """
 
 
-def ranks_on_both_nodes(c: LocalCluster, pick: str, port: int) -> list[subprocess.CompletedProcess]:
+def start_ranks(c: LocalCluster, pick: str, port: int) -> list[subprocess.Popen]:
+    """Rank 0 on node 1 and rank 1 on node 2, no *_SOCKET_IFNAME in their environment."""
     base = {k: v for k, v in os.environ.items() if k not in SOCKET_VARS}
     procs = []
     for rank in (0, 1):
@@ -157,23 +160,143 @@ def ranks_on_both_nodes(c: LocalCluster, pick: str, port: int) -> list[subproces
                "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
         procs.append(c.popen_on(rank + 1, [sys.executable, "-c", RANK_CODE, pick], env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
     done = []
     for p in procs:
-        out, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=300)
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return done
 
 
 def test_ddp_ranks_on_two_nodes_connect_over_eth0_where_bare_gloo_goes_to_loopback(ray_cluster):
     c = ray_cluster.cluster
-    bare = ranks_on_both_nodes(c, "0", 29611)
+    bare, picked = start_ranks(c, "0", 29611), start_ranks(c, "1", 29612)  # at once: they share nothing
+    bare, picked = finish(bare), finish(picked)
     errors = "".join(d.stderr for d in bare)
     assert any(d.returncode != 0 for d in bare), errors[-2000:]  # the issue's failure, reproduced on this cluster
     assert "Gloo connectFullMesh failed" in errors and "remote=[127.0.1.1]" in errors, errors[-3000:]
-    picked = ranks_on_both_nodes(c, "1", 29612)
     assert [d.returncode for d in picked] == [0, 0], [d.stderr[-2000:] for d in picked]
     results = [json.loads(d.stdout.strip().splitlines()[-1]) for d in picked]
     assert results == [{"sum": 3.0, "gloo": "eth0", "ip": c.node_ip(k)} for k in (1, 2)]  # what each rank records
     assert "this node's route out (MASTER_ADDR=" in picked[0].stdout  # rank 0: its own name is loopback
     assert f"the interface of {c.node_ip(2)}, this node's address towards MASTER_ADDR={c.hostname(1)}" \
         in picked[1].stdout
+
+
+# ------------------------------------------------------------------ node loss, sweeps, evaluation
+# 60 steps, a checkpoint every 10, elastic down to 1 worker (trainer.min_workers=1): the worker
+# node dies past step 30, every process on it at once.
+NODE_LOSS = [*RUN, "train.iterations=60", "train.checkpoint_every=10", "train.keep_checkpoints=2"]
+KILL_AFTER = 30
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = logged(run_dir)
+        if rows and rows[-1]["step"] >= step:
+            return
+        assert proc.poll() is None, f"the driver exited ({proc.returncode}) before step {step}:\n" \
+                                    f"{proc.log_path.read_text()[-4000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def node_loss(ray_cluster, tmp_path_factory):
+    """A 2-node elastic run whose worker node is killed mid-run, and node 2 back afterwards for
+    the tests after it. (run folder, the last step logged when the node died, the MLflow run id
+    before, the driver's log)."""
+    rc, c = ray_cluster, ray_cluster.cluster
+    out = tmp_path_factory.mktemp("node-loss")
+    # One start of the worker group waits 40 s for its resources (Ray's default: 60): the first
+    # restart still counts the dead node's CPU until Ray's health check marks the node dead.
+    env = rc.env(out, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="40")
+    proc = rc.start("pipelines.train", [*NODE_LOSS, "backend=ray", "trainer.num_workers=2", "trainer.min_workers=1",
+                                        "run_name=lost"], out, env=env)
+    run_dir = out / "gen_digits" / "lost"
+    try:
+        wait_for_step(run_dir, KILL_AFTER, proc)
+        before = records(run_dir)
+        assert sorted(r["ip"] for r in before) == [c.node_ip(1), c.node_ip(2)], before  # one worker a node
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        c.kill_node(2)
+        killed_at = logged(run_dir)[-1]["step"]  # the survivor waits in a collective with the dead rank
+        assert proc.wait(timeout=600) == 0, proc.log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        c.up()  # node 2's Ray again (a new node id): only what is missing is started
+    assert sorted(n["ip"] for n in c.ray_nodes()) == [c.node_ip(1), c.node_ip(2)]
+    return run_dir, killed_at, run_id, proc.log_path.read_text()
+
+
+def test_a_lost_worker_node_resumes_on_the_node_that_remains_into_the_same_mlflow_run(ray_cluster, node_loss,
+                                                                                      tmp_path):
+    rc, c = ray_cluster, ray_cluster.cluster
+    run_dir, killed_at, run_id, log = node_loss
+    assert f"node {c.node_ip(2)} (" in log and "is gone: Ray Train restarts the run from its last checkpoint" in log
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    resumed = metrics["train/resumed_from_step"]
+    print(f"node loss: worker node killed at step {killed_at}, resumed from step {resumed:g}")
+    assert 0 < resumed <= killed_at and resumed % 10 == 0 and metrics["train/steps"] == 60, (resumed, killed_at)
+    (record,) = records(run_dir)  # the resumed attempt: the one worker that fits on node 1
+    assert (record["rank"], record["world"], record["ip"]) == (0, 1, c.node_ip(1)), record
+    # Its losses are one process's: the global batch of a step does not depend on the workers.
+    rc.pipeline("pipelines.train", [*NODE_LOSS, "backend=local", "run_name=one", "tracking.enabled=false"], tmp_path)
+    one = losses(tmp_path / "gen_digits" / "one")
+    assert len(one) == 60 and losses(run_dir) == pytest.approx(one, rel=1e-6)
+
+    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id  # the same MLflow run
+    client = MlflowClient(rc.mlflow.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/resumed_from_step"] == resumed
+    rows = logged(run_dir)
+    keys = {k for row in rows for k in row} - {"step"}
+    assert "loss" in keys
+    for key in sorted(keys):  # every step once, those logged before the node died and recomputed after too
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [row["step"] for row in rows if key in row], key
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert [history[s] for s in range(1, 61)] == pytest.approx(one, rel=1e-6)
+
+
+def test_a_sweep_runs_its_trials_on_both_nodes(ray_cluster, tmp_path):
+    """4 one-worker trials, 2 at a time (a CPU each, so one a node): the trials' worker records
+    name both nodes, each by Ray's own id of it."""
+    rc, c = ray_cluster, ray_cluster.cluster
+    rc.pipeline("pipelines.sweep", ["task=gen_digits", "scale=smoke", "sweep.num_samples=4", "sweep.name=nodes",
+                                    "sweep.scheduler=fifo", "sweep.baseline=false", "train.iterations=2",
+                                    "train.checkpoint_every=2", "eval.fid_samples=16", "tracking.register_model=false"],
+                tmp_path)
+    trials = sorted((tmp_path / "gen_digits" / "sweeps" / "nodes" / "trials").iterdir())
+    assert len(trials) == 4
+    nodes = {n["ip"]: n["node_id"] for n in c.ray_nodes()}
+    ran = {}
+    for trial in trials:
+        (record,) = records(trial)
+        assert nodes[record["ip"]] == record["node_id"], (record, nodes)
+        ran[trial.name] = record["ip"]
+    print(f"sweep: trials ran on {ran}")
+    assert set(ran.values()) == {c.node_ip(1), c.node_ip(2)}, ran
+
+
+def test_the_evaluation_stage_shares_its_units_between_actors_on_both_nodes(ray_cluster, node_loss):
+    rc, c = ray_cluster, ray_cluster.cluster
+    run_dir = node_loss[0]
+    done = rc.pipeline("pipelines.evaluate", ["task=gen_digits", "scale=smoke", f"checkpoint={run_dir}", "backend=ray",
+                                              "trainer.num_workers=2", "eval.fid_samples=48", "eval.chunk_size=8"],
+                       run_dir.parent.parent)
+    folder = Path(done.stdout.strip().splitlines()[-1].removeprefix("evaluation folder: "))
+    workers = json.loads((folder / "parts" / "workers.json").read_text())  # unit -> where its actor ran
+    nodes = {n["ip"]: n["node_id"] for n in c.ray_nodes()}
+    by_node = {}
+    for unit, where in workers.items():
+        assert nodes[where["ip"]] == where["node_id"], (unit, where, nodes)
+        by_node.setdefault(where["ip"], []).append(unit)
+    print(f"evaluation: units by node {by_node}")
+    assert sorted(by_node) == [c.node_ip(1), c.node_ip(2)] and len({w["pid"] for w in workers.values()}) == 2
+    assert json.loads((folder / "metrics.json").read_text())["eval/fid_samples"] == 48
