@@ -99,7 +99,11 @@ def baseline_config(task_cfg: RunConfig, sweep: SweepConfig, params: dict | None
     objective = BASELINE_OF.get(task_cfg.objective)
     if objective is None or not sweep.baseline:
         return None
-    return trial_config(task_cfg, {**(params or {}), "objective": objective})
+    objective, absent = BASELINE_OF[task_cfg.objective]
+    cfg = trial_config(task_cfg, {**(params or {}), "objective": objective})
+    cfg.optim.lr = {k: v for k, v in cfg.optim.lr.items() if k not in absent}
+    cfg.train.freeze_after = {k: v for k, v in cfg.train.freeze_after.items() if k not in absent}
+    return cfg
 
 
 def train_baseline(cfg: SweepRun, task_cfg: RunConfig, rows, sweep_dir: Path, meta, parent) -> dict | None:
@@ -135,7 +139,7 @@ def baseline_line(cfg: SweepRun, rows, metrics: dict | None) -> str:
         return ""
     best = next(r for r in rows if r.status == "finished" and r.value is not None)
     key = cfg.sweep.metric
-    return (f"\nRF baseline (objective={BASELINE_OF[cfg.objective]}, trial {best.trial}'s values and budget): "
+    return (f"\nRF baseline (objective={BASELINE_OF[cfg.objective][0]}, trial {best.trial}'s values and budget): "
             f"{key} = {metrics.get(key, float('nan')):.6g}; RF + LZN (trial {best.trial}): {key} = {best.value:.6g}\n")
 
 

@@ -78,6 +78,11 @@ def test_a_generation_sweep_has_an_rf_baseline_at_the_trials_values_and_budget()
     assert rf.optim.lr["decoder"] == 1.5e-3 and rf.latent.dim == 8  # the best trial's values
     assert (rf.train.iterations, rf.train.batch_size, rf.eval.fid_samples) == (400, 64, 500)  # its budget
     assert (rf.model, rf.data) == (task.model, task.data)
+    from lzn.task import build_objective
+
+    groups = {n for n, m in build_objective(rf).named_children() if any(True for _ in m.parameters())}
+    assert set(rf.optim.lr) == groups == {"decoder"}  # what the trainer asks of optim.lr: RF has no encoder
+    assert set(task.optim.lr) == {"encoder", "decoder"}  # the sweep's own config is left as it is
     assert baseline_config(task, dataclasses.replace(cfg.sweep, baseline=False)) is None
     repr_cfg = load("task=repr_digits")  # representation: no RF baseline (its baseline is SimCLR, not swept)
     assert baseline_config(as_run_config(repr_cfg), repr_cfg.sweep) is None
