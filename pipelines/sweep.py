@@ -90,14 +90,15 @@ def best_task_yaml(cfg: SweepRun, row) -> str:
 
 
 BASELINE_TAG = "lzn.sweep.baseline"  # on the RF run: the id of the sweep's parent run
-BASELINE_OF = {"generation": "rf"}  # objective swept -> its baseline without LZN
+# objective swept -> (its baseline without LZN, the module groups the baseline does not have)
+BASELINE_OF = {"generation": ("rf", ("encoder",))}
 
 
 def baseline_config(task_cfg: RunConfig, sweep: SweepConfig, params: dict | None = None) -> RunConfig | None:
     """The baseline run of a sweep of `task_cfg` (None: its objective has none, or
-    sweep.baseline=false): the task at the trial values `params` with the baseline objective."""
-    objective = BASELINE_OF.get(task_cfg.objective)
-    if objective is None or not sweep.baseline:
+    sweep.baseline=false): the task at the trial values `params` with the baseline objective,
+    without the learning rates and freezes of the groups it lacks (RF has no encoder)."""
+    if task_cfg.objective not in BASELINE_OF or not sweep.baseline:
         return None
     objective, absent = BASELINE_OF[task_cfg.objective]
     cfg = trial_config(task_cfg, {**(params or {}), "objective": objective})
