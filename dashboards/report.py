@@ -414,7 +414,7 @@ def _pair_html(uri: str, experiment_id: str, pair: dict[str, Optional[Baseline]]
 
     missing = [label for label, b in pair.items() if b is None]
     if missing:
-        hint = {"RF": "objective=rf", "RF + LZN": "objective=generation"}
+        hint = {"RF": "objective=rf ~optim.lr.encoder", "RF + LZN": "objective=generation"}  # RF has no encoder
         return _note(f"no finished {' or '.join(missing)} run with {GENERATION_METRIC} in {experiment!r}: train one "
                      f"with `make train TASK={experiment} ARGS='{' '.join(hint[m] for m in missing)}'` to compare")
     keys = sorted(set.intersection(*(set(b.metrics) for b in pair.values())))  # what both runs measured

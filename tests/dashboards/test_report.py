@@ -80,7 +80,7 @@ def test_report_defaults_to_the_latest_sweep(store, tmp_path):
     text = path.read_text()
     assert later.parent_run_id in text
     assert "no finished RF run with eval/fid" in text  # and how to train one
-    assert f"make train TASK={later.experiment} ARGS=&#x27;objective=rf&#x27;" in text
+    assert f"make train TASK={later.experiment} ARGS=&#x27;objective=rf ~optim.lr.encoder&#x27;" in text
 
 
 def test_report_of_a_running_sweep_reads_the_trial_runs(store):
