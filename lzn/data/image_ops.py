@@ -135,31 +135,36 @@ def gaussian_blur_into(out: Tensor, x: Tensor, taps: list[float], *, scale: floa
     out: (C', H, W) with C' = C, or C = 1 for a grey image whose channel is copied to all C'.
     The clamp is to [shift, scale + shift], the blurred image's range.
 
-    Separable, each pass a matrix product with the banded matrix of `band_matrix` over blocks
-    of `block` outputs, so the whole blur is two GEMM calls: ~(block + 2 r) / (2 r + 1) times
-    the multiply-adds of a direct convolution, at GEMM speed, ~3x a depthwise conv's on a CPU.
-    Rows are ordered (H, C) between the passes, so the vertical pass over all channels is
-    one batched product of equally spaced windows."""
+    Separable, each pass a batched matrix product with the banded matrix of `band_matrix`
+    over blocks of `block` outputs whose input windows are equally spaced views (nothing
+    copied but the padding): ~(block + 2 r) / (2 r + 1) times the multiply-adds of a direct
+    convolution, at GEMM speed, ~3x a depthwise conv's on a CPU. The padded image is laid
+    out (H, C, W), so that the vertical windows of all channels are one stride apart."""
     c, h, w = x.shape
     r = len(taps) // 2
     if r == 0:
-        y = x.mul(taps[0])
+        y, target = x.mul(taps[0]), out
     else:
         bh, bw = _block(h, block), _block(w, block)
-        padded = _reflect_pad(x, r, _scratch(work, "padded", (c, h + 2 * r, w + 2 * r), x.dtype))
-        # Horizontal: windows of bw + 2r columns every bw, rows ordered (H + 2r, C): one GEMM.
-        windows = _scratch(work, "windows", (h + 2 * r, c, w // bw, bw + 2 * r), x.dtype)
-        windows.copy_(padded.permute(1, 0, 2).unfold(2, bw + 2 * r, bw))
-        rows = torch.mm(windows.view(-1, bw + 2 * r), band_matrix(taps, bw).t(),
-                        out=_scratch(work, "rows", ((h + 2 * r) * c * w // bw, bw), x.dtype)).view(h + 2 * r, c * w)
-        # Vertical: windows of bh + 2r rows every bh, each (bh + 2r, C W), one batched GEMM.
-        stacked = rows.as_strided((h // bh, bh + 2 * r, c * w), (bh * c * w, c * w, 1))
-        y = _scratch(work, "blurred", (h // bh, bh, c * w), x.dtype)
-        y = torch.matmul(band_matrix(taps, bh), stacked, out=y).view(h, c, w).permute(1, 0, 2)
+        nh, nw, wp = h // bh, w // bw, w + 2 * r
+        padded = _scratch(work, "padded", (h + 2 * r, c, wp), x.dtype)
+        _reflect_pad(x, r, padded.permute(1, 0, 2))
+        # Vertical: rows [i bh, i bh + bh + 2r) of all channels, each window (bh + 2r, C (W + 2r)).
+        windows = padded.view(h + 2 * r, c * wp).as_strided((nh, bh + 2 * r, c * wp), (bh * c * wp, c * wp, 1))
+        kernel = band_matrix(taps, bh)
+        rows = torch.bmm(kernel.expand(nh, *kernel.shape), windows,
+                         out=_scratch(work, "rows", (nh, bh, c * wp), x.dtype))  # (H, C, W + 2r)
+        # Horizontal: columns [j bw, j bw + bw + 2r) of every (row, channel), each window (H C, bw + 2r).
+        windows = rows.view(h * c, wp).as_strided((nw, h * c, bw + 2 * r), (bw, wp, 1))
+        kernel = band_matrix(taps, bw).t()
+        y = torch.bmm(windows, kernel.expand(nw, *kernel.shape),
+                      out=_scratch(work, "blurred", (nw, h * c, bw), x.dtype))
+        y = y.view(nw, h, c, bw).permute(2, 1, 0, 3)  # (C, H, nw, bw): column j bw + k of row h
+        target = out.view(out.shape[0], h, nw, bw)
     if c != out.shape[0]:
-        y = y.expand(out.shape[0], h, w)
-    return torch.add(torch.tensor(shift, dtype=out.dtype), y, alpha=scale, out=out).clamp_(
-        min(shift, scale + shift), max(shift, scale + shift))
+        y = y.expand(out.shape[0], *y.shape[1:])
+    torch.add(torch.tensor(shift, dtype=out.dtype), y, alpha=scale, out=target)
+    return out.clamp_(min(shift, scale + shift), max(shift, scale + shift))
 
 
 def _reflect_pad(x: Tensor, r: int, out: Tensor) -> Tensor:
