@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop the single-node Slurm that infra/slurm/up.sh started: exactly the PIDs it recorded in
-# STATE_DIR/pids (slurmd, slurmctld, munged), never by name. Every job still queued on this
+# Stop the Slurm that infra/slurm/up.sh started (one node, or one slurmd per node of the local
+# cluster): exactly the PIDs it recorded in STATE_DIR/pids (slurmd, slurmctld, munged), never by
+# name. The local cluster's namespaces stay (infra/local-cluster/down.sh removes them). Every job still queued on this
 # cluster, whoever submitted it, is cancelled first so none is left orphaned. The state folder stays (logs, job state);
 # delete it for a clean slate.
 #
@@ -43,14 +44,15 @@ if [[ -f "$STATE/slurm.conf" ]] && alive "$(pid_of slurmctld)" slurmctld; then
     echo "[slurm-down] warning: jobs $(squeue -h -o %i | paste -sd,) did not end in 60 s; stopping anyway" >&2
   fi
 fi
-for name in slurmd slurmctld munged; do  # the reverse of the start order
-  pid="$(pid_of "$name")"
-  alive "$pid" "$name" || continue
-  kill -TERM "$pid"
-  for _ in $(seq 100); do alive "$pid" "$name" || break; sleep 0.1; done
-  if alive "$pid" "$name"; then
-    kill -KILL "$pid"
-  fi
-  echo "[slurm-down] stopped $name ($pid)" >&2
+for name in slurmd slurmctld munged; do  # the reverse of the start order (a slurmd per node)
+  for pid in $(pid_of "$name"); do
+    alive "$pid" "$name" || continue
+    kill -TERM "$pid"
+    for _ in $(seq 100); do alive "$pid" "$name" || break; sleep 0.1; done
+    if alive "$pid" "$name"; then
+      kill -KILL "$pid"
+    fi
+    echo "[slurm-down] stopped $name ($pid)" >&2
+  done
 done
 rm -f "$PIDS"

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# A single-node Slurm on this machine: munged, slurmctld and slurmd from the Debian packages,
-# with a generated slurm.conf, every file in one state folder. For the tests and for trying
+# A Slurm on this machine: munged, slurmctld and slurmd from the Debian packages, with a
+# generated slurm.conf, every file in one state folder. For the tests and for trying
 # `make slurm` on a laptop; a real site has its own Slurm and never runs this.
 #
 #   infra/slurm/up.sh [STATE_DIR]     # default: $LZN_SLURM_DIR, else /tmp/lzn-slurm
 #   eval "$(infra/slurm/up.sh | tail -n 1)"   # then sinfo, sbatch, make slurm ... use it
+#   infra/slurm/up.sh [STATE_DIR] --nodes N   # N nodes on the local cluster (infra/local-cluster/)
+#
+# One node (no --nodes): this machine is the node. --nodes N: the first N nodes of the local
+# cluster in $LZN_CLUSTER_DIR (else /tmp/lzn-cluster; infra/local-cluster/up.sh N first):
+# slurmctld on node 1, one slurmd on each node, each in its namespace (NodeName=<name>-node<k>,
+# NodeAddr=<subnet>.(10+k)), LZN_SLURM_NODE_CPUS CPUs each (default 1, as the cluster's Ray
+# nodes), one munged for all (its socket is a file: the namespaces share the filesystem).
 #
 # Root is needed (packages, SlurmUser=root, jobs run as the submitting user). Idempotent: with
 # the cluster up a second call changes nothing. The PIDs it starts are written to
@@ -21,7 +28,21 @@
 # (proctrack/linuxproc, task/none): that works in a container.
 set -euo pipefail
 
-STATE="${1:-${LZN_SLURM_DIR:-/tmp/lzn-slurm}}"
+NODES="" NODES_GIVEN=0 ARG_STATE=""
+usage="usage: up.sh [STATE_DIR] [--nodes N]"
+while (($#)); do
+  case "$1" in
+    --nodes) NODES_GIVEN=1 NODES="${2:-}"; shift; if (($#)); then shift; fi ;;
+    --nodes=*) NODES_GIVEN=1 NODES="${1#--nodes=}"; shift ;;
+    -*) echo "[slurm-up] error: unknown option $1; $usage" >&2; exit 2 ;;
+    *) [[ -z "$ARG_STATE" ]] || { echo "[slurm-up] error: unexpected argument $1; $usage" >&2; exit 2; }
+       ARG_STATE="$1"; shift ;;
+  esac
+done
+if ((NODES_GIVEN)) && ! [[ "$NODES" =~ ^[1-9][0-9]?$ ]]; then
+  echo "[slurm-up] error: --nodes ${NODES:-<missing>}: expected a number of nodes of the local cluster, 1 to 99" >&2; exit 2
+fi
+STATE="${ARG_STATE:-${LZN_SLURM_DIR:-/tmp/lzn-slurm}}"
 while [[ "$STATE" == */ && "$STATE" != / ]]; do STATE="${STATE%/}"; done  # -L sees the link itself
 CTLD_PORT="${LZN_SLURMCTLD_PORT:-6817}"
 SLURMD_PORT="${LZN_SLURMD_PORT:-6818}"
@@ -47,9 +68,44 @@ if ((${#missing[@]})); then
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 
+# --- where the nodes are: this machine, or the local cluster's namespaces --------------------
+CLUSTER_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")/../local-cluster" && pwd)"
+if [[ -n "$NODES" ]]; then
+  CLUSTER="${LZN_CLUSTER_DIR:-/tmp/lzn-cluster}"
+  have="$(cat "$CLUSTER/nodes" 2>/dev/null || echo 0)"
+  (( have >= NODES )) \
+    || die "--nodes $NODES needs a local cluster of at least $NODES nodes in $CLUSTER (it has $have): run infra/local-cluster/up.sh $NODES $CLUSTER first (or set LZN_CLUSTER_DIR)"
+  # its names and subnet, as its own scripts read them (and its state folder checked as they do)
+  names="$(STATE="$CLUSTER" bash -c 'source "$1/common.sh"; check_state; load_names; echo "$NAME $SUBNET"' _ "$CLUSTER_SCRIPTS")" \
+    || die "cannot read the local cluster's names from $CLUSTER"
+  read -r CNAME CSUBNET <<< "$names"
+  LAYOUT="cluster $CLUSTER $NODES"
+else
+  LAYOUT="host"
+fi
+# A daemon on node K (this machine when not on the local cluster): the node's network and UTS
+# namespaces and its /etc files (hosts), as exec.sh gives, but the machine's /sys, which
+# `ip netns exec` would replace by one without /sys/fs/cgroup, and slurmd needs the cgroup
+# plugin to start. The mount namespace is the daemon's own: nothing is mounted on the machine.
+on_node() {  # K CMD...
+  local k="$1"; shift
+  if [[ -z "$NODES" ]]; then "$@"; return; fi
+  local ns="$CNAME-node$k"
+  [[ -e "/run/netns/$ns" ]] || die "node $k's namespace $ns is gone: run infra/local-cluster/up.sh in $CLUSTER again"
+  unshare --mount --propagation slave -- bash -c 'etc="$1" net="$2" uts="$3"; shift 3
+    for f in "$etc"/*; do [[ -f "$f" ]] && mount --bind "$f" "/etc/${f##*/}"; done
+    exec nsenter --net="$net" --uts="$uts" -- "$@"' _ "/etc/netns/$ns" "/run/netns/$ns" "$CLUSTER/uts/node$k" "$@"
+}
+
 # A recorded PID is ours only while it still runs the program it was recorded for (PIDs get reused).
 alive() { [[ "${1:-}" =~ ^[0-9]+$ && "$(cat "/proc/$1/comm" 2>/dev/null)" == "$2" ]]; }
 recorded() { [[ -f "$PIDS" ]] && awk -v n="$1" '$1 == n {print $2}' "$PIDS"; }
+all_alive() {  # NAME COUNT: exactly COUNT processes NAME recorded, each alive
+  local pids pid
+  pids="$(recorded "$1" || true)"
+  [[ "$(grep -c . <<< "$pids" || true)" == "$2" ]] || return 1
+  for pid in $pids; do alive "$pid" "$1" || return 1; done
+}
 
 # --- the state folder: ours alone to write ------------------------------------------------
 mkdir -p "$(dirname "$STATE")"
@@ -63,27 +119,35 @@ mode="$(stat -c %a "$STATE")"
 (( (8#$mode & 8#022) == 0 )) \
   || die "state folder $STATE has mode $mode, writable by group or others; expected 0755 or tighter (chmod go-w $STATE, if its contents are yours)"
 # Every path written below: never through a symlink, which would write wherever it points.
-for path in "$STATE"/{spool,ctld,log,pids,slurm.conf,munge.key,munged.pid,slurmctld.pid,slurmd.pid,munged.seed}; do
+for path in "$STATE"/{spool,ctld,log,pids,layout,slurm.conf,munge.key,munged.pid,slurmctld.pid,munged.seed}; do
   [[ -L "$path" ]] && die "$path is a symlink (to $(readlink "$path")): refusing to write through it; remove it"
 done
 
 # --- already up? ----------------------------------------------------------------------------
-if [[ -f "$CONF" ]] && alive "$(recorded munged)" munged && alive "$(recorded slurmctld)" slurmctld && alive "$(recorded slurmd)" slurmd \
-    && SLURM_CONF="$CONF" sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)'; then
+N_NODES="${NODES:-1}"
+UP_AS="$(cat "$STATE/layout" 2>/dev/null || echo host)"
+if [[ "$UP_AS" != "$LAYOUT" ]] && all_alive slurmctld 1; then
+  die "the Slurm in $STATE is up as \"$UP_AS\", not \"$LAYOUT\": run infra/slurm/down.sh $STATE first"
+fi
+if [[ -f "$CONF" && "$UP_AS" == "$LAYOUT" ]] && all_alive munged 1 && all_alive slurmctld 1 && all_alive slurmd "$N_NODES" \
+    && [[ "$(SLURM_CONF="$CONF" sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated|completing)')" == "$N_NODES" ]]; then
   say "already up (state in $STATE)"
   echo "export SLURM_CONF=$CONF"
   exit 0
 fi
 for name in munged slurmctld slurmd; do  # half up (a crash, a reboot): start over
-  if alive "$(recorded "$name")" "$name"; then
-    die "$name (pid $(recorded "$name")) from an earlier up.sh is running but the cluster is not healthy: run infra/slurm/down.sh $STATE first"
-  fi
+  for pid in $(recorded "$name" || true); do
+    if alive "$pid" "$name"; then
+      die "$name (pid $pid) from an earlier up.sh is running but the cluster is not healthy: run infra/slurm/down.sh $STATE first"
+    fi
+  done
 done
 
 mkdir -p "$STATE"/{spool,ctld,log}
 chmod 755 "$STATE"
 rm -f "$PIDS"
 : > "$PIDS"
+echo "$LAYOUT" > "$STATE/layout"
 
 # Start NAME and wait for its PID file to name a live NAME (in $started); a PID file left by a
 # crashed run is removed first, or the wait would end at once with a dead or reused PID.
@@ -91,7 +155,7 @@ started=""
 wait_started() {  # NAME PIDFILE SECONDS LOG
   local pid=""
   for _ in $(seq $(($3 * 10))); do
-    pid="$(tr -d '[:space:]' < "$2" 2>/dev/null || true)"
+    pid="$( { tr -d '[:space:]' < "$2"; } 2>/dev/null || true)"
     if alive "$pid" "$1"; then started="$pid"; return 0; fi
     sleep 0.1
   done
@@ -118,15 +182,33 @@ munged --force --socket="$SOCKET" --key-file="$STATE/munge.key" --pid-file="$STA
 wait_started munged "$STATE/munged.pid" 5 "$STATE/log/munged.log"
 echo "munged $started" >> "$PIDS"
 
-# --- slurm.conf: this node as slurmd sees it ------------------------------------------------
-NODE="$(hostname -s)"
-CPUS="$(nproc)"
-MEM_MB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))  # leave the OS a tenth
+# --- slurm.conf: the nodes as slurmd sees them ----------------------------------------------
+MEM_MB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 / N_NODES ))  # leave the OS a tenth
+if [[ -n "$NODES" ]]; then
+  node_name() { echo "$CNAME-node$1"; }
+  NODE="$(node_name 1)"
+  CPUS="${LZN_SLURM_NODE_CPUS:-1}"
+  CTLD_HOST="$NODE($CSUBNET.11)"
+  NODE_LINES="$(for k in $(seq "$NODES"); do
+    echo "NodeName=$(node_name "$k") NodeAddr=$CSUBNET.$((10 + k)) NodeHostname=$(node_name "$k") CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN"
+  done)"
+  NODE_SET="$CNAME-node[1-$NODES]"
+  ABOUT="a $NODES-node cluster on the namespaces of the local cluster in $CLUSTER"
+else
+  node_name() { hostname -s; }
+  NODE="$(node_name 1)"
+  CPUS="$(nproc)"
+  CTLD_HOST="$NODE"
+  NODE_LINES="NodeName=$NODE CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN"
+  NODE_SET="$NODE"
+  ABOUT="a one-node cluster on $NODE"
+fi
 rm -f "$CONF"
+# %n in the slurmd paths: each slurmd (one per node, one filesystem) its own spool, PID and log.
 cat > "$CONF" <<EOF
-# Generated by infra/slurm/up.sh: a one-node cluster on $NODE. Regenerated on every fresh start.
+# Generated by infra/slurm/up.sh: $ABOUT. Regenerated on every fresh start.
 ClusterName=lzn-local
-SlurmctldHost=$NODE
+SlurmctldHost=$CTLD_HOST
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -135,11 +217,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$SOCKET
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd.%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd.%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -157,31 +239,41 @@ JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerParameters=sched_interval=2
-NodeName=$NODE CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+$NODE_LINES
+PartitionName=$PARTITION Nodes=$NODE_SET Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 
 export SLURM_CONF="$CONF"
 rm -f "$STATE/slurmctld.pid"
-slurmctld -f "$CONF" || die "slurmctld did not start: $(tail -n 20 "$STATE/log/slurmctld.log")"
+on_node 1 slurmctld -f "$CONF" || die "slurmctld did not start: $(tail -n 20 "$STATE/log/slurmctld.log")"
 wait_started slurmctld "$STATE/slurmctld.pid" 10 "$STATE/log/slurmctld.log"
 echo "slurmctld $started" >> "$PIDS"
-rm -f "$STATE/slurmd.pid"
-slurmd -f "$CONF" -N "$NODE" || die "slurmd did not start: $(tail -n 20 "$STATE/log/slurmd.log")"
-wait_started slurmd "$STATE/slurmd.pid" 10 "$STATE/log/slurmd.log"
-echo "slurmd $started" >> "$PIDS"
-
-# --- ready: the node idle -------------------------------------------------------------------
-deadline=$((SECONDS + 60))
-until sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)$'; do
-  if ((SECONDS > deadline)); then
-    die "node $NODE is not idle after 60 s: $(sinfo -N -l 2>&1 | tail -n 3); logs in $STATE/log"
-  fi
-  state="$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)"
-  if [[ "$state" == drain* || "$state" == down* ]]; then
-    scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
-  fi
-  sleep 0.5
+for k in $(seq "$N_NODES"); do
+  name="$(node_name "$k")"
+  for path in "$STATE/spool/$name" "$STATE/slurmd.$name.pid" "$STATE/log/slurmd.$name.log"; do
+    [[ -L "$path" ]] && die "$path is a symlink (to $(readlink "$path")): refusing to write through it; remove it"
+  done
+  mkdir -p "$STATE/spool/$name"
+  rm -f "$STATE/slurmd.$name.pid"
+  on_node "$k" slurmd -f "$CONF" -N "$name" || die "slurmd of $name did not start: $(tail -n 20 "$STATE/log/slurmd.$name.log")"
+  wait_started slurmd "$STATE/slurmd.$name.pid" 10 "$STATE/log/slurmd.$name.log"
+  echo "slurmd $started${NODES:+ $name}" >> "$PIDS"
 done
-say "up: partition $PARTITION, node $NODE ($CPUS CPUs, $MEM_MB MB); state and logs in $STATE"
+
+# --- ready: every node idle -----------------------------------------------------------------
+deadline=$((SECONDS + 60))
+for k in $(seq "$N_NODES"); do
+  name="$(node_name "$k")"
+  until sinfo -h -n "$name" -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)$'; do
+    if ((SECONDS > deadline)); then
+      die "node $name is not idle after 60 s: $(sinfo -N -l 2>&1 | tail -n 3); logs in $STATE/log"
+    fi
+    state="$(sinfo -h -n "$name" -o %T 2>/dev/null || true)"
+    if [[ "$state" == drain* || "$state" == down* ]]; then
+      scontrol update NodeName="$name" State=RESUME >/dev/null 2>&1 || true
+    fi
+    sleep 0.5
+  done
+done
+say "up: partition $PARTITION, $N_NODES node(s) $NODE_SET ($CPUS CPUs, $MEM_MB MB each); state and logs in $STATE"
 echo "export SLURM_CONF=$CONF"
