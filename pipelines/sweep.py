@@ -104,6 +104,7 @@ def baseline_config(task_cfg: RunConfig, sweep: SweepConfig, params: dict | None
     cfg = trial_config(task_cfg, {**(params or {}), "objective": objective})
     cfg.optim.lr = {k: v for k, v in cfg.optim.lr.items() if k not in absent}
     cfg.train.freeze_after = {k: v for k, v in cfg.train.freeze_after.items() if k not in absent}
+    cfg.train.checkpoint_every = cfg.train.iterations  # no scheduler reads its checkpoints: the last one only
     return cfg
 
 

@@ -77,6 +77,7 @@ def test_a_generation_sweep_has_an_rf_baseline_at_the_trials_values_and_budget()
     assert cfg.sweep.baseline and rf.objective == "rf" and task.objective == "generation"
     assert rf.optim.lr["decoder"] == 1.5e-3 and rf.latent.dim == 8  # the best trial's values
     assert (rf.train.iterations, rf.train.batch_size, rf.eval.fid_samples) == (400, 64, 500)  # its budget
+    assert rf.train.checkpoint_every == 400 and task.train.checkpoint_every == 100  # ASHA reads only the trials'
     assert (rf.model, rf.data) == (task.model, task.data)
     from lzn.task import build_objective
 
