@@ -120,11 +120,11 @@ def blur_taps(kernel: int, sigma: Tensor) -> list[list[float]]:
     return out
 
 
-def band_matrix(taps: list[float], block: int) -> Tensor:
+def band_matrix(taps: list[float], block: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """(block, block + 2 r): row i holds the taps at columns i .. i + 2 r, so that rows
     [i, i + block) of a 1-d convolution are this matrix times input rows [i, i + block + 2 r)."""
     k = len(taps)
-    row = torch.tensor(taps + [0.0] * block)  # period block + k: the next row starts one further right
+    row = torch.tensor(taps + [0.0] * block, dtype=dtype)  # period block + k: the next row starts one further right
     return row.repeat(block)[: block * (block + k - 1)].view(block, block + k - 1)
 
 
@@ -151,12 +151,12 @@ def gaussian_blur_into(out: Tensor, x: Tensor, taps: list[float], *, scale: floa
         _reflect_pad(x, r, padded.permute(1, 0, 2))
         # Vertical: rows [i bh, i bh + bh + 2r) of all channels, each window (bh + 2r, C (W + 2r)).
         windows = padded.view(h + 2 * r, c * wp).as_strided((nh, bh + 2 * r, c * wp), (bh * c * wp, c * wp, 1))
-        kernel = band_matrix(taps, bh)
+        kernel = band_matrix(taps, bh, x.dtype)
         rows = torch.bmm(kernel.expand(nh, *kernel.shape), windows,
                          out=_scratch(work, "rows", (nh, bh, c * wp), x.dtype))  # (H, C, W + 2r)
         # Horizontal: columns [j bw, j bw + bw + 2r) of every (row, channel), each window (H C, bw + 2r).
         windows = rows.view(h * c, wp).as_strided((nw, h * c, bw + 2 * r), (bw, wp, 1))
-        kernel = band_matrix(taps, bw).t()
+        kernel = band_matrix(taps, bw, x.dtype).t()
         y = torch.bmm(windows, kernel.expand(nw, *kernel.shape),
                       out=_scratch(work, "blurred", (nw, h * c, bw), x.dtype))
         y = y.view(nw, h, c, bw).permute(2, 1, 0, 3)  # (C, H, nw, bw): column j bw + k of row h

@@ -106,3 +106,12 @@ def test_a_reused_workspace_gives_the_views_of_fresh_memory():
         assert torch.equal(image_ops.gaussian_blur_into(torch.empty(3, 32, 32), image, taps, work=work), fresh)
     assert torch.equal(image_ops.hue_(x.clone(), -0.15, work), image_ops.hue_(x.clone(), -0.15))
     assert torch.equal(image_ops.saturation_(x.clone(), 0.3, work), image_ops.saturation_(x.clone(), 0.3))
+
+
+def test_blur_keeps_float64_images_in_float64():
+    # The taps are torchvision's float32 kernel (as for float32 images): ~1e-8 from its float64 one.
+    x = _rand(3, 32, 32, seed=9).double()
+    taps = image_ops.blur_taps(23, torch.tensor([1.3]))[0]
+    out = image_ops.gaussian_blur_into(torch.empty_like(x), x, taps)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, F.gaussian_blur(x, [23, 23], [1.3, 1.3]), atol=1e-6, rtol=0)
