@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +79,25 @@ def test_a_sweep_nests_its_trials_stops_poor_ones_and_resumes_after_a_killed_dri
             assert child.info.status == "KILLED"
         else:
             assert child.info.status == "FINISHED" and "eval/fid" in child.data.metrics
+
+    # The RF baseline: the best trial's values and budget, its own run tagged as the sweep's
+    # baseline (not a trial), with its dataset, and the report shows it beside the best trial.
+    best = rows[0]
+    baseline = json.loads((sweep_dir / "baseline" / "metrics.json").read_text())
+    assert baseline["train/steps"] == 6 and baseline["eval/fid"] > 0
+    assert "RF baseline (objective=rf" in again.stdout and f"RF + LZN (trial {best['trial']})" in again.stdout
+    [rf] = client.search_runs([parent.info.experiment_id], f"tags.`lzn.sweep.baseline` = '{parent_id}'")
+    assert rf.info.status == "FINISHED" and rf.data.params["objective"] == "rf"
+    assert float(rf.data.params["optim.lr.decoder"]) == pytest.approx(float(best["optim.lr.decoder"]), rel=1e-3)
+    assert rf.data.metrics["eval/fid"] == baseline["eval/fid"] and "mlflow.parentRunId" not in rf.data.tags
+    assert parent.data.metrics["baseline/eval/fid"] == baseline["eval/fid"]
+    assert [d.dataset.name for d in rf.inputs.dataset_inputs] == ["digits"]  # the run's data, as an MLflow input
+    from dashboards.report import build_report
+
+    page = build_report(client.tracking_uri, "gen_digits", "it", out=tmp_path / "report.html").read_text()
+    section = page[page.index('id="rf-vs-lzn"'):]
+    assert rf.info.run_name in section and by_trial[best["trial"]].info.run_name in section
+    assert 'id="samples-rf"' in section and 'id="samples-lzn"' in section
 
 
 def test_a_task_without_its_data_fails_before_any_trial(tmp_path):
