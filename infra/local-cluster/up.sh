@@ -155,6 +155,10 @@ start_ray() {  # K NAME ARGS...: `ray start --block` on node K in a session of i
   # RAY_ADDRESS in every Ray process's environment: Ray's state API, which Ray Train's
   # controller actors call without an address, would otherwise look for a cluster by scanning
   # this machine's processes, and here it sees every node's GCS (and any other Ray).
+  # No Ray memory monitor: every node sees the whole machine's memory, not its own, so a node
+  # would kill its workers for what other nodes (and anything else here) use; the kernel's
+  # OOM killer still acts on a real shortage. RAY_memory_monitor_refresh_ms set here wins.
+  RAY_memory_monitor_refresh_ms="${RAY_memory_monitor_refresh_ms:-0}" \
   RAY_ADDRESS="$(ip_of 1):$GCS_PORT" setsid nsenter --uts="$(uts_of "$k")" -- ip netns exec "$(netns "$k")" \
     "$RAY_BIN" start --block --node-ip-address="$(ip_of "$k")" --num-cpus="$CPUS" \
     --object-store-memory=$((STORE_MB * 1024 * 1024)) --temp-dir="$STATE/ray/n$k" --disable-usage-stats "$@" \
