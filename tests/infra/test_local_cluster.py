@@ -114,9 +114,21 @@ def test_exec_keeps_cwd_and_environment_and_returns_the_status(cluster, tmp_path
     assert bad.returncode == 1 and "node K=4: expected 1 to 3" in bad.stderr
 
 
+def on_node(c: LocalCluster, k: int, proc: subprocess.Popen) -> None:
+    """Wait until `proc` runs inside node k (exec.sh, nsenter and ip exec into it in turn)."""
+    deadline = time.time() + 60
+    while str(proc.pid) not in subprocess.run(["ip", "netns", "pids", c.netns(k)], capture_output=True,
+                                              text=True).stdout.split():
+        assert proc.poll() is None and time.time() < deadline, f"pid {proc.pid} never reached node {k}"
+        time.sleep(0.05)
+
+
 def test_kill_node_kills_every_process_on_that_node_only(cluster):
     on2 = [cluster.popen_on(2, ["sleep", "600"]) for _ in range(2)]
     on3 = cluster.popen_on(3, ["sleep", "600"])
+    for p in on2:
+        on_node(cluster, 2, p)
+    on_node(cluster, 3, on3)
     try:
         done = cluster.kill_node(2)
         assert "killed 2 processes" in done.stderr, done.stderr
@@ -167,6 +179,7 @@ def test_down_removed_exactly_what_up_made():
     c.up()
     assert host_view(c) != before
     proc = c.popen_on(1, ["sleep", "600"])  # a process left on a node is stopped too
+    on_node(c, 1, proc)
     c.down()
     try:
         assert proc.wait(timeout=10) != 0
