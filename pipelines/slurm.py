@@ -103,7 +103,8 @@ def check_fits(cfg: RunConfig, run: SlurmRun) -> None:
     if s.launcher == "ddp":
         validate_task(cfg)
         if run.mode != "train":
-            raise SlurmError(f"mode={run.mode} needs Ray Tune: use slurm.launcher=ray (ddp runs the stage DAG, no sweeps)")
+            raise SlurmError(f"mode={run.mode} needs Ray Tune: use slurm.launcher=ray "
+                             "(ddp runs the stage DAG, no sweeps)")
         world = s.nodes * tasks_per_node(s)
         if cfg.train.batch_size % world:
             raise SlurmError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be divisible by "

@@ -197,7 +197,8 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
     except Exception as e:  # noqa: BLE001 - raised on every rank by settle
         error = e
     ranks.settle("loading the checkpoint", error)
-    if ranks.agree("whether the evaluation is complete", lambda: folder.complete.is_file() and folder.metrics.is_file()):
+    if ranks.agree("whether the evaluation is complete",
+                   lambda: folder.complete.is_file() and folder.metrics.is_file()):
         if ranks.lead:
             print(f"{folder.path} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
     else:
