@@ -13,6 +13,11 @@ timestamps alone.
 A stage that fails loses its record (so it re-runs), keeps the records and outputs of the
 stages before it, and raises `StageFailed` naming it: running the same command again
 resumes at the failed stage.
+
+With `ranks` (pipelines.ranks.Ranks: every rank of a torch.distributed process group runs the
+same DAG) every rank decides each stage before any rank writes, a stage runs on rank 0 alone
+unless it says `everywhere`, only rank 0 writes records, and a failure on any rank fails the
+stage on every rank.
 """
 from __future__ import annotations
 
@@ -42,6 +47,20 @@ class Stage:
     inputs: Callable[[], dict] = dict  # what it reads of the config (JSON-able)
     needs: tuple[str, ...] = ()
     digests: dict[str, Callable[[Path], str]] = field(default_factory=dict)  # custom content digests
+    everywhere: bool = False  # under a process group: runs on every rank (else on rank 0, the others wait)
+
+
+class OneProcess:
+    """The `ranks` of a DAG that one process runs (pipelines.ranks.Ranks has the same calls)."""
+
+    lead = True
+
+    def agree(self, what: str, decide):
+        return decide()
+
+    def settle(self, what: str, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
 
 
 def _hash(obj) -> str:
@@ -49,7 +68,7 @@ def _hash(obj) -> str:
 
 
 class Pipeline:
-    def __init__(self, stages: list[Stage], state_dir: str | Path, *, log=None):
+    def __init__(self, stages: list[Stage], state_dir: str | Path, *, log=None, ranks=None):
         self.stages = {s.name: s for s in stages}
         order = [s.name for s in stages]
         for s in stages:
@@ -57,7 +76,10 @@ class Pipeline:
             if unknown:
                 raise ValueError(f"stage {s.name!r} needs {unknown}, which are not stages listed before it")
         self.order, self.state_dir = order, Path(state_dir)
+        self.ranks = ranks or OneProcess()
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not self.ranks.lead:  # rank 0 tells the story
+            self.log = lambda msg: None
 
     # ------------------------------------------------------------------ records
     def _record_path(self, name: str) -> Path:
@@ -124,37 +146,51 @@ class Pipeline:
         unknown = [s for s in selected if s not in self.stages]
         if unknown:
             raise UserError(f"stages={unknown} are not known; expected some of {self.order}")
-        status = {}
+        status, ranks = {}, self.ranks
         for name in self.order:
             if name not in selected:
                 continue
             stage = self.stages[name]
-            missing = [d for d in stage.needs if d not in selected and self.current(d) is None]
+            missing = ranks.agree(f"what stage {name!r} needs",
+                                  lambda: [d for d in stage.needs if d not in selected and self.current(d) is None])
             if missing:
                 raise UserError(f"stage {name!r} needs {missing}, which have not run with this config (or their "
                                 f"outputs changed): add them to stages=, or leave stages= out")
             try:  # the stage's key reads its inputs, which can fail too (a missing weights file)
-                if self.current(name) is not None:
+                # Every rank decides before any rank writes (rank 0 removes the record next).
+                if ranks.agree(f"whether stage {name!r} is up to date", lambda: self.current(name) is not None):
                     self.log(f"[pipeline] {name}: up to date, skipped")
                     status[name] = "skipped"
                     continue
-                key = self.key(name)
-                self._record_path(name).unlink(missing_ok=True)
-                self.log(f"[pipeline] {name}: running")
-                start = time.perf_counter()
-                outputs = stage.run()
-            except (Exception, SystemExit) as e:  # an interrupt propagates as it is
+                error = None
+                try:
+                    self._run_stage(stage)
+                except (Exception, SystemExit) as e:  # an interrupt propagates as it is
+                    error = e
+                ranks.settle(f"stage {name!r}", error)
+            except (Exception, SystemExit) as e:
                 raise StageFailed(name, e) from e
-            missing_out = [k for k, p in outputs.items() if p is None or not Path(p).is_file()]
-            if missing_out:
-                raise StageFailed(name, FileNotFoundError(f"it did not write its outputs {missing_out}"))
-            recorded = self._outputs(stage, outputs)
-            record = {"stage": name, "key": key, "inputs": stage.inputs(), "outputs": recorded,
-                      "seconds": round(time.perf_counter() - start, 3),
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(self._record_path(name),
-                             lambda f: f.write(json.dumps(record, indent=1, default=str).encode() + b"\n"))
-            self.log(f"[pipeline] {name}: done in {record['seconds']:.1f} s")
             status[name] = "ran"
         return status
+
+    def _run_stage(self, stage: Stage) -> None:
+        """Run `stage` (on this rank, if it runs here) and, on rank 0, record its outputs."""
+        lead, name = self.ranks.lead, stage.name
+        key = self.key(name) if lead else None
+        if lead:
+            self._record_path(name).unlink(missing_ok=True)
+        self.log(f"[pipeline] {name}: running")
+        start = time.perf_counter()
+        outputs = stage.run() if lead or stage.everywhere else {}
+        if not lead:
+            return
+        missing_out = [k for k, p in outputs.items() if p is None or not Path(p).is_file()]
+        if missing_out:
+            raise FileNotFoundError(f"it did not write its outputs {missing_out}")
+        recorded = self._outputs(stage, outputs)
+        record = {"stage": name, "key": key, "inputs": stage.inputs(), "outputs": recorded,
+                  "seconds": round(time.perf_counter() - start, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(self._record_path(name),
+                         lambda f: f.write(json.dumps(record, indent=1, default=str).encode() + b"\n"))
+        self.log(f"[pipeline] {name}: done in {record['seconds']:.1f} s")

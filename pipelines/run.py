@@ -15,6 +15,12 @@ last checkpoint. A failure names the stage and keeps what the stages before it m
 same command resumes there. backend=ray runs training on Ray Train workers, evaluation on
 Ray actors, and preparation as Ray tasks. The run folder is that of pipelines.train
 (outputs/<task>/<scale>-seed<seed>), with the DAG's records in its pipeline/ folder.
+
+Under torchrun (or as the tasks of a Slurm job with slurm.launcher=ddp: WORLD_SIZE > 1) every
+rank runs this DAG in one process group (pipelines.ranks): every rank decides each stage from
+the records before any rank writes; prepare and report run on rank 0 while the others wait;
+train runs on every rank (DDP) and evaluate sharded over them; rank 0 alone writes the records
+and prints the results, and a failure on any rank ends every rank with its message.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from orchestration.run import RUN_ROLES, RunConfig, as_run_config, run_params
 from pipelines.cli import EXIT_BAD_INPUT, EXIT_FAILED, guarded, print_header, print_metrics
 from pipelines.config import STAGES, PipelineRun, to_run_config, training_dcfg
 from pipelines.dag import Pipeline, Stage, StageFailed
+from pipelines.ranks import OtherRankFailed
 from pipelines.stages.evaluate import Target, evaluate_checkpoint, extractor_digest
 
 # The train stage's inputs: what is trained and how long (more iterations train on), not
@@ -46,7 +53,7 @@ def _training_inputs(cfg: RunConfig) -> dict:
     return {k: params[k] for k in RUN_ROLES.keys(params, TRAIN_INPUTS)}
 
 
-def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline:
+def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig, ranks=None) -> Pipeline:
     from lzn.data.shards import MANIFEST
     from lzn.evaluate import select_metrics
     from lzn.reference_cache import manifest_checksum
@@ -87,12 +94,12 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> Pipeline
             "holdout": [d.holdout, d.holdout_seed], "target": str(prepare_target(d) or "as stored"),
             **{k: getattr(d.prepare, k) for k in PREPARE_KEYS}},
             digests={"manifest": lambda p: manifest_checksum(p.parent)}),
-        Stage("train", do_train, inputs=lambda: _training_inputs(cfg), needs=("prepare",)),
-        Stage("evaluate", do_evaluate, needs=("prepare", "train"),
+        Stage("train", do_train, inputs=lambda: _training_inputs(cfg), needs=("prepare",), everywhere=True),
+        Stage("evaluate", do_evaluate, needs=("prepare", "train"), everywhere=True,
               inputs=lambda: {**eval_settings(cfg, select_metrics(cfg, cfg.metrics)),
                               "extractor": extractor_digest(cfg, select_metrics(cfg, cfg.metrics))}),
         Stage("report", do_report, inputs=lambda: {"format": 1}, needs=("train", "evaluate")),
-    ], RunFolder(run_dir).pipeline)
+    ], RunFolder(run_dir).pipeline, ranks=ranks)
     return pipeline
 
 
@@ -113,9 +120,16 @@ def _log_report(cfg: PipelineRun, run_dir: Path, report: Path) -> None:
 
 def run_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig) -> dict[str, str]:
     from lzn.task import validate_task
+    from pipelines.cli import device
+    from pipelines.ranks import process_group
 
     validate_task(cfg)
-    return task_pipeline(cfg, run_dir, dcfg).run(cfg.stages)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.backend != "local":
+        raise UserError(f"backend={cfg.backend} under torchrun (WORLD_SIZE={world}): each rank would start its "
+                        "own Ray job; use backend=local (the ranks train and evaluate together) or one process")
+    with process_group(device(cfg.device)) as ranks:
+        return task_pipeline(cfg, run_dir, dcfg, ranks).run(cfg.stages)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
@@ -130,13 +144,15 @@ def main(dcfg: DictConfig) -> None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         bad_input = isinstance(e.cause, UserError)
-        if not bad_input:  # a failed run keeps its story
+        if not bad_input and not isinstance(e.cause, OtherRankFailed):  # a failed run keeps its story
             traceback.print_exception(e.cause)
         done = [s for s in STAGES[:STAGES.index(e.stage)]]
         print(f"error: {e}\nThe outputs of {done or 'no stage'} are kept; run the same command again to resume "
               f"from stage {e.stage!r}" + (" (HYDRA_FULL_ERROR=1 shows the traceback)." if bad_input else "."),
               file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT if bad_input else EXIT_FAILED) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 prints the results
+        return
     print_header("run done")
     print("stages: " + ", ".join(f"{k} {v}" for k, v in status.items()))
     metrics = RunFolder(run_dir).read_metrics()

@@ -10,11 +10,11 @@ and is checked here against its config before anything is submitted, with the pa
 and the submit host (orchestration.slurm.submit.preflight). The job runs the pipeline command
 itself, on a Ray cluster brought up on the allocation (slurm.launcher=ray; the DAG gets
 backend=ray: training on Ray Train workers, the evaluate stage sharded over Ray actors, both
-across the allocation's nodes; a stage that is done is skipped, also by a requeued attempt)
-or as plain multi-task DDP (slurm.launcher=ddp, training only, backend=local). Every DDP task
-is one rank of the training's process group, which the stage DAG (one process driving
-stages) is not: they run pipelines.train, whose end evaluates sharded over those same ranks
-(lzn.evaluate.ranks) and which resumes from the last checkpoint, but has no stage records.
+across the allocation's nodes) or as plain multi-task DDP (slurm.launcher=ddp, mode=train
+only, backend=local): every task is one rank of one process group and runs the same DAG
+(pipelines.ranks): prepare and report on rank 0, training as DDP on every rank, the evaluate
+stage sharded over the same ranks (lzn.evaluate.evaluate_on_ranks). With either launcher a
+stage that is done is skipped, also by a requeued attempt.
 
 The job writes to the same run folder as the same command run by hand (outputs/<task>/
 <run_name>, a sweep's outputs/<task>/sweeps/<sweep.name>), which is what lets a requeued or
@@ -49,17 +49,11 @@ from pipelines.config import to_run_config
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 OWN_KEYS = ("mode", "wait", "poll_s")  # and slurm, slurm.*: the rest of an override list is the pipeline's
 MODES = {"train": ("run", "pipelines.run"), "sweep": ("sweep", "pipelines.sweep")}  # (Hydra config, module)
-DDP_TRAINING = ("config", "pipelines.train")  # what each task of slurm.launcher=ddp runs (see the doc above)
-
-
-def entry_point(mode: str, launcher: str) -> tuple[str, str]:
-    """(the Hydra config, the module) the job runs."""
-    return DDP_TRAINING if mode == "train" and launcher == "ddp" else MODES[mode]
 
 
 @dataclass
 class SlurmRun:
-    mode: str = "train"  # train: pipelines.run (pipelines.train with slurm.launcher=ddp); sweep: pipelines.sweep
+    mode: str = "train"  # train: pipelines.run (on every DDP task with slurm.launcher=ddp); sweep: pipelines.sweep
     wait: bool = True  # follow the job to its end (streaming its log) and exit with its outcome
     poll_s: float = 2.0
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
@@ -93,9 +87,9 @@ def job_settings(overrides: list[str]) -> SlurmRun:
     return run
 
 
-def pipeline_config(mode: str, overrides: list[str], launcher: str = "ray"):
+def pipeline_config(mode: str, overrides: list[str]):
     """The pipeline's validated config and its run folder (Hydra's hydra.run.dir for it)."""
-    dcfg = _compose(entry_point(mode, launcher)[0], overrides, hydra=True)
+    dcfg = _compose(MODES[mode][0], overrides, hydra=True)
     run_dir = Path(dcfg.hydra.run.dir).resolve()
     with open_dict(dcfg):
         del dcfg["hydra"]
@@ -109,7 +103,8 @@ def check_fits(cfg: RunConfig, run: SlurmRun) -> None:
     if s.launcher == "ddp":
         validate_task(cfg)
         if run.mode != "train":
-            raise SlurmError(f"mode={run.mode} needs Ray Tune: use slurm.launcher=ray (ddp runs training only)")
+            raise SlurmError(f"mode={run.mode} needs Ray Tune: use slurm.launcher=ray "
+                             "(ddp runs the stage DAG, no sweeps)")
         world = s.nodes * tasks_per_node(s)
         if cfg.train.batch_size % world:
             raise SlurmError(f"train.batch_size={cfg.train.batch_size} is the global batch: it must be divisible by "
@@ -129,7 +124,7 @@ def check_fits(cfg: RunConfig, run: SlurmRun) -> None:
 
 
 def job_command(mode: str, overrides: list[str], launcher: str) -> list[str]:
-    command = [sys.executable, "-m", entry_point(mode, launcher)[1], *overrides]
+    command = [sys.executable, "-m", MODES[mode][1], *overrides]
     if mode == "train":  # last: it wins over a backend= of the user's
         command.append("backend=ray" if launcher == "ray" else "backend=local")
     return command
@@ -195,7 +190,7 @@ def run(argv: list[str]) -> int:
     own, overrides = split_overrides(argv)
     settings = job_settings(own)
     s = settings.slurm
-    cfg, run_dir = pipeline_config(settings.mode, overrides, s.launcher)
+    cfg, run_dir = pipeline_config(settings.mode, overrides)
     check_fits(cfg, settings)
     partition = preflight(s)  # before a tracking server is started for a job that cannot be submitted
     folder = Path(s.folder) if s.folder else run_dir / "slurm" / "%j"

@@ -166,32 +166,52 @@ def _plots(cfg, model, data, target: Target, folder: Path) -> list[Path]:
     return write_run_artifacts(cfg, model, split, rows, folder)
 
 
-def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) -> tuple[dict, Path]:
+def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) -> tuple[dict | None, Path]:
     """Evaluate `target` as `cfg` says; returns (metrics, the evaluation's folder). An
     evaluation already complete in its folder is not computed again, only recorded where it
-    is missing (the run's metrics.json, MLflow)."""
+    is missing (the run's metrics.json, MLflow).
+
+    In a torch.distributed process group (the stage DAG under torchrun or Slurm DDP tasks) every
+    rank calls it: the units are sharded over the ranks (`evaluate_on_ranks`, which rank
+    computed each in parts/ranks.json), rank 0 alone prepares, writes and records, and returns
+    the metrics; the other ranks return None for them."""
     from lzn.eval_data import ShardData
-    from lzn.evaluate import evaluate_here, load_model, select_metrics
+    from lzn.evaluate import evaluate_here, evaluate_on_ranks, load_model, select_metrics
+    from orchestration.folder import write_json
     from orchestration.ray.evaluate import eval_settings, evaluate_on_ray
+    from pipelines.ranks import Ranks
 
     if cfg.backend not in BACKENDS:
         raise UserError(f"backend={cfg.backend!r} is not known; expected one of {list(BACKENDS)}")
+    ranks = Ranks()
     chosen = select_metrics(cfg, cfg.metrics)
-    ensure_prepared(cfg.data)
-    model, target.step = load_model(cfg, target.checkpoint, device(cfg.device))
-    sha = sha256_file(target.checkpoint)
-    key = evaluation_key(cfg, chosen, sha)
-    run_folder = RunFolder(target.run_dir if target.run_dir else Path(cfg.output_dir) / cfg.name)
-    folder = run_folder.evaluation(target.step, key[:12])
-    folder.path.mkdir(parents=True, exist_ok=True)
-    if folder.complete.is_file() and folder.metrics.is_file():
-        print(f"{folder.path} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
+    ranks.on_lead("preparing the data", lambda: ensure_prepared(cfg.data))
+    error = None
+    try:
+        model, target.step = load_model(cfg, target.checkpoint, device(cfg.device))
+        sha = sha256_file(target.checkpoint)
+        key = evaluation_key(cfg, chosen, sha)
+        run_folder = RunFolder(target.run_dir if target.run_dir else Path(cfg.output_dir) / cfg.name)
+        folder = run_folder.evaluation(target.step, key[:12])
+        folder.path.mkdir(parents=True, exist_ok=True)
+    except Exception as e:  # noqa: BLE001 - raised on every rank by settle
+        error = e
+    ranks.settle("loading the checkpoint", error)
+    if ranks.agree("whether the evaluation is complete",
+                   lambda: folder.complete.is_file() and folder.metrics.is_file()):
+        if ranks.lead:
+            print(f"{folder.path} already holds this evaluation (same checkpoint, data and settings)", file=sys.stderr)
     else:
         cache_dir = Path(cfg.output_dir) / ".cache"
         data = ShardData(cfg.data.dataset_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
         if cfg.backend == "ray":
             result = evaluate_on_ray(cfg, target.checkpoint, chosen=chosen, parts_dir=folder.parts,
                                      cache_dir=cache_dir, trainer=cfg.trainer, progress=progress)
+        elif ranks.world > 1:
+            result = evaluate_on_ranks(cfg, model, data, cache_dir=cache_dir, parts_dir=folder.parts, chosen=chosen,
+                                       progress=progress, record=lambda ran: write_json(folder.part_ranks, ran))
+            if not ranks.lead:  # rank 0 writes and records the evaluation
+                return None, folder.path
         else:
             result = evaluate_here(cfg, model, data, cache_dir=cache_dir, parts_dir=folder.parts,
                                    chosen=chosen, progress=progress)
@@ -202,6 +222,8 @@ def evaluate_checkpoint(cfg: EvalRun, target: Target, *, progress: bool = True) 
             indent=2, default=str) + "\n")
         folder.write_metrics(result)
         folder.complete.write_text(key + "\n")  # the evaluation is whole; recording follows
+    if not ranks.lead:
+        return None, folder.path
     result = folder.read_metrics()
     _record(cfg, target, folder, result, chosen, sha)
     return result, folder.path

@@ -82,6 +82,7 @@ def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = T
         check_trainable(cfg)  # before the tracking server and Ray start
         return fit_on_ray(cfg, run_dir, run_meta(cfg, dcfg, run_dir), evaluate=evaluate)
     device = pick_device(cfg.device)
+    owns_group = not dist.is_initialized()  # the stage DAG's group (pipelines.ranks) outlives this stage
     rank, world = _init_distributed(device)
     if world > 1:  # where each rank runs (hostname, pid, its node's address, Slurm's node name)
         record = RunFolder(run_dir).worker_record(rank)
@@ -110,5 +111,6 @@ def train(cfg: RunConfig, run_dir: Path, dcfg: DictConfig, *, evaluate: bool = T
             node_monitor.stop()
     if dist.is_initialized():  # not on failure: the other ranks may sit in another collective
         dist.barrier()
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
     return metrics

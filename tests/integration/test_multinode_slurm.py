@@ -8,7 +8,8 @@ Each job is requeued once mid-run with `scontrol requeue` (after a checkpoint it
 from) and must resume into one MLflow run with every step logged once, on both nodes: with the
 Ray launcher (the Ray head on node 1, a Ray worker node on node 2; the stage DAG trains on a
 Ray Train worker per node and evaluates on Ray actors of both nodes) and with the DDP launcher
-(2 nodes x 1 task). Root needed (namespaces)."""
+(2 nodes x 1 task, each a rank running the same stage DAG, its evaluate stage sharded over
+both). Root needed (namespaces)."""
 import json
 import os
 import re
@@ -166,6 +167,10 @@ def test_a_ddp_job_of_two_nodes_requeued_midway_resumes_into_one_run_on_both_nod
     # rank r on node r + 1, each at its node's address (the route to MASTER_ADDR, not 127.0.1.1)
     assert worker_nodes(run_dir) == [(0, cluster.hostname(1), cluster.node_ip(1)),
                                      (1, cluster.hostname(2), cluster.node_ip(2))]
+    # Both tasks ran the stage DAG: the requeued attempt skipped the prepared data, and the
+    # evaluate stage was sharded over the ranks of both nodes.
+    assert "[pipeline] prepare: up to date, skipped" in text
+    assert set(json.loads(next(run_dir.glob("eval/step-30-*/parts/ranks.json")).read_text()).values()) == {0, 1}
     found = one_run_every_step_once(slurm, run_dir, "local")
     print(f"ddp launcher: job {job_id}, resumed from step {found['resumed_from']}, workers {worker_nodes(run_dir)}, "
           f"loss at steps 1 and 30: {found['losses'][0]:.6f} {found['losses'][-1]:.6f}")

@@ -7,7 +7,7 @@ requeued with `scontrol requeue` once it has a checkpoint: the same job id runs 
 the prepared data, resumes from that checkpoint, continues the same MLflow run (the session's
 server, $MLFLOW_TRACKING_URI) and evaluates on Ray actors; the same job submitted again skips
 every stage. A 2-trial
-sweep runs as a Slurm job. The DDP launcher trains as 2 Slurm tasks and is preempted the way
+sweep runs as a Slurm job. The DDP launcher runs the DAG as 2 Slurm tasks and is preempted the way
 Slurm warns of a time limit (USR2): the job checkpoints, requeues itself and resumes. Bad
 input fails before anything is submitted."""
 import contextlib
@@ -282,6 +282,12 @@ def test_the_ddp_launcher_trains_as_two_tasks_and_a_preempted_job_requeues_itsel
     task1 = (job_dir / f"{job_id}_1_log.err").read_text()  # the second task's own log
     assert "[slurm] torch.distributed rank 0/2" in text and "[slurm] torch.distributed rank 1/2" in task1
     assert not list(job_dir.glob("ray_*"))
+    # Every task ran the stage DAG: the requeued attempt skipped what was done, rank 0 wrote the
+    # records, and the evaluate stage was sharded over both tasks.
+    assert "[pipeline] prepare: up to date, skipped" in text and "stages: prepare skipped, train ran" in text
+    assert {p.stem for p in (run_dir / "pipeline").glob("*.json")} == {"prepare", "train", "evaluate", "report"}
+    ranks = json.loads(next(run_dir.glob("eval/step-60-*/parts/ranks.json")).read_text())
+    assert set(ranks.values()) == {0, 1} and (run_dir / "report.md").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     resumed = metrics["train/resumed_from_step"]
     assert metrics["train/steps"] == 60 and 10 <= resumed < 60 and "eval/fid" in metrics
