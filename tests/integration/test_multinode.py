@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from mlflow import MlflowClient
 
 from tests.integration.conftest import make_command
 from tests.integration.local_cluster import ROOT, SOCKET_VARS, LocalCluster, MlflowOnNode, RayCluster
-from tests.integration.test_ray_train import logged, losses
+from tests.integration.test_ray_train import logged, losses, wait_for_step
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None,
                                 reason="the local cluster's network namespaces need root, iproute2 and util-linux")
@@ -193,18 +192,6 @@ def test_ddp_ranks_on_two_nodes_connect_over_eth0_where_bare_gloo_goes_to_loopba
 # node dies past step 30, every process on it at once.
 NODE_LOSS = [*RUN, "train.iterations=60", "train.checkpoint_every=10", "train.keep_checkpoints=2"]
 KILL_AFTER = 30
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = logged(run_dir)
-        if rows and rows[-1]["step"] >= step:
-            return
-        assert proc.poll() is None, f"the driver exited ({proc.returncode}) before step {step}:\n" \
-                                    f"{proc.log_path.read_text()[-4000:]}"
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
 
 
 @pytest.fixture(scope="module")

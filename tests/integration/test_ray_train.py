@@ -63,7 +63,9 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
         rows = logged(run_dir)
         if rows and rows[-1]["step"] >= step:
             return
-        assert proc.poll() is None, f"the driver exited ({proc.returncode}) before step {step}"
+        log = getattr(proc, "log_path", None)  # a driver whose output goes to a file shows its tail
+        assert proc.poll() is None, f"the driver exited ({proc.returncode}) before step {step}" + \
+            (f":\n{log.read_text()[-4000:]}" if log else "")
         time.sleep(0.05)
     raise AssertionError(f"no step {step} within {timeout} s")
 

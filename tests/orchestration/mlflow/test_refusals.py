@@ -3,7 +3,6 @@ own, conftest.py), and a small HTTP proxy in front of it that answers 403 the wa
 token is answered. Every assertion reads the values back through MlflowClient or the pending
 file; the replay is the command the warning names."""
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestration.mlflow.pending import FAST_FAIL_ENV, PENDING_FILE, REFUSED
+from orchestration.mlflow.pending import PENDING_FILE, REFUSED
 from orchestration.mlflow.tracker import RunTracker
 from orchestration.run import refused_changes
 
@@ -24,13 +23,7 @@ TOO_LONG_KEY = "k" * 251  # MLflow's limit on a metric key is 250 characters
 TOO_LONG_TAG_KEY = "eval/" + "t" * 246  # and on a tag key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_http_env():
-    """RunTracker.open sets MLflow's HTTP retry variables for the process; put them back."""
-    saved = {k: os.environ.get(k) for k in FAST_FAIL_ENV}
-    yield
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+pytestmark = pytest.mark.usefixtures("restore_http_env")
 
 
 class Proxy:

@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestration.mlflow import tracker as tracking
-from orchestration.mlflow.pending import FAST_FAIL_ENV, PENDING_FILE, import_pending
+from orchestration.mlflow.pending import PENDING_FILE, import_pending
 from orchestration.mlflow.runs import RUN_FILE
 from orchestration.mlflow.server import local_server, stop_local_server
 from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params, resolve_tracking_uri
@@ -27,13 +27,7 @@ ROOT = Path(__file__).resolve().parents[3]
 CONFIG = {"optim": {"lr": {"encoder": 1e-3, "decoder": 2e-4}, "betas": [0.9, 0.99]}, "steps": 30, "name": "digits"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_http_env():
-    """RunTracker.open sets MLflow's HTTP retry variables for the process; put them back."""
-    saved = {k: os.environ.get(k) for k in FAST_FAIL_ENV}
-    yield
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+pytestmark = pytest.mark.usefixtures("restore_http_env")
 
 
 @pytest.fixture
