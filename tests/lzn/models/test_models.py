@@ -217,10 +217,13 @@ def test_decoder_conditioning_contract():
 def test_256px_decoder_divides_its_output_by_999_t():
     """The reference's NCSN++ decoder returns h / (999 t) when scale_by_sigma is set
     (lzn/model/ncsnpp.py:522-528 and 672-674 of microsoft/latent-zoning-networks), which its
-    AFHQ, CelebA-HQ and LSUN configs do and its CIFAR10 and joint configs do not."""
+    AFHQ, CelebA-HQ and LSUN configs do and its CIFAR10 and joint configs do not. ncsnpp_128 (our
+    own, for 96-128 px: the reference has no such config) is the 256 px network one level shorter
+    and keeps its output scaling."""
     from lzn.models.unet import UNET_PRESETS
 
-    assert {name for name, cfg in UNET_PRESETS.items() if cfg.scale_by_sigma} == {"ncsnpp_256"}
+    assert {name for name, cfg in UNET_PRESETS.items() if cfg.scale_by_sigma} == {"ncsnpp_256", "ncsnpp_128"}
+    assert not UNET_PRESETS["ddpmpp_cifar10"].scale_by_sigma
     small = dict(image_size=64, channels=3, cond_dim=4, nf=8)  # 7 levels need 64 px at least
     torch.manual_seed(0)
     scaled = build_decoder("ncsnpp_256", **small)
