@@ -174,9 +174,6 @@ def run(cfg: SweepRun, sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[st
             raise UserError(f"{e} (for a sweep: choose another sweep.name= to start a new one)") from None
         print(f"MLflow parent run {parent.run_id} on {meta.tracking_uri}", file=sys.stderr, flush=True)
     status, rows = "FAILED", None
-    from orchestration.ray.train import init_ray
-
-    ray_started = init_ray()  # one Ray for the trials and the baseline: a local start costs seconds
     try:
         rows = run_sweep(task_cfg, cfg.sweep, sweep_dir, meta=meta, parent_run_id=parent and parent.run_id)
         files = write_results(cfg, rows, sweep_dir)
@@ -198,17 +195,11 @@ def run(cfg: SweepRun, sweep_dir: Path, dcfg: DictConfig) -> tuple[list, dict[st
         status = "FINISHED"
         return rows, files
     finally:
-        try:
-            if parent is not None:
-                try:
-                    close_trial_runs(meta.tracking_uri, parent.run_id, rows)
-                finally:
-                    parent.close(status)
-        finally:
-            if ray_started:
-                import ray
-
-                ray.shutdown()
+        if parent is not None:
+            try:
+                close_trial_runs(meta.tracking_uri, parent.run_id, rows)
+            finally:
+                parent.close(status)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sweep")
