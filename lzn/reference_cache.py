@@ -4,7 +4,6 @@ feature space), so any change to either computes them again."""
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -12,17 +11,9 @@ import torch
 from torch import nn
 
 from lzn.atomic import write_atomically
+from lzn.data.shards import dataset_checksum
 from lzn.metrics.fid import extractor_name
 from lzn.metrics.image_set import ImageSetPart
-
-
-def manifest_checksum(dataset_dir: str | Path) -> str:
-    """SHA-256 of a prepared dataset's manifest, without its creation time: the same data
-    prepared again keeps its checksum, any change to the shards changes it."""
-    from lzn.data.shards import read_manifest
-
-    manifest = {k: v for k, v in read_manifest(Path(dataset_dir)).items() if k != "created"}
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -49,7 +40,7 @@ class ReferenceCache:
         base = f"{extractor_name(extractor)}-{weights_digest(extractor)[:8]}-{image_size}x{image_size}x{channels}"
         self.prefix = f"{base}-pr{subset}"
         self._old_format = f"{base}-" + "[0-9a-f]" * 16 + ".pt"  # before the KID/PR subset joined the name
-        self.path = self.folder / f"{self.prefix}-{manifest_checksum(dataset_dir)[:16]}.pt"
+        self.path = self.folder / f"{self.prefix}-{dataset_checksum(dataset_dir)[:16]}.pt"
 
     def load(self) -> ImageSetPart | None:
         if not self.path.is_file():

@@ -56,7 +56,7 @@ def _training_inputs(cfg: RunConfig) -> dict:
 def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig, ranks=None) -> Pipeline:
     from lzn.data.shards import MANIFEST
     from lzn.evaluate import select_metrics
-    from lzn.reference_cache import manifest_checksum
+    from lzn.data.shards import dataset_checksum
     from orchestration.ray.evaluate import eval_settings
     from pipelines.stages.prepare import prepare, target as prepare_target
     from pipelines.stages.report import write_report
@@ -93,7 +93,7 @@ def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig, ranks=None)
             "source": d.source_name, "root": d.root, "splits": d.splits, "dataset_dir": str(d.dataset_dir.resolve()),
             "holdout": [d.holdout, d.holdout_seed], "target": str(prepare_target(d) or "as stored"),
             **{k: getattr(d.prepare, k) for k in PREPARE_KEYS}},
-            digests={"manifest": lambda p: manifest_checksum(p.parent)}),
+            digests={"manifest": lambda p: dataset_checksum(p.parent)}),
         Stage("train", do_train, inputs=lambda: _training_inputs(cfg), needs=("prepare",), everywhere=True),
         Stage("evaluate", do_evaluate, needs=("prepare", "train"), everywhere=True,
               inputs=lambda: {**eval_settings(cfg, select_metrics(cfg, cfg.metrics)),

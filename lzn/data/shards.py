@@ -179,12 +179,18 @@ def write_manifest(dataset_dir: Path, manifest: dict) -> None:
 
 
 def manifest_checksum(manifest: dict) -> str:
-    """SHA-256 (hex) of what a dataset holds: every split's shards by name, rows and SHA-256,
-    in order. The same shards give the same checksum whenever they were prepared; a changed,
-    added or removed image changes it."""
-    content = {split: [[s["file"], s["rows"], s["sha256"]] for s in entry["shards"]]
-               for split, entry in sorted(manifest["splits"].items())}
+    """SHA-256 (hex) of what a prepared dataset is: its manifest (every split's shards by name,
+    rows and SHA-256, the source, classes, resize and holdout) without its creation time. The
+    same images prepared again give the same checksum; a changed, added or removed image, or
+    another resize or holdout, changes it. It keys the DAG's prepare stage, the evaluation's
+    caches and the MLflow dataset digest."""
+    content = {k: v for k, v in manifest.items() if k != "created"}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_checksum(dataset_dir: str | Path) -> str:
+    """`manifest_checksum` of the prepared dataset in `dataset_dir`."""
+    return manifest_checksum(read_manifest(Path(dataset_dir)))
 
 
 def read_manifest(dataset_dir: Path) -> dict:

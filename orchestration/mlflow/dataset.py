@@ -1,10 +1,11 @@
 """A run's dataset as an MLflow input (`mlflow.data`): what fills the UI's Dataset column.
 
 The dataset is the prepared one the run reads (<shards dir>/<name>/manifest.json): its name,
-its digest (the manifest's checksum of every shard, `lzn.data.shards.manifest_checksum`,
-cut to the DIGEST_CHARS MLflow stores, the whole of it in the profile: two runs on
-different data, or on a re-prepared folder whose images changed, are told apart), its source (the raw data root the shards were prepared from, else the shards
-folder) and a profile with the rows and classes of each split.
+its digest (`lzn.data.shards.manifest_checksum`, the key the DAG and the evaluation caches
+use too, cut to the DIGEST_CHARS MLflow stores, the whole of it in the profile: two runs on
+different data, on a re-prepared folder whose images changed, or on another resize or
+holdout, are told apart), its source (the raw data root the shards were prepared from, else
+the shards folder) and a profile with the rows and classes of each split.
 """
 from __future__ import annotations
 

@@ -145,11 +145,11 @@ def extractor_digest(cfg, chosen: list[str]) -> str | None:
 
 def evaluation_key(cfg, chosen: list[str], checkpoint_sha: str) -> str:
     """What an evaluation's result depends on: the weights, the data, the settings, the extractor."""
-    from lzn.reference_cache import manifest_checksum
+    from lzn.data.shards import dataset_checksum
 
     params = run_params(cfg)
     settings = {k: params[k] for k in RUN_ROLES.keys(params, RESULT_ROLES)}
-    parts = {"checkpoint": checkpoint_sha, "manifest": manifest_checksum(cfg.data.dataset_dir), "metrics": chosen,
+    parts = {"checkpoint": checkpoint_sha, "manifest": dataset_checksum(cfg.data.dataset_dir), "metrics": chosen,
              "settings": settings, "extractor": extractor_digest(cfg, chosen)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

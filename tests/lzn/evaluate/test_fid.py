@@ -13,7 +13,7 @@ from lzn.data.shards import MANIFEST
 from lzn.errors import UserError
 from lzn.eval_data import ShardData
 from lzn.metrics import FeatureMoments, feature_moments, feature_stats
-from lzn.reference_cache import manifest_checksum
+from lzn.data.shards import dataset_checksum
 from tests.lzn.evaluate.tasks import gen_cfg, joint_cfg, model_of, run
 
 
@@ -56,11 +56,11 @@ def test_reference_statistics_are_cached_and_follow_the_manifest(digits, tmp_pat
     old_format = stats / re.sub(r"-pr\d+-", "-", cached[0].name)
     old_format.write_bytes(cached[0].read_bytes())
     manifest = json.loads((digits / MANIFEST).read_text())
-    before = manifest_checksum(digits)
+    before = dataset_checksum(digits)
     manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
     (digits / MANIFEST).write_text(json.dumps(manifest))
     try:
-        assert manifest_checksum(digits) != before
+        assert dataset_checksum(digits) != before
         _, calls = run(cfg, data, tmp_path / "c")
         assert [n for n in calls[0] if n.startswith("reference")]  # recomputed for the new manifest
         now = sorted(stats.glob("digits_cnn-*-8x8x1-*.pt"))
@@ -71,10 +71,10 @@ def test_reference_statistics_are_cached_and_follow_the_manifest(digits, tmp_pat
 
 def test_the_same_data_prepared_again_keeps_its_checksum(digits):
     manifest = json.loads((digits / MANIFEST).read_text())
-    before = manifest_checksum(digits)
+    before = dataset_checksum(digits)
     manifest["created"] = "1999-01-01T00:00:00+0000"
     (digits / MANIFEST).write_text(json.dumps(manifest))
-    assert manifest_checksum(digits) == before
+    assert dataset_checksum(digits) == before
 
 
 def test_fid_labels_are_balanced_exactly_per_class(digits):

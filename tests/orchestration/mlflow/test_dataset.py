@@ -6,6 +6,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from lzn.data.prepare import PrepareConfig, prepare_dataset
+from lzn.data.resize import Target
 from lzn.data.shards import manifest_checksum, read_manifest
 from orchestration.mlflow.tracker import RunTracker
 from orchestration.run import refused_changes
@@ -18,8 +19,8 @@ def _open(uri, run_dir):
                            flush_every_s=0.2)
 
 
-def _prepare(raw: Path, out: Path) -> dict:
-    prepare_dataset("imagefolder", str(raw), out, PrepareConfig(executor="serial"))
+def _prepare(raw: Path, out: Path, **kw) -> dict:
+    prepare_dataset("imagefolder", str(raw), out, PrepareConfig(executor="serial"), **kw)
     return read_manifest(out)
 
 
@@ -29,6 +30,9 @@ def test_the_checksum_follows_the_shards_not_when_they_were_prepared(tmp_path):
     again = _prepare(tmp_path / "raw", tmp_path / "b" / "mine")  # the same images prepared again elsewhere
     assert manifest_checksum(first) == manifest_checksum(again)
     assert len(manifest_checksum(first)) == 64
+    # the same images resized for a model are other data (the DAG and the evaluation caches use this key too)
+    resized = _prepare(tmp_path / "raw", tmp_path / "r" / "mine", target=Target(size=8, channels=1))
+    assert manifest_checksum(resized) != manifest_checksum(first)
     builders.image_folder(tmp_path / "raw", seed=1)  # other pixels under the same names
     assert manifest_checksum(_prepare(tmp_path / "raw", tmp_path / "c" / "mine")) != manifest_checksum(first)
 
