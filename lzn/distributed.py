@@ -9,6 +9,10 @@ update on the whole batch. torch.distributed's autograd all-gather does exactly 
 zoning functions a plain `Tensor -> Tensor` callable. Rank and world size come from the
 process group that torchrun, Ray Train or submitit set up.
 
+`settle` is the barrier after a step every rank takes (a stage of the DAG, a share of the
+evaluation): each rank's outcome is all-gathered, so one rank's failure fails the others with
+its message instead of leaving them waiting at the next collective.
+
 `GradientBuckets` is the trainer's gradient averaging: DDP's bucketed all-reduce, launched
 from gradient hooks while backward still runs, for objectives that train through
 `loss(batch)` rather than `forward` and whose set of trainable parameters changes
@@ -23,6 +27,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_gather as _autograd_all_gather
 
+from lzn.errors import UserError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -34,6 +40,31 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+class OtherRankFailed(RuntimeError):
+    """What a rank raises when another rank failed: the story (traceback) is that rank's."""
+
+
+def settle(what: str, error: BaseException | None, payload=None, *, group=None, raise_here: bool = True) -> list:
+    """Every rank of `group` (None: the default group), at the same point after `what`, with its
+    own `error` (None: it went well) and `payload` (any picklable value): returns every rank's
+    payload in rank order. Where `raise_here`, raises when `what` failed on any rank: this
+    rank's own error as it is, another's as a UserError if it was one, else OtherRankFailed,
+    naming the rank and its message. Without a process group: this process alone."""
+    said = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}")
+    gathered = [(payload, said)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:  # the barrier
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (payload, said), group=group)
+    if raise_here:
+        if error is not None:
+            raise error
+        for r, (_, failed) in enumerate(gathered):
+            if failed is not None:
+                user, text = failed
+                raise (UserError if user else OtherRankFailed)(f"{what} failed on rank {r}: {text}")
+    return [p for p, _ in gathered]
 
 
 def all_gather_with_grad(t: Tensor, group=None) -> Tensor:

@@ -24,13 +24,11 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from lzn.errors import UserError
+from lzn.distributed import OtherRankFailed, settle
+
+__all__ = ["OtherRankFailed", "Ranks", "process_group"]
 
 T = TypeVar("T")
-
-
-class OtherRankFailed(RuntimeError):
-    """What a rank raises when another rank failed: the story (traceback) is that rank's."""
 
 
 class Ranks:
@@ -54,14 +52,7 @@ class Ranks:
     def settle(self, what: str, error: BaseException | None) -> None:
         """Every rank, at the same point, after `what`: raises on every rank when it failed on any
         (this rank's own error as it is; another's as a UserError if it was one, else OtherRankFailed)."""
-        said = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}")
-        gathered = self._gather(said)
-        if error is not None:
-            raise error
-        for r, failed in enumerate(gathered):
-            if failed is not None:
-                user, text = failed
-                raise (UserError if user else OtherRankFailed)(f"{what} failed on rank {r}: {text}")
+        settle(what, error)
 
     def agree(self, what: str, decide: Callable[[], T]) -> T:
         """decide() on every rank, the same value everywhere or an error on every rank."""

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lzn.errors import UserError
+from lzn.distributed import settle
 from lzn.eval_data import EvalData
 from lzn.evaluate.core import Evaluator, PartStore, Unit, evaluate, execute_here, select_metrics
 from lzn.inference import LZNModel
@@ -80,20 +80,11 @@ class _Share:
             self.run_here(mine)
         except Exception as err:  # noqa: BLE001 - every rank must reach the barrier; rank 0 raises it
             error = err
-        said = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}")
-        gathered = [([u.name for u in mine], said)]
-        if self.world > 1:  # the barrier
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, ([u.name for u in mine], said), group=self.group)
+        gathered = settle("the evaluation", error, [u.name for u in mine], group=self.group,
+                          raise_here=self.rank == 0)  # the barrier; rank 0 raises any rank's failure
         if self.rank != 0:
             return {}
-        if error is not None:
-            raise error
-        for r, (_, failed) in enumerate(gathered):
-            if failed is not None:
-                user, text = failed
-                raise (UserError if user else RuntimeError)(f"the evaluation failed on rank {r}: {text}")
-        return {name: r for r, (names, _) in enumerate(gathered) for name in names}
+        return {name: r for r, names in enumerate(gathered) for name in names}
 
 
 def evaluate_on_ranks(cfg, model: LZNModel, data: EvalData, *, cache_dir: str | Path, parts_dir: str | Path,

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lzn.distributed import all_gather_with_grad, global_indices, make_gather
+from lzn.distributed import all_gather_with_grad, global_indices, make_gather, settle
+from lzn.errors import UserError
 from lzn.zoning import alignment_loss, compute_latents
 from tests.ports import free_port
 
@@ -76,6 +77,15 @@ def test_gather_is_identity_without_a_process_group():
     t = torch.randn(3, 2)
     assert all_gather_with_grad(t) is t
     assert torch.equal(global_indices(4), torch.arange(4))
+
+
+def test_settle_without_a_process_group_is_this_process_alone():
+    assert settle("a step", None, payload=["u1"]) == [["u1"]]
+    own = UserError("no such file")
+    with pytest.raises(UserError) as raised:
+        settle("a step", own)
+    assert raised.value is own  # this rank's own error as it is, not wrapped
+    assert settle("a step", own, "p", raise_here=False) == ["p"]  # a rank that leaves the raising to another
 
 
 def _shape_worker(rank, world, port, out_dir):
