@@ -16,24 +16,10 @@ PIDS="$STATE/pids"        # one line per process started: "NODE NAME PID COMM"
 say() { echo "[local-cluster] $*" >&2; }
 die() { echo "[local-cluster] error: $*" >&2; exit 1; }
 
-# Root trusts what is in STATE (the PIDs it stops, the namespaces it deletes): a folder that is a
-# symlink, not ours, or writable by group or others is refused, never repaired.
-check_state() {
-  [[ -L "$STATE" ]] && die "state folder $STATE is a symlink (to $(readlink "$STATE")): refusing to trust it; pass a real folder"
-  [[ -d "$STATE" ]] || die "state folder $STATE is not a folder"
-  local owner mode
-  owner="$(stat -c %u "$STATE")"
-  [[ "$owner" == "$(id -u)" ]] \
-    || die "state folder $STATE is owned by uid $owner, expected $(id -u): someone else may have planted it; remove it or pass another folder"
-  mode="$(stat -c %a "$STATE")"
-  (( (8#$mode & 8#022) == 0 )) \
-    || die "state folder $STATE has mode $mode, writable by group or others; expected 0755 or tighter"
-  local path
-  for path in "$STATE"/{created,pids,cluster.env,nodes,uts,ray,log}; do
-    [[ -L "$path" ]] && die "$path is a symlink (to $(readlink "$path")): refusing to use it; remove it"
-  done
-  return 0
-}
+# STATE is refused when root should not trust it (infra/lib/state.sh).
+# shellcheck source=../lib/state.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/state.sh"
+check_state() { check_state_folder "$STATE" created pids cluster.env nodes uts ray log; }
 
 # Names and addresses: from STATE/cluster.env once up.sh has written it, else the environment.
 load_names() {

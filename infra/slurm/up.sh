@@ -52,6 +52,8 @@ PIDS="$STATE/pids"
 
 say() { echo "[slurm-up] $*" >&2; }
 die() { echo "[slurm-up] error: $*" >&2; exit 1; }
+# shellcheck source=../lib/state.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/state.sh"
 
 [[ $(id -u) == 0 ]] || die "run as root (the local cluster's SlurmUser is root and it may install packages)"
 
@@ -110,18 +112,8 @@ all_alive() {  # NAME COUNT: exactly COUNT processes NAME recorded, each alive
 # --- the state folder: ours alone to write ------------------------------------------------
 mkdir -p "$(dirname "$STATE")"
 mkdir -m 0755 "$STATE" 2>/dev/null || true  # fails when it exists: then it is checked like any other
-[[ -L "$STATE" ]] && die "state folder $STATE is a symlink (to $(readlink "$STATE")): refusing to trust it; pass a real folder"
-[[ -d "$STATE" ]] || die "state folder $STATE is not a folder"
-owner="$(stat -c %u "$STATE")"
-[[ "$owner" == "$(id -u)" ]] \
-  || die "state folder $STATE is owned by uid $owner, expected $(id -u) ($(id -un)): someone else may have planted it; remove it or pass another folder"
-mode="$(stat -c %a "$STATE")"
-(( (8#$mode & 8#022) == 0 )) \
-  || die "state folder $STATE has mode $mode, writable by group or others; expected 0755 or tighter (chmod go-w $STATE, if its contents are yours)"
 # Every path written below: never through a symlink, which would write wherever it points.
-for path in "$STATE"/{spool,ctld,log,pids,layout,slurm.conf,munge.key,munged.pid,slurmctld.pid,munged.seed}; do
-  [[ -L "$path" ]] && die "$path is a symlink (to $(readlink "$path")): refusing to write through it; remove it"
-done
+check_state_folder "$STATE" spool ctld log pids layout slurm.conf munge.key munged.pid slurmctld.pid munged.seed
 
 # --- already up? ----------------------------------------------------------------------------
 N_NODES="${NODES:-1}"
