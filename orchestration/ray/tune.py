@@ -24,6 +24,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -280,10 +281,38 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, sweep_dir: str | Path, *, meta
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=verbose,
                                           failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()
+        if not started:  # a cluster that outlives the sweep: what runs next there (the baseline) needs the CPUs
+            wait_for_released()
         return _rows(grid, cfg, sweep, sweep_dir)
     finally:
         if started:
             ray.shutdown()
+
+
+def wait_for_released(timeout_s: float = 120.0, poll_s: float = 0.5) -> list[str]:
+    """Wait until none of this Ray job's placement groups holds resources (not removed, or its
+    bundles still on a node), at most `timeout_s`;
+    returns the ids of those still held. Ray removes a finished or stopped trial's groups (its
+    Ray Train workers') asynchronously, seconds after Tune returns, and on a loaded machine
+    longer: what this job runs next on the same cluster (the RF baseline) would wait for their
+    CPUs, and Ray Train gives a worker group 60 s to start. A placement group's id ends with
+    its job's id, so other jobs' groups on a shared cluster are not waited for."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = sorted({pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+                      # a removed group's bundles leave the nodes' resources (CPU_group_<id>) a moment later
+                      | {key.rsplit("_", 1)[-1] for key in ray.cluster_resources() if "_group_" in key})
+        held = [pg_id for pg_id in held if pg_id.endswith(job)]
+        if not held or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    if held:
+        print(f"[sweep] {len(held)} placement group(s) of the trials still held after {timeout_s:g} s "
+              f"({', '.join(held)}): what runs next may wait for their resources", file=sys.stderr, flush=True)
+    return held
 
 
 def close_trial_runs(uri: str, parent_run_id: str, rows: list[TrialRow] | None) -> None:
