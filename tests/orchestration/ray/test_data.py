@@ -12,13 +12,6 @@ from tests.lzn.data import builders
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def test_ray_tasks_write_the_same_shards_and_ray_data_reads_them(local_ray, tmp_path):
     from orchestration.ray.data import ray_map, read_shards
 

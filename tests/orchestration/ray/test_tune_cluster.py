@@ -9,13 +9,6 @@ from orchestration.ray.tune import wait_for_released
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def state(pg) -> str:
     return ray.util.placement_group_table(pg)["state"]
 
