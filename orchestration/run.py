@@ -40,7 +40,7 @@ from lzn.task import TWO_VIEW_OBJECTIVES, DataConfig, TaskConfig, build_objectiv
 from lzn.trainer import Trainer
 from orchestration.folder import EvalFolder, RunFolder, write_json
 from orchestration.mlflow.node_metrics import NodeMetricsMonitor
-from orchestration.mlflow.tracker import RunTracker, TrackingConfig, flatten_params
+from orchestration.mlflow.tracker import RunTracker, TrackingConfig, end_status, flatten_params
 from orchestration.plots import write_run_artifacts
 from orchestration.reporting import checkpoint_report, record_checkpoint_metric
 
@@ -347,9 +347,9 @@ def train_and_evaluate(cfg: RunConfig, run_dir: str | Path, *, device: torch.dev
         if r == 0:
             metrics["train/logging_seconds"] = timed.seconds
             _report(cfg, trainer, data, evaluated, run_dir, device, meta, jsonl, tracker, metrics)
-    except BaseException:
+    except BaseException as e:
         if tracker is not None:
-            tracker.close("FAILED")
+            tracker.close(end_status(e))  # a trial that Tune stops ends KILLED, an error FAILED
         raise
     else:
         if tracker is not None:

@@ -104,6 +104,17 @@ def _number(value) -> float | None:
         return None
 
 
+def end_status(error: BaseException | None) -> str:
+    """The MLflow status a run ends with after `error` (None: it returned): KILLED for a stop
+    asked from outside (Ctrl-C, or SystemExit(0), which is how Ray Train's session ends a
+    trial that Tune's scheduler stops, in `ray.train.report`), FAILED for anything else."""
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit) and error.code in (0, None)):
+        return "KILLED"
+    return "FAILED"
+
+
 class RunTracker:
     """One MLflow run for one training run folder, written from rank 0 only."""
 
@@ -411,8 +422,8 @@ class RunTracker:
     def __enter__(self) -> "RunTracker":
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
-        self.close("FINISHED" if exc_type is None else "FAILED")
+    def __exit__(self, exc_type, exc, _tb) -> None:
+        self.close(end_status(exc))
 
 
 # --------------------------------------------------------------------------- command line

@@ -316,8 +316,10 @@ def wait_for_released(timeout_s: float = 120.0, poll_s: float = 0.5) -> list[str
 
 
 def close_trial_runs(uri: str, parent_run_id: str, rows: list[TrialRow] | None) -> None:
-    """Tag every child run with its trial's status, and end those a stopped or crashed trial
-    left RUNNING (KILLED: stopped early or the sweep was interrupted; FAILED: an error)."""
+    """Tag every child run with its trial's status, and end each trial's run as the sweep saw
+    it: FAILED for an error; KILLED for one stopped early, whatever its worker's teardown
+    wrote (a worker stopped by the scheduler may have ended its run FAILED first); KILLED too
+    for a run the interrupted sweep left RUNNING. A finished trial's run keeps its status."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -326,5 +328,8 @@ def close_trial_runs(uri: str, parent_run_id: str, rows: list[TrialRow] | None) 
     for child in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
         run_id, state = child.info.run_id, status.get(child.info.run_id, "interrupted")
         client.set_tag(run_id, "lzn.sweep.status", state)
+        end = {"error": "FAILED", "stopped early": "KILLED"}.get(state)
         if child.info.status == "RUNNING" and state != "finished":
-            client.set_terminated(run_id, "FAILED" if state == "error" else "KILLED")
+            client.set_terminated(run_id, end or "KILLED")
+        elif end is not None and child.info.status != end:  # keeps the time the run ended
+            client.set_terminated(run_id, end, end_time=child.info.end_time)

@@ -1,6 +1,7 @@
 """MLflow tracking against real `mlflow server` processes on 127.0.0.1: every assertion reads
 the values back through MlflowClient. Servers are started through `local_server` and
 stopped (or killed, for the outage tests) by their PID."""
+import contextlib
 import json
 import os
 import re
@@ -187,6 +188,23 @@ def test_resumed_run_continues_without_duplicate_steps(server, tmp_path):
 
     with pytest.raises(ValueError, match=r"optim\.lr\.encoder: '0\.001' -> '0\.01'"):
         _open(server, tmp_path / "run-b", params={**flatten_params(CONFIG), "optim.lr.encoder": "0.01"})
+
+
+@pytest.mark.parametrize("error, status", [
+    (None, "FINISHED"),
+    (SystemExit(0), "KILLED"),  # how Ray Train's session ends a trial that Tune's scheduler stops
+    (KeyboardInterrupt(), "KILLED"),
+    (SystemExit(1), "FAILED"),
+    (FloatingPointError("loss is nan"), "FAILED"),
+])
+def test_a_run_stopped_from_outside_ends_killed_and_one_that_fails_ends_failed(server, tmp_path, error, status):
+    with pytest.raises(type(error)) if error is not None else contextlib.nullcontext():
+        with _open(server, tmp_path / "run") as t:
+            t.on_log(1, {"loss": 1.0})
+            if error is not None:
+                raise error
+    run = MlflowClient(server).get_run(t.run_id)
+    assert run.info.status == status and _history(MlflowClient(server), t.run_id, "loss") == [(1, 1.0)]
 
 
 def test_server_outage_mid_run_buffers_and_delivers_every_step_once(outage, tmp_path, capsys, monkeypatch):

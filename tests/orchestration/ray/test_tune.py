@@ -8,6 +8,7 @@ from orchestration.ray.leaderboard import TrialRow, leaderboard, leaderboard_mar
 from orchestration.ray.tune import (
     ParamSpec,
     SweepConfig,
+    close_trial_runs,
     concurrent_trials,
     search_space,
     trial_config,
@@ -127,3 +128,33 @@ def test_asha_never_stops_a_trial_at_or_after_its_last_checkpoint():
             decisions[trial, report] = asha.on_trial_result(None, trial, {"report": report, "eval_fid": value})
     assert all(decisions[good, r] == TrialScheduler.CONTINUE for r in range(1, 6))
     assert all(decisions[bad, r] == TrialScheduler.CONTINUE for r in range(max(milestones) + 1, 6))
+
+
+def test_each_trials_run_ends_as_the_sweep_saw_it(server):
+    """MLflow's statuses: KILLED for a run ended from outside (a trial ASHA stopped, or the
+    sweep was interrupted), FAILED for an error; a finished trial's run is left as it ended."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server)
+    experiment = client.create_experiment("sweep-statuses")
+    parent = client.create_run(experiment, tags={"mlflow.runName": "sweep"}).info.run_id
+    runs = {}
+    for trial, ended in [("torn-down", "FAILED"), ("finished", "FINISHED"), ("crashed", "RUNNING"),
+                         ("stopped", "RUNNING"), ("lost", "RUNNING")]:
+        runs[trial] = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+        if ended != "RUNNING":
+            client.set_terminated(runs[trial], ended, end_time=1_000)
+    rows = [TrialRow("torn-down", "stopped early", 2.0, 2, {}, runs["torn-down"]),  # its worker wrote FAILED
+            TrialRow("finished", "finished", 1.0, 6, {}, runs["finished"]),
+            TrialRow("crashed", "error", None, 1, {}, runs["crashed"]),
+            TrialRow("stopped", "stopped early", 3.0, 2, {}, runs["stopped"])]  # "lost": no row
+
+    close_trial_runs(server, parent, rows)
+    got = {trial: client.get_run(run_id) for trial, run_id in runs.items()}
+    assert {t: r.info.status for t, r in got.items()} == {
+        "torn-down": "KILLED", "finished": "FINISHED", "crashed": "FAILED", "stopped": "KILLED", "lost": "KILLED"}
+    assert {t: r.data.tags["lzn.sweep.status"] for t, r in got.items()} == {
+        "torn-down": "stopped early", "finished": "finished", "crashed": "error", "stopped": "stopped early",
+        "lost": "interrupted"}
+    assert got["torn-down"].info.end_time == 1_000 and got["finished"].info.end_time == 1_000
+    assert client.get_run(parent).info.status == "RUNNING"  # the parent is the sweep's to end

@@ -1,6 +1,6 @@
-"""A local MLflow server of each test module's own (SQLite behind `mlflow server`), stopped
-by PID when the module ends; MLflow's HTTP retry variables restored after a module that opens a
-RunTracker."""
+"""A local MLflow server of each test module's own (SQLite behind `mlflow server`), for the tests of
+tracking and of the sweep's MLflow runs, stopped by PID when the module ends; MLflow's HTTP retry
+variables restored after a module that opens a RunTracker."""
 import os
 
 import pytest
