@@ -30,8 +30,9 @@ from torch.distributed.nn.functional import all_gather as _autograd_all_gather
 from lzn.errors import UserError
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def is_distributed(group=None) -> bool:
+    """A process group is initialised and `group` (None: the default one) has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def rank() -> int:
@@ -54,7 +55,7 @@ def settle(what: str, error: BaseException | None, payload=None, *, group=None, 
     naming the rank and its message. Without a process group: this process alone."""
     said = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}")
     gathered = [(payload, said)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:  # the barrier
+    if is_distributed(group):  # the barrier
         gathered = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (payload, said), group=group)
     if raise_here:

@@ -54,9 +54,8 @@ def _training_inputs(cfg: RunConfig) -> dict:
 
 
 def task_pipeline(cfg: PipelineRun, run_dir: Path, dcfg: DictConfig, ranks=None) -> Pipeline:
-    from lzn.data.shards import MANIFEST
+    from lzn.data.shards import MANIFEST, dataset_checksum
     from lzn.evaluate import select_metrics
-    from lzn.data.shards import dataset_checksum
     from orchestration.ray.evaluate import eval_settings
     from pipelines.stages.prepare import prepare, target as prepare_target
     from pipelines.stages.report import write_report

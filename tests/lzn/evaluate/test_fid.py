@@ -9,11 +9,10 @@ import torch
 
 from lzn import evaluate as ev
 from lzn.data.prepare import PrepareConfig, prepare_dataset
-from lzn.data.shards import MANIFEST
+from lzn.data.shards import MANIFEST, dataset_checksum
 from lzn.errors import UserError
 from lzn.eval_data import ShardData
 from lzn.metrics import FeatureMoments, feature_moments, feature_stats
-from lzn.data.shards import dataset_checksum
 from tests.lzn.evaluate.tasks import gen_cfg, joint_cfg, model_of, run
 
 
