@@ -28,7 +28,8 @@ from lzn.errors import UserError
 from lzn.task import TaskConfig, validate_task
 from orchestration.mlflow.tracker import RunTracker
 from orchestration.ray.leaderboard import leaderboard_csv, leaderboard_markdown
-from orchestration.ray.tune import SweepConfig, close_trial_runs, run_sweep, trial_config, validate_sweep
+from orchestration.ray.tune import (SweepConfig, close_trial_runs, run_sweep, trial_config, validate_sweep,
+                                   wait_for_released)
 from orchestration.run import RunConfig, as_run_config, refused_changes, run_params, validate_run
 from pipelines.cli import guarded, print_header, run_meta
 from pipelines.config import SweepRun, to_run_config, training_dcfg
@@ -129,6 +130,10 @@ def train_baseline(cfg: SweepRun, task_cfg: RunConfig, rows, sweep_dir: Path, me
                          "lzn.run_dir": str(run_dir)}
         print(f"[sweep] training the baseline objective={rf.objective} at trial {best.trial}'s values "
               f"({rf.train.iterations} steps) in {run_dir}", file=sys.stderr, flush=True)
+        import ray
+
+        if ray.is_initialized():  # the cluster the trials ran on, which outlives the sweep (RAY_ADDRESS)
+            wait_for_released()  # the stopped trials' workers' CPUs, which Ray Train gives 60 s to free
         fit_on_ray(rf, run_dir, meta)
     from orchestration.folder import RunFolder
 

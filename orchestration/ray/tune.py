@@ -281,8 +281,6 @@ def run_sweep(cfg: RunConfig, sweep: SweepConfig, sweep_dir: str | Path, *, meta
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=verbose,
                                           failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()
-        if not started:  # a cluster that outlives the sweep: what runs next there (the baseline) needs the CPUs
-            wait_for_released()
         return _rows(grid, cfg, sweep, sweep_dir)
     finally:
         if started:
